@@ -1,0 +1,100 @@
+"""Loading SD v1.x-family priors from a local folder or a hub id, with errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionPipeline
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+HOW_TO_GET_SD15 = (
+    "To obtain SD v1.5, download it once on a machine with network access, e.g.\n"
+    "  huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /path/to/sd-v1-5\n"
+    "and pass that folder (prior.path=/path/to/sd-v1-5). For offline tests use `ccp-tiny-prior OUT_DIR`."
+)
+
+
+class PriorNotFoundError(FileNotFoundError):
+    pass
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") != 1
+
+
+def check_prior_folder(folder: str | Path) -> Path:
+    """Raise `PriorNotFoundError` naming what is missing from a diffusers SD folder."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise PriorNotFoundError(f"prior folder {folder} does not exist.\n{HOW_TO_GET_SD15}")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise PriorNotFoundError(
+            f"prior folder {folder} has no model_index.json, so it is not a diffusers pipeline folder.\n"
+            f"{HOW_TO_GET_SD15}"
+        )
+    declared = json.loads(index.read_text())
+    missing = []
+    for name in REQUIRED_COMPONENTS:
+        sub = folder / name
+        if name not in declared or declared[name] in (None, [None, None]):
+            missing.append(f"{name} (not declared in model_index.json)")
+        elif not sub.is_dir() or not any(sub.iterdir()):
+            missing.append(f"{name}/ (folder missing or empty)")
+        elif name in ("unet", "vae", "text_encoder") and not any(
+            p.suffix in (".safetensors", ".bin") for p in sub.iterdir()
+        ):
+            missing.append(f"{name}/ weights (no .safetensors or .bin file)")
+    if missing:
+        raise PriorNotFoundError(
+            f"prior folder {folder} is incomplete; missing: {', '.join(missing)}.\n{HOW_TO_GET_SD15}"
+        )
+    return folder
+
+
+def load_prior(
+    name_or_path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    variant: str | None = None,
+) -> StableDiffusionPipeline:
+    """Load an SD v1.x-family pipeline (UNet, VAE, text encoder, tokenizer, scheduler).
+
+    A local folder is checked first so that a missing component is reported by name; a hub id
+    (``owner/name``) goes to ``from_pretrained`` as is.
+    """
+    dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    if _looks_like_path(name):
+        name = str(check_prior_folder(name))
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            name, torch_dtype=dtype, variant=variant, safety_checker=None, requires_safety_checker=False
+        )
+    except OSError as err:  # hub id unreachable, or not cached while offline
+        raise PriorNotFoundError(f"could not load prior {name!r}: {err}\n{HOW_TO_GET_SD15}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe
+
+
+def load_controlnet(name_or_path: str | Path, dtype: torch.dtype | str | None = None) -> ControlNetModel:
+    name = str(name_or_path)
+    if _looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
+        raise PriorNotFoundError(
+            f"ControlNet folder {name} has no config.json. Point controlnet.path at a diffusers ControlNet "
+            "folder, e.g. lllyasviel/sd-controlnet-canny downloaded with huggingface-cli."
+        )
+    return ControlNetModel.from_pretrained(name, torch_dtype=resolve_dtype(dtype))
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+    value = getattr(torch, aliases.get(str(dtype), str(dtype)), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+    return value

@@ -1,0 +1,163 @@
+"""Randomly initialised SD-shaped priors, built from config: no download, deterministic per seed.
+
+`build_tiny_prior` is what the tests and the toy experiments use; `build_sd15_shaped_*` give the
+real SD v1.5 architectures with random weights, for parameter counts and speed benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ccp.priors.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+# SD v1.5's scheduler config (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    clip_sample=False,
+    prediction_type="epsilon",
+    trained_betas=None,
+)
+
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+)
+
+SD15_TEXT_ENCODER_CONFIG = dict(
+    vocab_size=CLIP_VOCAB_SIZE,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=CLIP_MAX_LENGTH,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
+
+SD15_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+# The tiny prior keeps SD's shape (8x VAE, 4 latent channels, cross-attention UNet, CLIP text
+# encoder over the full 49,408-token vocabulary) at a size that runs in milliseconds on a CPU.
+TINY_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=4,
+    cross_attention_dim=32,
+    norm_num_groups=16,
+)
+
+TINY_TEXT_ENCODER_CONFIG = dict(
+    vocab_size=CLIP_VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=CLIP_MAX_LENGTH,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_tiny_prior(seed: int = 0) -> StableDiffusionPipeline:
+    """A random SD-shaped text-to-image pipeline; the same seed gives the same weights."""
+    unet = _seeded(seed, lambda: UNet2DConditionModel(**TINY_UNET_CONFIG))
+    vae = _seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE_CONFIG))
+    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG)))
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=build_clip_tokenizer(),
+        unet=unet.eval(),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """A ControlNet for `unet` with random (non-zero) weights, so tests see its effect."""
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    # from_unet zero-initialises the output convolutions; randomise everything so a bug that
+    # drops the ControlNet residuals cannot pass a comparison by accident.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return controlnet.eval()
+
+
+def build_sd15_shaped_unet(seed: int = 0) -> UNet2DConditionModel:
+    return _seeded(seed, lambda: UNet2DConditionModel(**SD15_UNET_CONFIG))
+
+
+def build_sd15_shaped_text_encoder(seed: int = 0) -> CLIPTextModel:
+    return _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)))
+
+
+def save_tiny_prior(out_dir: str | Path, seed: int = 0, with_controlnet: bool = False) -> Path:
+    """Write a tiny prior folder laid out like SD v1.5 (plus `controlnet/` when asked)."""
+    out_dir = Path(out_dir)
+    pipe = build_tiny_prior(seed)
+    pipe.save_pretrained(out_dir)
+    if with_controlnet:
+        build_tiny_controlnet(pipe.unet, seed + 3).save_pretrained(out_dir / "controlnet")
+    return out_dir

@@ -1,0 +1,30 @@
+"""Shared fixtures: one tiny SD-shaped prior per test session, built offline from config."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_prior_dir(tmp_path_factory):
+    """A tiny prior folder (SD v1.5 layout) with a ControlNet in `controlnet/`."""
+    from ccp.priors.tiny import save_tiny_prior
+
+    return save_tiny_prior(tmp_path_factory.mktemp("tiny-prior"), seed=0, with_controlnet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_prior(tiny_prior_dir):
+    """The tiny prior loaded through the same code path as SD v1.5 (treat as read-only)."""
+    from ccp.priors.loading import load_prior
+
+    return load_prior(tiny_prior_dir)
