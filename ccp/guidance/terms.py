@@ -1,0 +1,128 @@
+"""Guidance as data: which denoiser predicts what, under which condition, with which weight.
+
+A `GuidanceSpec` is Eq. 3 of the paper written down: an unconditional source and any number of
+weighted terms, each naming a denoiser (the prior UNet, a ControlNet, another checkpoint, the
+null-text concept UNet) by the name the pipeline registered it under.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class GuidanceConfigError(ValueError):
+    """A guidance specification that cannot be sampled; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a denoiser is conditioned on. `prompt=None` means no text (the null-text UNet) or,
+    for a text denoiser, the empty prompt."""
+
+    prompt: str | None = None
+    control_image: Any = None  # PIL image, array or tensor; only for ControlNet denoisers
+    control_scale: float = 1.0
+
+    def key(self) -> tuple:
+        # Two sources with equal keys are evaluated once per step.
+        return (self.prompt, id(self.control_image) if self.control_image is not None else None, self.control_scale)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One prediction: a denoiser evaluated under a condition."""
+
+    denoiser: str
+    condition: Condition = field(default_factory=Condition)
+
+
+@dataclass(frozen=True)
+class GuidanceTerm:
+    name: str
+    source: Source
+    weight: float
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """eps = eps_uncond + sum_i w_i (eps_i - eps_uncond), optionally rescaled (Lin et al. 2023)."""
+
+    terms: tuple[GuidanceTerm, ...] = ()
+    unconditional: Source = field(default_factory=lambda: Source("prior", Condition(prompt="")))
+    rescale: float = 0.0
+
+    @property
+    def weights(self) -> list[float]:
+        return [t.weight for t in self.terms]
+
+    @property
+    def unconditional_coefficient(self) -> float:
+        return 1.0 - math.fsum(self.weights)
+
+    @property
+    def needs_unconditional(self) -> bool:
+        """False when Eq. 3 gives the unconditional prediction a zero coefficient (weights sum to 1)."""
+        return not math.isclose(self.unconditional_coefficient, 0.0, abs_tol=1e-12)
+
+    def sources(self) -> list[Source]:
+        return [self.unconditional] + [t.source for t in self.terms]
+
+    # --- common special cases -------------------------------------------------------------
+    @classmethod
+    def cfg(cls, prompt: str, scale: float, negative_prompt: str | None = None, denoiser: str = "prior", rescale: float = 0.0):
+        """Classic CFG. With a negative prompt, GCFG's reading of it (§4.4): the empty-prompt
+        unconditional plus the positive prompt at `scale` and the negative prompt at `1 - scale`."""
+        terms = [GuidanceTerm("prompt", Source(denoiser, Condition(prompt=prompt)), float(scale))]
+        if negative_prompt is not None:
+            terms.append(GuidanceTerm("negative", Source(denoiser, Condition(prompt=negative_prompt)), 1.0 - scale))
+        return cls(terms=tuple(terms), unconditional=Source(denoiser, Condition(prompt="")), rescale=rescale)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], control_images: Mapping[str, Any] | None = None) -> "GuidanceSpec":
+        """Build from plain config (e.g. Hydra's `guidance:` group).
+
+        ``{unconditional: {denoiser, prompt}, terms: {name: {denoiser, weight, prompt?,
+        control_image?, control_scale?, enabled?}}, rescale}``. A term's ``control_image`` is a key
+        of `control_images` (already loaded) or a path; a term with ``enabled: false`` is skipped.
+        """
+        control_images = dict(control_images or {})
+
+        def source(where: str, entry: Mapping[str, Any]) -> Source:
+            if not isinstance(entry, Mapping) or "denoiser" not in entry:
+                raise GuidanceConfigError(f"{where}: needs a `denoiser` (e.g. {where}.denoiser=prior)")
+            image = entry.get("control_image")
+            if isinstance(image, str) and image in control_images:
+                image = control_images[image]
+            scale = _number(entry.get("control_scale", 1.0), f"{where}.control_scale")
+            prompt = entry.get("prompt")
+            if prompt is not None and not isinstance(prompt, str):
+                raise GuidanceConfigError(f"{where}.prompt must be a string, got {prompt!r}")
+            return Source(str(entry["denoiser"]), Condition(prompt=prompt, control_image=image, control_scale=scale))
+
+        uncond_cfg = cfg.get("unconditional") or {"denoiser": "prior", "prompt": ""}
+        terms = []
+        for name, entry in (cfg.get("terms") or {}).items():
+            if entry is None or not entry.get("enabled", True):
+                continue
+            if "weight" not in entry:
+                raise GuidanceConfigError(f"guidance.terms.{name} has no weight (set guidance.terms.{name}.weight=...)")
+            weight = _number(entry["weight"], f"guidance.terms.{name}.weight")
+            terms.append(GuidanceTerm(str(name), source(f"guidance.terms.{name}", entry), weight))
+        rescale = _number(cfg.get("rescale", 0.0), "guidance.rescale")
+        if not 0.0 <= rescale <= 1.0:
+            raise GuidanceConfigError(f"guidance.rescale must be in [0, 1], got {rescale}")
+        return cls(terms=tuple(terms), unconditional=source("guidance.unconditional", uncond_cfg), rescale=rescale)
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise GuidanceConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise GuidanceConfigError(f"{where} must be a number, got {value!r} (e.g. {where}=1.5)") from None
+    if not math.isfinite(number):
+        raise GuidanceConfigError(f"{where} must be finite, got {value!r}")
+    return number

@@ -1,0 +1,304 @@
+"""Sampling with Generalized Classifier-free Guidance (Eq. 3, Algorithm 1), as a diffusers pipeline.
+
+Reads top to bottom as the algorithm: encode the prompts once, draw the initial latents exactly
+as diffusers does, then at every step evaluate each distinct denoiser once on all conditions
+that use it, combine the predictions with the guidance weights, and step the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ccp.guidance import Condition, GuidanceConfigError, GuidancePlan, GuidanceSpec, combine, reference_prediction, rescale
+from ccp.models.denoisers import BatchedCondition, ConceptDenoiser, ControlNetDenoiser, Denoiser, TextUNetDenoiser
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GCFGPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
+    """Text-to-image sampling where every guidance term may come from a different denoiser.
+
+    Registered denoisers: ``prior`` (the SD UNet), ``concept`` (a null-text concept UNet, if
+    given), ``controlnet`` (the prior UNet + ControlNet, if given); more with `add_denoiser`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["concept_unet", "controlnet"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        concept_unet: UNet2DConditionModel | None = None,
+        controlnet: ControlNetModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            concept_unet=concept_unet,
+            controlnet=controlnet,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+        self.extra_denoisers: dict[str, Denoiser] = {}
+
+    @classmethod
+    def from_prior(
+        cls,
+        prior: StableDiffusionPipeline,
+        concept_unet: UNet2DConditionModel | None = None,
+        controlnet: ControlNetModel | None = None,
+        scheduler: Any = "dpmsolver++",
+    ) -> "GCFGPipeline":
+        """Wrap a loaded SD pipeline. `scheduler`: "dpmsolver++" (the paper's DPM-Solver++, default),
+        "prior" (keep the prior's own), or a diffusers scheduler instance."""
+        if scheduler == "dpmsolver++":
+            scheduler = DPMSolverMultistepScheduler.from_config(prior.scheduler.config)
+        elif scheduler == "prior":
+            scheduler = prior.scheduler
+        pipe = cls(
+            vae=prior.vae,
+            text_encoder=prior.text_encoder,
+            tokenizer=prior.tokenizer,
+            unet=prior.unet,
+            scheduler=scheduler,
+            concept_unet=concept_unet,
+            controlnet=controlnet,
+        )
+        return pipe.to(prior.device)
+
+    # --- denoisers ---------------------------------------------------------------------------
+    @property
+    def denoisers(self) -> dict[str, Denoiser]:
+        found: dict[str, Denoiser] = {"prior": TextUNetDenoiser(self.unet)}
+        if self.concept_unet is not None:
+            found["concept"] = ConceptDenoiser(self.concept_unet)
+        if self.controlnet is not None:
+            found["controlnet"] = ControlNetDenoiser(self.unet, self.controlnet)
+        found.update(self.extra_denoisers)
+        return found
+
+    def add_denoiser(self, name: str, denoiser: Denoiser | UNet2DConditionModel) -> None:
+        """Register another denoiser, e.g. any SD-family UNet checkpoint (it shares the prior's
+        text encoder, as SD v1.x fine-tunes do)."""
+        if isinstance(denoiser, UNet2DConditionModel):
+            denoiser = TextUNetDenoiser(denoiser)
+        self.extra_denoisers[name] = denoiser
+
+    # --- checks, all before any denoising --------------------------------------------------------
+    def check_guidance(self, spec: GuidanceSpec) -> None:
+        check_guidance_against(spec, {name: d.kind for name, d in self.denoisers.items()})
+
+    # --- conditions --------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """[1, 77, D] text embedding, computed exactly as diffusers' StableDiffusionPipeline does."""
+        prompt = self.maybe_convert_prompt(prompt, self.tokenizer)  # multi-vector textual inversion
+        tokens = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        untruncated = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if untruncated.shape[-1] > tokens.input_ids.shape[-1]:
+            removed = self.tokenizer.batch_decode(untruncated[:, self.tokenizer.model_max_length - 1 : -1])
+            logger.warning(
+                "prompt longer than %d tokens was truncated as CLIP does; dropped: %r",
+                self.tokenizer.model_max_length,
+                removed[0],
+            )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self._execution_device)
+        embeds = self.text_encoder(tokens.input_ids.to(self._execution_device), attention_mask=mask)[0]
+        return embeds.to(dtype=self.text_encoder.dtype, device=self._execution_device)
+
+    def prepare_control_image(self, image: Any, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 3, H, W] in [0, 1], preprocessed as StableDiffusionControlNetPipeline does."""
+        if isinstance(image, (str, Path)):
+            image = PIL.Image.open(image)
+        image = self.control_image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        return image.to(device=self._execution_device, dtype=dtype)
+
+    def batch_conditions(
+        self, plan: GuidancePlan, num_images: int, height: int, width: int, dtype: torch.dtype
+    ) -> dict[str, BatchedCondition]:
+        """Per denoiser, the conditions of its call stacked in call order, each repeated per image."""
+        prompt_cache: dict[str, torch.Tensor] = {}
+        batched = {}
+        for call in plan.calls:
+            denoiser = self.denoisers[call.denoiser]
+            embeds, images, scales = [], [], []
+            for condition in call.conditions:
+                if denoiser.takes_prompt:
+                    prompt = condition.prompt or ""
+                    if prompt not in prompt_cache:
+                        prompt_cache[prompt] = self.encode_prompt(prompt)
+                    embeds.append(prompt_cache[prompt].repeat(num_images, 1, 1))
+                if denoiser.takes_control_image:
+                    image = self.prepare_control_image(condition.control_image, height, width, dtype)
+                    images.append(image.repeat_interleave(num_images, dim=0))
+                    scales.append(torch.full((num_images,), condition.control_scale))
+            batched[call.denoiser] = BatchedCondition(
+                prompt_embeds=torch.cat(embeds) if embeds else None,
+                control_image=torch.cat(images) if images else None,
+                control_scale=torch.cat(scales).to(self._execution_device) if scales else None,
+            )
+        return batched
+
+    def prepare_latents(self, num_images, height, width, dtype, generator, latents=None) -> torch.Tensor:
+        """Initial noise drawn exactly as diffusers' SD pipelines draw it for the same generator."""
+        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+        else:
+            latents = latents.to(self._execution_device)
+        return latents * self.scheduler.init_noise_sigma
+
+    # --- sampling --------------------------------------------------------------------------------
+    def predict_noise(
+        self, plan: GuidancePlan, latents: torch.Tensor, t: torch.Tensor, conditions: dict[str, BatchedCondition]
+    ) -> torch.Tensor:
+        """One GCFG step: one batched forward per distinct denoiser, then Eq. 3."""
+        denoisers = self.denoisers
+        outputs = {}
+        for call in plan.calls:
+            model_input = torch.cat([latents] * len(call.conditions))
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            outputs[call.denoiser] = denoisers[call.denoiser](model_input, t, conditions[call.denoiser])
+        uncond, predictions = plan.split(outputs)
+        spec = plan.spec
+        guided = combine(uncond, predictions, spec.weights)
+        if spec.rescale > 0 and predictions:
+            guided = rescale(guided, reference_prediction(uncond, predictions, spec.weights), spec.rescale)
+        return guided
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        guidance: GuidanceSpec,
+        num_images: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ):
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.check_guidance(guidance)
+        plan = GuidancePlan.from_spec(guidance)
+        dtype = self.unet.dtype
+
+        conditions = self.batch_conditions(plan, num_images, height, width, dtype)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self._execution_device)
+        latents = self.prepare_latents(num_images, height, width, dtype, generator, latents)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                noise_pred = self.predict_noise(plan, latents, t, conditions)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_on_step_end(i, t, latents)
+                progress.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * len(decoded))
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return GCFGPipelineOutput(images=images)
+
+    # Same as diffusers' StableDiffusionPipeline: pass eta/generator only to schedulers that take them.
+    prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
+
+
+def check_guidance_against(spec: GuidanceSpec, denoiser_kinds: dict[str, str]) -> None:
+    """Validate a spec against the configured denoisers (name -> kind: unet, controlnet, concept).
+
+    Cheap and model-free, so a CLI can call it before loading any weights.
+    """
+    takes_prompt = {"unet", "controlnet"}
+    for where, source in [("guidance.unconditional", spec.unconditional)] + [
+        (f"guidance.terms.{t.name}", t.source) for t in spec.terms
+    ]:
+        if where == "guidance.unconditional" and not spec.needs_unconditional:
+            continue
+        kind = denoiser_kinds.get(source.denoiser)
+        if kind is None:
+            raise GuidanceConfigError(
+                f"{where} uses denoiser {source.denoiser!r}, which is not configured; configured: "
+                f"{sorted(denoiser_kinds)}. Configure it (e.g. concept.path=... for 'concept', "
+                f"controlnet.path=... for 'controlnet') or point {where}.denoiser at one of those."
+            )
+        condition: Condition = source.condition
+        if kind == "concept" and condition.prompt:
+            raise GuidanceConfigError(
+                f"{where}: the null-text concept model takes no prompt (got {condition.prompt!r}); "
+                "put the prompt in its own term on the prior (control guidance)."
+            )
+        if kind not in takes_prompt and condition.control_image is not None:
+            raise GuidanceConfigError(f"{where}: denoiser {source.denoiser!r} ({kind}) takes no control image")
+        if kind == "controlnet":
+            image = condition.control_image
+            if image is None:
+                raise GuidanceConfigError(
+                    f"{where} uses the ControlNet denoiser {source.denoiser!r} but has no control image; "
+                    f"set {where}.control_image=path/to/image.png"
+                )
+            if isinstance(image, (str, Path)) and not Path(image).is_file():
+                raise GuidanceConfigError(f"{where}.control_image: file {image} does not exist")
+    for term in spec.terms:
+        if not math.isfinite(term.weight):
+            raise GuidanceConfigError(f"guidance.terms.{term.name}.weight must be finite, got {term.weight}")
