@@ -1,0 +1,105 @@
+"""What a personalization method is, for the one training loop: trainable parts, the condition it
+trains with, and how it exports and plugs back into GCFG sampling.
+
+The loop (ccp.training) owns data, noise, timesteps, loss, optimiser, EMA and checkpoints; a
+method owns only what differs between ours and the four baselines.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import nn
+
+from ccp.guidance import GuidanceSpec
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Appendix D.2: ``a photo of <ffhq> face``. The placeholder token appears only for methods
+    that train a text embedding; the others train with ``a photo of face``."""
+
+    template: str = "a photo of {token} face"
+    placeholder: str = "<ffhq>"
+    initializer: str = "face"  # word whose embedding initialises a new token
+
+    def prompt(self, with_token: bool) -> str:
+        text = self.template.format(token=self.placeholder if with_token else "")
+        return re.sub(r"\s+", " ", text).strip()
+
+
+class Method(nn.Module, ABC):
+    """A personalization method as a module: its registered submodules/parameters are what it
+    trains and checkpoints; frozen prior parts it needs are held outside the module tree."""
+
+    name: ClassVar[str]
+    trains_token: ClassVar[bool] = False  # uses the placeholder token in its prompt
+
+    def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate):
+        super().__init__()
+        self.template = template
+        # Frozen prior parts: kept out of state_dict/parameters so checkpoints stay small and the
+        # optimiser never sees them. `move_frozen` puts them on the training device.
+        self._frozen: dict[str, nn.Module] = {}
+
+    @property
+    def training_prompt(self) -> str | None:
+        return self.template.prompt(with_token=self.trains_token)
+
+    def move_frozen(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        """Frozen parts to `device` (and `dtype`). A frozen module may hold the method's own
+        trainable submodules (attention processors, adapters, a new token row): those go to
+        `device` but keep their dtype, so the optimiser keeps updating full-precision weights."""
+        own = {id(t) for t in (*self.parameters(), *self.buffers())}
+        for module in self._frozen.values():
+            module.to(device=device)
+            if dtype is None:
+                continue
+            for sub in module.modules():
+                for tensors in (sub._parameters, sub._buffers):
+                    for key, t in tensors.items():
+                        if t is not None and t.is_floating_point() and id(t) not in own:
+                            if isinstance(t, nn.Parameter):
+                                t.data = t.data.to(dtype)
+                            else:
+                                tensors[key] = t.to(dtype)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold to resume: trainable tensors plus the method's own buffers."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        buffers = {name for name, _ in self.named_buffers()}
+        return {k: v for k, v in self.state_dict().items() if k in trainable or k in buffers}
+
+    @abstractmethod
+    def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The model prediction the loss is taken on, under the method's training condition."""
+
+    def on_after_optimizer_step(self) -> None:
+        """Hook for methods that must restore frozen state after an update."""
+
+    @abstractmethod
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the trained result in the format users load (diffusers/peft conventions)."""
+
+    @classmethod
+    @abstractmethod
+    def load_export(cls, prior: StableDiffusionPipeline, export_dir: str | Path):
+        """Return ``(GCFGPipeline, denoiser_name)``: the prior pipeline with this export plugged in."""
+
+    @classmethod
+    @abstractmethod
+    def default_guidance(cls, denoiser: str, template: PromptTemplate, control_prompt: str | None = None,
+                         concept_weight: float = 1.0, control_weight: float = 5.0) -> GuidanceSpec:
+        """How the method is sampled in the paper's evaluation (Appendix D.2)."""
