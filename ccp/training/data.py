@@ -1,0 +1,426 @@
+"""Image-only training data (paper App. D.1): an image folder, resized without crop, and its latents.
+
+`ImageFolderDataset` reads every .jpg/.jpeg/.png/.webp (any case) below a folder, in sorted order,
+and gives ``{"pixel_values": [3, H, W] in [-1, 1]}``. Images are resized straight to
+(resolution, resolution): FFHQ's 1024x1024 becomes 512x512 with nothing cut, and a non-square
+image is squashed, unless ``center_crop`` first cuts its central square.
+
+Before training, a scan opens every file (PIL ``verify()`` and a full decode). Files that convert
+to 8-bit RGB are kept: grayscale, palette, CMYK, 16-bit grayscale (scaled 65535 -> 255), and
+anything with transparency (composited on white). Corrupt, truncated and non-image files are
+skipped with one `BadImageWarning` each and a logged count, or, with ``on_bad_image="fail"``,
+refused in one error that lists them. Scan results are cached by file list (paths, sizes, mtimes).
+
+`ConceptDataModule` wires this to Lightning, optionally through the latent cache of
+`ccp.training.latent_cache` (batches then hold ``latents`` and the VAE never runs in training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ccp.training.latent_cache import (
+    CachedLatentDataset,
+    LatentCache,
+    LatentCacheConfig,
+    build_latent_cache,
+    default_cache_root,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+ON_BAD_IMAGE = ("skip", "fail")
+SCAN_VERSION = 1
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class BadImageWarning(UserWarning):
+    """One per image file that cannot be used; the message names the file and the reason."""
+
+
+class BadImageError(ValueError):
+    pass
+
+
+# --- files and pixels ------------------------------------------------------------------------
+def list_image_files(root: str | Path) -> list[Path]:
+    """Image files below `root` (recursive, symlinks followed, hidden files skipped), sorted."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data folder {root} does not exist (or is not a folder); set data.path to a folder of images "
+            f"({', '.join(IMAGE_EXTENSIONS)}, any case)"
+        )
+    files = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(folder, n) for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise FileNotFoundError(
+            f"no images found in {root}: looked recursively for files ending in {', '.join(IMAGE_EXTENSIONS)} "
+            "(any case)"
+        )
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit gray scaled to 8 bits, transparency composited on white, EXIF rotation applied."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(image).astype(np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError("32-bit float images are not supported")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def load_rgb8(path: str | Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb8(image)
+
+
+def check_image(path: str | Path) -> tuple[str | None, str | None]:
+    """(original mode, None) for a usable image, (None, reason) for one to skip."""
+    try:
+        with Image.open(path) as image:
+            image.verify()  # structure and checksums, without decoding
+        with Image.open(path) as image:
+            mode = image.mode
+            image.load()  # catches truncated data that verify() lets through
+            to_rgb8(image)
+        return mode, None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return None, f"{type(err).__name__}: {err}"
+
+
+def resize_to_square(image: Image.Image, resolution: int, center_crop: bool = False) -> Image.Image:
+    if center_crop:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC RGB -> float [3, H, W] in [-1, 1]."""
+    array = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    return array.float().div(127.5).sub(1.0)
+
+
+# --- the scan --------------------------------------------------------------------------------
+@dataclass
+class FolderScan:
+    """What a scan of an image folder found: usable files (with size, mtime, mode) and bad ones."""
+
+    root: str
+    images: list[tuple[str, int, int, str]] = field(default_factory=list)  # (relative path, size, mtime_ns, mode)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+
+    @property
+    def num_checked(self) -> int:
+        return len(self.images) + len(self.bad)
+
+    def report(self, on_bad_image: str = "skip", warn: bool = True) -> None:
+        """Warn once per bad file and log the count; with on_bad_image="fail", raise listing them."""
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
+        if self.bad and on_bad_image == "fail":
+            listing = "\n".join(f"  {Path(self.root, rel)}: {reason}" for rel, reason in self.bad)
+            raise BadImageError(
+                f"{len(self.bad)} of {self.num_checked} files in {self.root} cannot be read as images:\n{listing}\n"
+                "Fix or remove them, or set data.on_bad_image=skip to train without them."
+            )
+        if warn:
+            for rel, reason in self.bad:
+                warnings.warn(f"skipping {Path(self.root, rel)}: {reason}", BadImageWarning, stacklevel=2)
+            if self.bad:
+                log.warning("skipped %d of %d files in %s (unreadable images)", len(self.bad), self.num_checked, self.root)
+            else:
+                log.info("all %d files in %s are usable", self.num_checked, self.root)
+            converted = Counter(mode for *_, mode in self.images if mode != "RGB")
+            if converted:
+                log.info("converted %d images to RGB: %s", sum(converted.values()), dict(converted))
+        if not self.images:
+            raise FileNotFoundError(f"no usable images in {self.root}: all {len(self.bad)} image files are unreadable")
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def scan_image_folder(
+    root: str | Path,
+    max_images: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+) -> FolderScan:
+    """Open every image below `root` (stopping after `max_images` usable ones, in sorted order).
+
+    With `cache_dir`, the result is stored as ``<cache_dir>/<hash>.json``, keyed by the listing
+    (relative paths, sizes, mtimes) and `max_images`, and read back instead of rescanning.
+    Decoding runs in `workers` threads (PIL releases the GIL while decoding).
+    """
+    root = Path(root).expanduser().resolve()
+    files = list_image_files(root)
+    stats = [_stat(p) for p in files]
+    rels = [p.relative_to(root).as_posix() for p in files]
+    cache_file = None
+    if cache_dir is not None:
+        listing = json.dumps([SCAN_VERSION, str(root), max_images, list(zip(rels, stats))])
+        cache_file = Path(cache_dir).expanduser() / f"{hashlib.sha256(listing.encode()).hexdigest()[:24]}.json"
+        if cache_file.is_file():
+            data = json.loads(cache_file.read_text())
+            return FolderScan(data["root"], [tuple(x) for x in data["images"]], [tuple(x) for x in data["bad"]])
+
+    scan = FolderScan(str(root))
+    total = len(files) if max_images is None else min(len(files), max_images)
+    chunk = max(1, workers) * 8
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        tqdm(total=total, desc=f"scanning images in {root.name}", unit="img", disable=not progress) as bar,
+    ):
+        for start in range(0, len(files), chunk):
+            part = slice(start, start + chunk)
+            for rel, stat, (mode, reason) in zip(rels[part], stats[part], pool.map(check_image, files[part])):
+                if max_images is not None and len(scan.images) >= max_images:
+                    break
+                if reason is None:
+                    scan.images.append((rel, *stat, mode))
+                else:
+                    scan.bad.append((rel, reason))
+                bar.update(1)
+            if max_images is not None and len(scan.images) >= max_images:
+                break
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache_file, asdict(scan))
+    return scan
+
+
+# --- datasets --------------------------------------------------------------------------------
+class ImageFolderDataset(Dataset):
+    """``{"pixel_values": [3, resolution, resolution]}`` in [-1, 1] for every usable image below `root`.
+
+    Flips (p = 0.5) use the global torch RNG, which DataLoader seeds per worker.
+    Pass `scan` to reuse a `FolderScan`; otherwise the folder is scanned here and reported
+    (warnings, count, `on_bad_image`).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        max_images: int | None = None,
+        on_bad_image: str = "skip",
+        scan: FolderScan | None = None,
+        scan_workers: int = 1,
+        progress: bool = True,
+    ):
+        if scan is None:
+            scan = scan_image_folder(root, max_images=max_images, workers=scan_workers, progress=progress)
+            scan.report(on_bad_image)
+        self.root = Path(scan.root)
+        self.scan = scan
+        self.resolution = int(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.root / rel for rel, *_ in self.scan.images]
+
+    def __len__(self) -> int:
+        return len(self.scan.images)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image `index` resized and normalised, never flipped."""
+        path = self.root / self.scan.images[index][0]
+        try:
+            image = load_rgb8(path)
+        except Exception as err:
+            raise OSError(f"cannot read {path} (it passed the scan; did it change since?): {err}") from err
+        return to_tensor(resize_to_square(image, self.resolution, self.center_crop))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pixels = self.pixels(index)
+        if self.random_flip and bool(torch.rand(()) < 0.5):
+            pixels = pixels.flip(-1)
+        return {"pixel_values": pixels}
+
+    def cache_fingerprint(self) -> dict[str, Any]:
+        listing = json.dumps([[rel, size, mtime] for rel, size, mtime, _ in self.scan.images])
+        return {
+            "files": hashlib.sha256(listing.encode()).hexdigest(),
+            "num_images": len(self),
+            "resolution": self.resolution,
+            "center_crop": self.center_crop,
+        }
+
+
+# --- Lightning -------------------------------------------------------------------------------
+class ConceptDataModule(L.LightningDataModule):
+    """Train batches of ``pixel_values`` or, with ``latent_cache.enabled``, of cached ``latents``.
+
+    The VAE (needed only to build or look up the latent cache) comes at runtime: `attach_vae`,
+    the `vae` argument, or else the trainer's LightningModule's ``vae`` attribute. `batch_size` is
+    per device; Lightning adds the DistributedSampler under DDP.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        resolution: int = 512,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        persistent_workers: bool = True,
+        max_images: int | None = None,
+        on_bad_image: str = "skip",
+        latent_cache: Mapping[str, Any] | LatentCacheConfig | None = None,
+        cache_dir: str | Path | None = None,
+        scan_cache: bool = True,
+        vae: torch.nn.Module | None = None,
+    ):
+        super().__init__()
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
+        self.path = Path(path).expanduser()
+        self.resolution = int(resolution)
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.persistent_workers = persistent_workers
+        self.max_images = max_images
+        self.on_bad_image = on_bad_image
+        if latent_cache is None or isinstance(latent_cache, LatentCacheConfig):
+            self.latent_cache = latent_cache or LatentCacheConfig()
+        else:
+            self.latent_cache = LatentCacheConfig(**dict(latent_cache))
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+        self.scan_cache = scan_cache
+        self._vae = vae
+        self._scan: FolderScan | None = None
+        self.train_dataset: Dataset | None = None
+        self.image_dataset: ImageFolderDataset | None = None
+        self.latent_cache_dir: Path | None = None
+
+    def attach_vae(self, vae: torch.nn.Module) -> ConceptDataModule:
+        self._vae = vae
+        return self
+
+    # --- distributed context (works without a trainer) ---
+    @property
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _barrier(self) -> Callable[[], None] | None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return lambda: self.trainer.strategy.barrier("ccp_latent_cache")
+        return None
+
+    def _resolve_vae(self) -> torch.nn.Module:
+        vae = self._vae
+        if vae is None and self.trainer is not None:
+            vae = getattr(self.trainer.lightning_module, "vae", None)
+        if vae is None:
+            raise ValueError(
+                "data.latent_cache.enabled=true needs the prior's VAE: call datamodule.attach_vae(vae) before "
+                "fitting (or give the LightningModule a `vae` attribute)"
+            )
+        return vae
+
+    # --- hooks ---
+    def _scan_folder(self, warn: bool) -> FolderScan:
+        scan = scan_image_folder(
+            self.path,
+            max_images=self.max_images,
+            workers=max(1, self.num_workers),
+            progress=warn,
+            cache_dir=self.cache_root / "scans" if self.scan_cache else None,
+        )
+        scan.report(self.on_bad_image, warn=warn)
+        return scan
+
+    def prepare_data(self) -> None:
+        # Once per node: scan (and cache the scan) so the other ranks read the result in setup.
+        if self._scan is None:
+            self._scan = self._scan_folder(warn=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        rank, world_size = self._rank_world
+        if self._scan is None:
+            self._scan = self._scan_folder(warn=rank == 0)
+        self.image_dataset = ImageFolderDataset(
+            self.path, self.resolution, self.center_crop, self.random_flip, scan=self._scan
+        )
+        if not self.latent_cache.enabled:
+            self.train_dataset = self.image_dataset
+            return
+        cfg = self.latent_cache
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        self.latent_cache_dir = build_latent_cache(
+            self.image_dataset,
+            self._resolve_vae(),
+            cache_dir=cfg.dir if cfg.dir is not None else self.cache_root / "latents",
+            shard_size=cfg.shard_size,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            dtype=cfg.encode_dtype,
+            storage_dtype=cfg.dtype,
+            batch_size=cfg.batch_size,
+            num_workers=self.num_workers,
+            barrier=self._barrier(),
+            progress=rank == 0,
+        )
+        self.train_dataset = CachedLatentDataset(LatentCache(self.latent_cache_dir), self.random_flip, cfg.output)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )

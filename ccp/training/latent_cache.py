@@ -1,0 +1,367 @@
+"""Latents precomputed once with the prior's VAE, so that training never runs the VAE.
+
+Every image is encoded twice, as is and mirrored, and the VAE posterior's parameters (mean and
+log-variance, as diffusers' `DiagonalGaussianDistribution` holds them) are stored: a training
+step samples ``mean + exp(logvar / 2) * eps`` afresh, exactly what encoding every step would give.
+
+Layout, under ``<root>/<key>/``::
+
+    meta.json                     what was encoded (files, resolution, VAE, shapes, shard size)
+    shard-00000.safetensors       "mean", "logvar": [K, 2, C, h, w], index 1 of dim 1 = mirrored
+    ...
+    manifest.json                 written last: the cache is complete
+
+The key hashes the VAE (config and encoder weights), the resolution, the crop mode, the storage
+and encoding dtypes and the file list (relative paths, sizes, mtimes): it does not depend on the
+method, so every method and every later run with the same data and prior reuses one cache.
+Shards are written atomically (temporary file, then `os.replace`), so an interrupted build resumes
+where it stopped. Under DDP rank r builds shards r, r + W, ... and all ranks meet at a barrier;
+the cache folder must be visible to all ranks (one node, or a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ccp.priors.loading import resolve_dtype
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META = "meta.json"
+
+
+def default_cache_root() -> Path:
+    """``$CCP_CACHE_DIR`` or ``~/.cache/ccp``."""
+    return Path(os.environ.get("CCP_CACHE_DIR", "~/.cache/ccp")).expanduser()
+
+
+class EncodableDataset(Protocol):
+    """What the cache needs from a dataset (`ccp.training.data.ImageFolderDataset` has it)."""
+
+    def __len__(self) -> int: ...
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image `index` as [3, H, W] in [-1, 1], never flipped."""
+
+    def cache_fingerprint(self) -> dict[str, Any]:
+        """JSON data that changes whenever `pixels` could: files, resolution, crop mode."""
+
+
+@dataclass
+class LatentCacheConfig:
+    enabled: bool = False
+    dir: str | None = None  # null: <cache root>/latents
+    shard_size: int = 1024  # images per shard file
+    dtype: str = "float16"  # storage dtype of mean and logvar
+    encode_dtype: str | None = None  # null: the VAE's own dtype
+    batch_size: int = 16  # images per VAE call (each call encodes 2x this: both flips)
+    output: str = "latents"  # latents: sampled and scaled; posterior: latent_mean/latent_std, unscaled
+
+    def __post_init__(self):
+        if self.output not in ("latents", "posterior"):
+            raise ValueError(f"latent_cache.output must be 'latents' or 'posterior', not {self.output!r}")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("latent_cache.shard_size and latent_cache.batch_size must be positive")
+
+
+# --- keys ------------------------------------------------------------------------------------
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def vae_config_hash(vae: torch.nn.Module) -> str:
+    config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}
+    return _sha({"class": type(vae).__name__, "config": config})
+
+
+def vae_weights_hash(vae: torch.nn.Module) -> str:
+    """Hash of the weights that determine latents: the encoder and quant_conv.
+
+    A VAE whose decoder alone was fine-tuned (e.g. sd-vae-ft-mse) encodes identically and shares
+    the cache; a VAE with no `encoder.` weights is hashed whole.
+    """
+    state = vae.state_dict()
+    names = sorted(n for n in state if n.startswith(("encoder.", "quant_conv.")))
+    digest = hashlib.sha256()
+    for name in names or sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def latent_cache_key(
+    dataset: EncodableDataset,
+    vae: torch.nn.Module,
+    storage_dtype: torch.dtype | str = torch.float16,
+    encode_dtype: torch.dtype | str | None = None,
+) -> str:
+    """The cache folder name: changes with the VAE, the images, their preprocessing, the dtypes."""
+    encode_dtype = resolve_dtype(encode_dtype) or next(vae.parameters()).dtype
+    parts = {
+        "version": CACHE_FORMAT_VERSION,
+        "vae_config": vae_config_hash(vae),
+        "vae_weights": vae_weights_hash(vae),
+        "data": dataset.cache_fingerprint(),
+        "storage_dtype": str(resolve_dtype(storage_dtype)),
+        "encode_dtype": str(encode_dtype),
+    }
+    return _sha(parts)[:24]
+
+
+# --- files -----------------------------------------------------------------------------------
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _shard_ok(path: Path, count: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.metadata().get("count", -1)) == count and f.get_slice("mean").get_shape()[0] == count
+    except Exception as err:  # unreadable: rebuild it
+        log.warning("latent cache shard %s is unreadable (%s); rebuilding it", path, err)
+        return False
+
+
+def _shard_ranges(num_images: int, shard_size: int) -> list[range]:
+    return [range(s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size)]
+
+
+# --- building --------------------------------------------------------------------------------
+class _Unflipped(Dataset):
+    def __init__(self, dataset: EncodableDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, self.dataset.pixels(index)
+
+
+def _default_barrier(world_size: int) -> Callable[[], None] | None:
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.barrier
+    return None
+
+
+def build_latent_cache(
+    dataset: EncodableDataset,
+    vae: torch.nn.Module,
+    cache_dir: str | Path | None = None,
+    shard_size: int = 1024,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    storage_dtype: torch.dtype | str = torch.float16,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Encode `dataset` with `vae` into ``<cache_dir>/<key>/`` (both flips) and return that folder.
+
+    `cache_dir` defaults to ``<cache root>/latents``. Finished shards are kept, so a rerun builds
+    only what is missing, and a complete cache (manifest present) returns at once without calling
+    the VAE. Rank `rank` of `world_size` builds shards rank, rank + world_size, ...; then `barrier`
+    (default: `torch.distributed.barrier` when initialised) is called, and a rank that sees every
+    shard writes the manifest. Without a barrier, the rank that finishes last completes the cache.
+    `device`/`dtype` default to the VAE's; `vae` itself is left where it was.
+    """
+    storage_dtype = resolve_dtype(storage_dtype)
+    vae_dtype = next(vae.parameters()).dtype
+    dtype = resolve_dtype(dtype) or vae_dtype
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / "latents"
+    folder = cache_dir / latent_cache_key(dataset, vae, storage_dtype, dtype)
+    if (folder / MANIFEST).is_file():
+        log.info("latent cache %s is complete; reusing it", folder)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+
+    meta = _read_or_write_meta(folder, dataset, vae, shard_size, storage_dtype, dtype)
+    shards = _shard_ranges(meta["num_images"], meta["shard_size"])
+    mine = [s for s in range(rank, len(shards), world_size) if not _shard_ok(folder / shard_name(s), len(shards[s]))]
+    if mine:
+        _encode_shards(
+            dataset, vae, folder, meta["shard_size"], [(s, shards[s]) for s in mine], device, dtype, storage_dtype,
+            batch_size, num_workers, progress, desc=f"encoding latents (rank {rank}/{world_size})" if world_size > 1 else "encoding latents",
+        )
+
+    barrier = barrier or _default_barrier(world_size)
+    if barrier is not None:
+        barrier()
+    missing = [shard_name(s) for s, r in enumerate(shards) if not _shard_ok(folder / shard_name(s), len(r))]
+    if not missing:
+        write_json_atomic(folder / MANIFEST, {"complete": True, "num_images": meta["num_images"], "shards": [shard_name(s) for s in range(len(shards))]})
+    elif barrier is not None:
+        raise RuntimeError(f"latent cache {folder} is missing shards after every rank finished: {missing}")
+    else:
+        log.info("latent cache %s: %d shards left for other ranks", folder, len(missing))
+    return folder
+
+
+def _read_or_write_meta(folder: Path, dataset, vae, shard_size: int, storage_dtype, encode_dtype) -> dict[str, Any]:
+    path = folder / META
+    if path.is_file():  # resuming: keep the layout the first run chose
+        meta = json.loads(path.read_text())
+        if meta["shard_size"] != shard_size:
+            log.info("latent cache %s was started with shard_size=%d; keeping it", folder, meta["shard_size"])
+        return meta
+    config = getattr(vae, "config", {})
+    factor = 2 ** (len(config["block_out_channels"]) - 1) if "block_out_channels" in config else 8
+    resolution = dataset.cache_fingerprint()["resolution"]
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    meta = {
+        "version": CACHE_FORMAT_VERSION,
+        "num_images": len(dataset),
+        "shard_size": shard_size,
+        "latent_shape": [config.get("latent_channels", 4), resolution // factor, resolution // factor],
+        "scaling_factor": config.get("scaling_factor", 1.0),
+        "shift_factor": config.get("shift_factor"),
+        "storage_dtype": str(storage_dtype).removeprefix("torch."),
+        "encode_dtype": str(encode_dtype).removeprefix("torch."),
+        "data": dataset.cache_fingerprint(),
+    }
+    write_json_atomic(path, meta)  # every rank writes the same bytes, so racing writers agree
+    return meta
+
+
+def _encode_shards(dataset, vae, folder, shard_size, shards, device, dtype, storage_dtype, batch_size, num_workers, progress, desc):
+    vae_device = next(vae.parameters()).device
+    device = torch.device(device) if device is not None else vae_device
+    # Cast a copy, never the caller's VAE (the training module may share it); moving is undone below.
+    encoder = copy.deepcopy(vae).to(dtype) if dtype != next(vae.parameters()).dtype else vae
+    was_training = encoder.training
+    encoder.to(device).eval()
+    # Batches never cross a shard, so a shard's content does not depend on which rank built it.
+    batches = [list(r[i : i + batch_size]) for _, r in shards for i in range(0, len(r), batch_size)]
+    loader = DataLoader(_Unflipped(dataset), batch_sampler=batches, num_workers=num_workers)
+    pending = {s: {"range": r, "mean": [], "logvar": []} for s, r in shards}
+    bar = tqdm(total=sum(len(r) for _, r in shards), desc=desc, unit="img", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for indices, pixels in loader:
+                current = int(indices[0]) // shard_size
+                pixels = pixels.to(device, dtype)
+                posterior = encoder.encode(torch.cat([pixels, pixels.flip(-1)])).latent_dist
+                n = len(indices)
+                for name, value in (("mean", posterior.mean), ("logvar", posterior.logvar)):
+                    value = value.to("cpu", storage_dtype)
+                    pending[current][name].append(torch.stack([value[:n], value[n:]], dim=1))
+                bar.update(n)
+                entry = pending[current]
+                if sum(len(m) for m in entry["mean"]) == len(entry["range"]):
+                    _write_shard(folder, current, entry)
+                    del pending[current]
+    finally:
+        bar.close()
+        encoder.to(vae_device).train(was_training)
+
+
+def _write_shard(folder: Path, index: int, entry: dict[str, Any]) -> None:
+    tensors = {name: torch.cat(entry[name]).contiguous() for name in ("mean", "logvar")}
+    metadata = {"count": str(len(entry["range"])), "first_index": str(entry["range"].start)}
+    write_atomic(folder / shard_name(index), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# --- reading ---------------------------------------------------------------------------------
+class LatentCache:
+    """A complete cache folder; reads one image's posterior at a time from memory-mapped shards."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not (self.folder / MANIFEST).is_file():
+            raise FileNotFoundError(
+                f"latent cache {self.folder} is incomplete (no {MANIFEST}); build it with build_latent_cache"
+            )
+        self.meta = json.loads((self.folder / META).read_text())
+        self.shard_size = self.meta["shard_size"]
+        self.scaling_factor = float(self.meta["scaling_factor"])
+        self.shift_factor = float(self.meta["shift_factor"] or 0.0)
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.meta["num_images"]
+
+    def __getstate__(self):  # DataLoader workers open their own handles
+        return {**self.__dict__, "_handles": {}}
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard_name(shard)), framework="pt")
+        return self._handles[shard]
+
+    def posterior(self, index: int, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar) of image `index` (mirrored if `flipped`) as float32 [C, h, w], unscaled."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a cache of {len(self)} images")
+        handle = self._handle(index // self.shard_size)
+        j, f = index % self.shard_size, int(flipped)
+        return tuple(handle.get_slice(name)[j : j + 1, f : f + 1][0, 0].float() for name in ("mean", "logvar"))
+
+    def sample(self, index: int, flipped: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A latent drawn from the posterior, scaled for the UNet: ``(z - shift) * scaling_factor``."""
+        mean, logvar = self.posterior(index, flipped)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+        return (z - self.shift_factor) * self.scaling_factor
+
+
+class CachedLatentDataset(Dataset):
+    """Training items from a `LatentCache`: a random flip variant per item when `random_flip`.
+
+    ``output="latents"`` gives ``{"latents": (z - shift) * scale}`` with z drawn afresh each time;
+    ``output="posterior"`` gives ``{"latent_mean", "latent_std"}`` (unscaled) for the training
+    module to sample with its own generator.
+    """
+
+    def __init__(self, cache: LatentCache | str | Path, random_flip: bool = True, output: str = "latents"):
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        self.random_flip = random_flip
+        self.output = output
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        flipped = self.random_flip and bool(torch.rand(()) < 0.5)
+        if self.output == "posterior":
+            mean, logvar = self.cache.posterior(index, flipped)
+            return {"latent_mean": mean, "latent_std": torch.exp(0.5 * logvar)}
+        return {"latents": self.cache.sample(index, flipped)}
