@@ -1,0 +1,49 @@
+"""Personalization methods with one interface (`Method`): ours and the paper's four baselines.
+
+``build_method(name, prior, template, **kwargs)`` builds one by its registry name.
+"""
+
+from __future__ import annotations
+
+from diffusers import StableDiffusionPipeline
+
+from ccp.methods.base import Method, PromptTemplate
+from ccp.methods.custom_diffusion import CustomDiffusion
+from ccp.methods.dreambooth import DreamBooth
+from ccp.methods.oft import OFT
+from ccp.methods.ours import NullTextConcept
+from ccp.methods.textual_inversion import TextualInversion
+
+METHODS: dict[str, type[Method]] = {
+    "ours": NullTextConcept,
+    "dreambooth": DreamBooth,
+    "textual_inversion": TextualInversion,
+    "custom_diffusion": CustomDiffusion,
+    "oft": OFT,
+}
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+def build_method(name: str, prior: StableDiffusionPipeline, template: PromptTemplate | None = None, **kwargs) -> Method:
+    """The method `name` on `prior` (not modified: methods copy what they change or train)."""
+    return method_class(name)(prior, template or PromptTemplate(), **kwargs)
+
+
+__all__ = [
+    "METHODS",
+    "CustomDiffusion",
+    "DreamBooth",
+    "Method",
+    "NullTextConcept",
+    "OFT",
+    "PromptTemplate",
+    "TextualInversion",
+    "build_method",
+    "method_class",
+]
