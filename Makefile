@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: setup test test-fast bench-sampling tiny-prior sample-tiny clean
+.PHONY: setup test test-fast demo bench-sampling tiny-prior sample-tiny clean
 
 setup: $(BIN)/ccp-sample
 
@@ -20,8 +20,20 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+DEMO := outputs/demo
+
+# GCFG on the offline tiny prior: prior alone (CFG), then concept + control prompt, where the
+# concept model is the null-text conversion of the prior's UNet (trained concept models: ccp-train).
+demo: setup
+	$(BIN)/ccp-tiny-prior $(DEMO)/prior --seed 0
+	$(BIN)/ccp-null-text $(DEMO)/prior $(DEMO)/concept
+	$(BIN)/ccp-sample prior.path=$(DEMO)/prior guidance=cfg sampling.num_images=8 sampling.steps=25 hydra.run.dir=$(DEMO)/prior_only
+	$(BIN)/ccp-sample prior.path=$(DEMO)/prior concept.path=$(DEMO)/concept guidance=concept_control \
+		sampling.num_images=8 sampling.steps=25 hydra.run.dir=$(DEMO)/concept_control
+	@echo "grids: $(DEMO)/prior_only/grid.png $(DEMO)/concept_control/grid.png"
+
 tiny-prior: setup
-	$(BIN)/ccp-tiny-prior outputs/tiny-prior --seed 0
+	$(BIN)/ccp-tiny-prior outputs/tiny-prior --seed 0 --with-controlnet
 
 sample-tiny: tiny-prior
 	$(BIN)/ccp-sample prior.path=outputs/tiny-prior

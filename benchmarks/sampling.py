@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     resolution = args.resolution or (64 if args.size == "tiny" else 512)
     payload = run(args.size, device, resolve_dtype(args.dtype), resolution, args.batches, args.steps, args.repeats)

@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ccp.training.sampler import resumable_loader
 from ccp.training.latent_cache import (
     CachedLatentDataset,
     LatentCache,
@@ -270,11 +271,12 @@ class ImageFolderDataset(Dataset):
             raise OSError(f"cannot read {path} (it passed the scan; did it change since?): {err}") from err
         return to_tensor(resize_to_square(image, self.resolution, self.center_crop))
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def item(self, index: int, flipped: bool) -> dict[str, torch.Tensor]:
         pixels = self.pixels(index)
-        if self.random_flip and bool(torch.rand(()) < 0.5):
-            pixels = pixels.flip(-1)
-        return {"pixel_values": pixels}
+        return {"pixel_values": pixels.flip(-1) if flipped else pixels}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.item(index, self.random_flip and bool(torch.rand(()) < 0.5))
 
     def cache_fingerprint(self) -> dict[str, Any]:
         listing = json.dumps([[rel, size, mtime] for rel, size, mtime, _ in self.scan.images])
@@ -286,13 +288,31 @@ class ImageFolderDataset(Dataset):
         }
 
 
+class FlipVariants(Dataset):
+    """Index ``i < n`` is item ``i``, ``i >= n`` is item ``i - n`` mirrored: the flip becomes part
+    of the sampler's reproducible order instead of worker randomness (exact resume). Each image
+    then appears once plain and once mirrored per pass, which is a random flip in expectation."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 2 * len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        n = len(self.dataset)
+        return self.dataset.item(index % n, flipped=index >= n)
+
+
 # --- Lightning -------------------------------------------------------------------------------
 class ConceptDataModule(L.LightningDataModule):
     """Train batches of ``pixel_values`` or, with ``latent_cache.enabled``, of cached ``latents``.
 
     The VAE (needed only to build or look up the latent cache) comes at runtime: `attach_vae`,
     the `vae` argument, or else the trainer's LightningModule's ``vae`` attribute. `batch_size` is
-    per device; Lightning adds the DistributedSampler under DDP.
+    per device. Training order is a `ResumableSampler` over ranks (pass
+    ``use_distributed_sampler=False`` to the Trainer), flips included, so a resumed run repeats
+    an uninterrupted one exactly.
     """
 
     def __init__(
@@ -310,8 +330,10 @@ class ConceptDataModule(L.LightningDataModule):
         cache_dir: str | Path | None = None,
         scan_cache: bool = True,
         vae: torch.nn.Module | None = None,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = int(seed)
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
         self.path = Path(path).expanduser()
@@ -415,12 +437,13 @@ class ConceptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
+        dataset = FlipVariants(self.train_dataset) if self.random_flip else self.train_dataset
+        return resumable_loader(
+            dataset,
+            self.batch_size,
+            trainer=self.trainer,
+            seed=self.seed,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=False,
         )

@@ -360,7 +360,9 @@ class CachedLatentDataset(Dataset):
         return len(self.cache)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        flipped = self.random_flip and bool(torch.rand(()) < 0.5)
+        return self.item(index, self.random_flip and bool(torch.rand(()) < 0.5))
+
+    def item(self, index: int, flipped: bool) -> dict[str, torch.Tensor]:
         if self.output == "posterior":
             mean, logvar = self.cache.posterior(index, flipped)
             return {"latent_mean": mean, "latent_std": torch.exp(0.5 * logvar)}
