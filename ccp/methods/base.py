@@ -8,6 +8,7 @@ method owns only what differs between ours and the four baselines.
 from __future__ import annotations
 
 import re
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,13 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def export(self, out_dir: str | Path) -> Path:
         """Write the trained result in the format users load (diffusers/peft conventions)."""
+
+    def sampling_pipeline(self, prior: StableDiffusionPipeline):
+        """``(GCFGPipeline, denoiser_name)`` with the current weights (validation grids). Goes
+        through export and `load_export`, so what is validated is what users will load."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.export(tmp)
+            return type(self).load_export(prior, tmp)
 
     @classmethod
     @abstractmethod

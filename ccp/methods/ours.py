@@ -34,6 +34,11 @@ class NullTextConcept(Method):
         self.unet.save_pretrained(path)
         return path
 
+    def sampling_pipeline(self, prior):
+        from ccp.pipelines.gcfg import GCFGPipeline
+
+        return GCFGPipeline.from_prior(prior, concept_unet=self.unet), "concept"  # in memory: no export needed
+
     @classmethod
     def load_export(cls, prior, export_dir):
         from ccp.pipelines.gcfg import GCFGPipeline
