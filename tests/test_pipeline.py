@@ -121,7 +121,7 @@ def test_controlnet_term_equals_diffusers_controlnet_pipeline(tiny_prior, tiny_p
         terms=(GuidanceTerm("edges", Source("controlnet", Condition("a face", flipped, scale)), g),),
         unconditional=Source("controlnet", Condition("", flipped, scale)),
     )
-    assert (pipe(spec2, num_images=2, generator=_gen(4), **kw).images - ref).abs().max() > 1e-4
+    assert (pipe(spec2, num_images=2, generator=_gen(4), **kw).images - ref).abs().max() > 1e-5  # well above float noise (~1e-7)
 
 
 @pytest.fixture(scope="module")

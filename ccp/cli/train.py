@@ -99,7 +99,8 @@ def make_renderer(prior, template: PromptTemplate, cfg: DictConfig, resolution: 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     if cfg.logger.csv:
-        loggers.append(L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="csv")  # version_N per launch: a resume never overwrites logs)
+        # version_N per launch, so a resume never overwrites earlier logs
+        loggers.append(L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="csv"))
     if cfg.logger.wandb.enabled:
         loggers.append(
             L.pytorch.loggers.WandbLogger(

@@ -79,6 +79,12 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
         self.extra_denoisers: dict[str, Denoiser] = {}
+        self._device_for_call: torch.device | None = None
+
+    @property
+    def device_for_call(self) -> torch.device:
+        # diffusers' _execution_device walks every module (~17 ms on a tiny model): once per call.
+        return self._device_for_call or self._execution_device
 
     @classmethod
     def from_prior(
@@ -146,18 +152,19 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 self.tokenizer.model_max_length,
                 removed[0],
             )
+        device = self.device_for_call
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self._execution_device)
-        embeds = self.text_encoder(tokens.input_ids.to(self._execution_device), attention_mask=mask)[0]
-        return embeds.to(dtype=self.text_encoder.dtype, device=self._execution_device)
+            mask = tokens.attention_mask.to(device)
+        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return embeds.to(dtype=self.text_encoder.dtype, device=device)
 
     def prepare_control_image(self, image: Any, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """[1, 3, H, W] in [0, 1], preprocessed as StableDiffusionControlNetPipeline does."""
         if isinstance(image, (str, Path)):
             image = PIL.Image.open(image)
         image = self.control_image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
-        return image.to(device=self._execution_device, dtype=dtype)
+        return image.to(device=self.device_for_call, dtype=dtype)
 
     def batch_conditions(
         self, plan: GuidancePlan, num_images: int, height: int, width: int, dtype: torch.dtype
@@ -181,7 +188,7 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             batched[call.denoiser] = BatchedCondition(
                 prompt_embeds=torch.cat(embeds) if embeds else None,
                 control_image=torch.cat(images) if images else None,
-                control_scale=torch.cat(scales).to(self._execution_device) if scales else None,
+                control_scale=torch.cat(scales).to(self.device_for_call) if scales else None,
             )
         return batched
 
@@ -189,9 +196,9 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         """Initial noise drawn exactly as diffusers' SD pipelines draw it for the same generator."""
         shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=self.device_for_call, dtype=dtype)
         else:
-            latents = latents.to(self._execution_device)
+            latents = latents.to(self.device_for_call)
         return latents * self.scheduler.init_noise_sigma
 
     # --- sampling --------------------------------------------------------------------------------
@@ -236,9 +243,18 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         self.check_guidance(guidance)
         plan = GuidancePlan.from_spec(guidance)
         dtype = self.unet.dtype
+        self._device_for_call = self._execution_device
+        try:
+            return self._sample(plan, num_images, height, width, num_inference_steps, generator, latents, eta,
+                                output_type, return_dict, callback_on_step_end, dtype)
+        finally:
+            self._device_for_call = None
+
+    def _sample(self, plan, num_images, height, width, num_inference_steps, generator, latents, eta, output_type,
+                return_dict, callback_on_step_end, dtype):
 
         conditions = self.batch_conditions(plan, num_images, height, width, dtype)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self._execution_device)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device_for_call)
         latents = self.prepare_latents(num_images, height, width, dtype, generator, latents)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
