@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: setup test test-fast demo bench-sampling tiny-prior sample-tiny clean
+.PHONY: setup test test-fast demo bench-sampling bench-training tiny-prior sample-tiny clean
 
 setup: $(BIN)/ccp-sample
 
@@ -40,6 +40,9 @@ sample-tiny: tiny-prior
 
 bench-sampling: setup
 	$(BIN)/python benchmarks/sampling.py --out benchmarks/results
+
+bench-training: setup
+	$(BIN)/python benchmarks/training.py --out benchmarks/results
 
 clean:
 	rm -rf outputs multirun .pytest_cache
