@@ -82,21 +82,19 @@ class PersonalizationModule(L.LightningModule):
 
     @torch.no_grad()
     def latents_from_batch(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents: as cached, sampled from a cached posterior, or encoded now by the VAE."""
         if "latents" in batch:
             return batch["latents"]
-        if "latent_mean" in batch:  # cached posterior: sample it like an encode would
-            eps = torch.randn(batch["latent_mean"].shape, generator=generator, device=self.device, dtype=batch["latent_mean"].dtype)
-            latents = batch["latent_mean"] + batch["latent_std"] * eps
+        if self.vae is None:
+            raise ValueError("batches of pixels or posteriors need the prior's VAE (its scaling); pass vae=prior.vae")
+        if "latent_mean" in batch:  # cached posterior: sample it as an encode would, from the step's generator
+            mean = batch["latent_mean"]
+            latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         else:
-            if self.vae is None:
-                raise ValueError("batch has pixel_values but no VAE was given; pass the prior's VAE or use the latent cache")
             pixels = batch["pixel_values"].to(self.vae.dtype)
             latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
-        return latents * self.vae_scaling_factor
-
-    @property
-    def vae_scaling_factor(self) -> float:
-        return self.vae.config.scaling_factor if self.vae is not None else 0.18215
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         generator = self._generator(batch_idx)
