@@ -90,3 +90,14 @@ def test_bad_configs_fail_before_loading(tiny_prior_dir, image_dir, tmp_path):
     with pytest.raises(TrainConfigError, match="method='lora' is unknown"):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.name=lora"))
     assert check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=8")) == 4
+
+
+def test_wandb_logs_offline_into_the_run_folder(tiny_prior_dir, image_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _cfg("ours", tiny_prior_dir, image_dir, "logger=default", "trainer.max_steps=1", "validation.every_n_steps=1")
+    assert cfg.logger.wandb.enabled and cfg.logger.wandb.mode == "offline"
+    run_training(cfg, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
+    assert list(runs[0].glob("files/media/images/validation/grid_*.png"))  # the validation grid went to wandb
