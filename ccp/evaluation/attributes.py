@@ -1,0 +1,253 @@
+"""Attribute predictors for text-guided alignment (Table 2, Appendix D.3, Table 3).
+
+The paper generates 100 images for each of the ten prompts of Table 3 and asks "facial attribute
+predictors" (unspecified) whether the requested attribute is present; alignment is the share of
+images where it is. Here the question is data: an `AttributeQuestion` names competing classes,
+each described by a few text prompts, and the classes that count as "present". The default
+predictor answers by CLIP zero-shot classification (ViT-L/14 from a local weights file): the
+image's nearest class (cosine similarity to the mean of the class's normalised prompt embeddings)
+decides. Binary attributes compete against a description of their absence; gender, ethnicity,
+eyewear and face shape compete against every other class of their group (see `QUESTIONS` and
+docs/alignment.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import PIL.Image
+import torch
+
+# Table 3, in the paper's order ("smilling" in the paper is a typo for "smiling").
+TABLE3_PROMPTS: tuple[str, ...] = (
+    "wearing glasses",
+    "wearing sunglasses",
+    "wearing hat",
+    "smiling",
+    "male",
+    "female",
+    "white people",
+    "black people",
+    "asian people",
+    "square face",
+)
+
+DEFAULT_CLIP_WEIGHTS = "checkpoints/clip/ViT-L-14.pt"
+CLIP_VIT_L14_URL = (
+    "https://openaipublic.azureedge.net/clip/models/"
+    "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class AttributeQuestion:
+    """Which of `classes` (label -> text prompts) an image shows; the attribute is present when
+    the winning class is one of `accept`."""
+
+    attribute: str
+    classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    accept: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if len(self.classes) < 2:
+            raise ValueError(f"{self.attribute!r}: a question needs at least two competing classes")
+        if any(not prompts for prompts in self.classes.values()):
+            raise ValueError(f"{self.attribute!r}: every class needs at least one text prompt")
+        unknown = [label for label in self.accept if label not in self.classes]
+        if not self.accept or unknown:
+            raise ValueError(f"{self.attribute!r}: accept={self.accept!r} must name classes of {list(self.classes)}")
+        if set(self.accept) == set(self.classes):
+            raise ValueError(f"{self.attribute!r}: every class is accepted, so the answer would always be yes")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.classes)
+
+
+# --- the competing classes, as data ------------------------------------------------------------
+EYEWEAR = {
+    "eyeglasses": ("a photo of a person wearing eyeglasses", "a photo of a face with clear glasses"),
+    "sunglasses": ("a photo of a person wearing sunglasses", "a photo of a face with dark sunglasses"),
+    "no glasses": ("a photo of a person not wearing glasses", "a photo of a face without glasses"),
+}
+HEADWEAR = {
+    "hat": ("a photo of a person wearing a hat", "a photo of a face with a hat on the head"),
+    "no hat": ("a photo of a person not wearing a hat", "a photo of a face with uncovered hair"),
+}
+EXPRESSION = {
+    "smiling": ("a photo of a smiling person", "a photo of a face with a smile"),
+    "not smiling": ("a photo of a person who is not smiling", "a photo of a face with a neutral expression"),
+}
+GENDER = {
+    "male": ("a photo of a man", "a photo of a male face"),
+    "female": ("a photo of a woman", "a photo of a female face"),
+}
+# FairFace's seven race groups, the usual face-attribute taxonomy (also CLIP paper §7.1).
+ETHNICITY = {
+    "white": ("a photo of a white person",),
+    "black": ("a photo of a black person",),
+    "east asian": ("a photo of an east asian person",),
+    "southeast asian": ("a photo of a southeast asian person",),
+    "indian": ("a photo of an indian person",),
+    "latino hispanic": ("a photo of a latino hispanic person",),
+    "middle eastern": ("a photo of a middle eastern person",),
+}
+# The five face shapes of common face-shape classifiers.
+FACE_SHAPE = {
+    "square": ("a photo of a person with a square face", "a photo of a face with a square jawline"),
+    "round": ("a photo of a person with a round face",),
+    "oval": ("a photo of a person with an oval face",),
+    "oblong": ("a photo of a person with a long face",),
+    "heart": ("a photo of a person with a heart-shaped face",),
+}
+
+QUESTIONS: dict[str, AttributeQuestion] = {
+    q.attribute: q
+    for q in (
+        # CelebA's "Eyeglasses" counts sunglasses too; "wearing sunglasses" needs dark lenses.
+        AttributeQuestion("wearing glasses", EYEWEAR, ("eyeglasses", "sunglasses")),
+        AttributeQuestion("wearing sunglasses", EYEWEAR, ("sunglasses",)),
+        AttributeQuestion("wearing hat", HEADWEAR, ("hat",)),
+        AttributeQuestion("smiling", EXPRESSION, ("smiling",)),
+        AttributeQuestion("male", GENDER, ("male",)),
+        AttributeQuestion("female", GENDER, ("female",)),
+        AttributeQuestion("white people", ETHNICITY, ("white",)),
+        AttributeQuestion("black people", ETHNICITY, ("black",)),
+        AttributeQuestion("asian people", ETHNICITY, ("east asian", "southeast asian")),
+        AttributeQuestion("square face", FACE_SHAPE, ("square",)),
+    )
+}
+
+
+# --- predictors --------------------------------------------------------------------------------
+class AttributePredictor(ABC):
+    """Says, per image, whether an attribute is present."""
+
+    @property
+    @abstractmethod
+    def attributes(self) -> tuple[str, ...]:
+        """The attributes it can decide."""
+
+    @abstractmethod
+    def predict(self, images: Sequence[PIL.Image.Image], attribute: str) -> torch.Tensor:
+        """Bool tensor [len(images)]: is `attribute` present in each image."""
+
+    def check(self, attributes: Sequence[str]) -> None:
+        """Raise before any generation if some attribute cannot be decided."""
+        missing = [a for a in attributes if a not in self.attributes]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} cannot decide {missing}; it knows {list(self.attributes)} "
+                "(add an AttributeQuestion for each)"
+            )
+
+
+class ZeroShotAttributePredictor(AttributePredictor):
+    """Nearest-class decision in a joint image-text embedding space.
+
+    A class's feature is the normalised mean of its prompts' normalised text features (prompt
+    ensembling); an image belongs to the class of highest cosine similarity. Subclasses provide
+    the two encoders.
+    """
+
+    def __init__(self, questions: Mapping[str, AttributeQuestion] = QUESTIONS):
+        self.questions = dict(questions)
+        self._class_features: dict[str, torch.Tensor] = {}
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return tuple(self.questions)
+
+    @abstractmethod
+    def encode_images(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        """[N, D] image features (any scale)."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """[T, D] text features (any scale)."""
+
+    def class_features(self, attribute: str) -> torch.Tensor:
+        """[K, D] unit class features, in the question's class order (computed once)."""
+        if attribute not in self._class_features:
+            question = self.question(attribute)
+            features = []
+            for prompts in question.classes.values():
+                per_prompt = _normalise(self.encode_texts(list(prompts)).float())
+                features.append(_normalise(per_prompt.mean(dim=0, keepdim=True)))
+            self._class_features[attribute] = torch.cat(features)
+        return self._class_features[attribute]
+
+    def question(self, attribute: str) -> AttributeQuestion:
+        if attribute not in self.questions:
+            self.check([attribute])
+        return self.questions[attribute]
+
+    def classify(self, images: Sequence[PIL.Image.Image], attribute: str) -> list[str]:
+        """The winning class label per image."""
+        labels = self.question(attribute).labels
+        return [labels[i] for i in self._winners(images, attribute).tolist()]
+
+    def predict(self, images, attribute):
+        question = self.question(attribute)
+        winners = self._winners(images, attribute)
+        accepted = torch.tensor([question.labels.index(label) for label in question.accept], device=winners.device)
+        return torch.isin(winners, accepted)
+
+    def _winners(self, images, attribute) -> torch.Tensor:
+        classes = self.class_features(attribute)
+        if len(images) == 0:
+            return torch.zeros(0, dtype=torch.long, device=classes.device)
+        image_features = _normalise(self.encode_images(images).float()).to(classes.device)
+        return (image_features @ classes.T).argmax(dim=1)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class CLIPAttributePredictor(ZeroShotAttributePredictor):
+    """CLIP zero-shot attribute predictor (clip-anytorch), ViT-L/14 by default.
+
+    `weights` is a local file (OpenAI's ``ViT-L-14.pt``, JIT archive or state dict); nothing is
+    downloaded. The file is checked here, so an evaluation fails before generating anything.
+    """
+
+    def __init__(
+        self,
+        weights: str | Path = DEFAULT_CLIP_WEIGHTS,
+        questions: Mapping[str, AttributeQuestion] = QUESTIONS,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ):
+        super().__init__(questions)
+        self.weights = Path(weights).expanduser()
+        if not self.weights.is_file():
+            raise FileNotFoundError(
+                f"CLIP weights not found at {self.weights.resolve()}. The text-guided evaluation uses CLIP "
+                f"ViT-L/14 from a local file: download {CLIP_VIT_L14_URL} on a machine with network access "
+                f"and put it at {self.weights.resolve()}, or point the config's clip_weights at the file."
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+            import clip
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.preprocess = clip.load(str(self.weights), device=self.device, jit=False)
+        self.model.eval().requires_grad_(False)
+        self._tokenize = clip.tokenize
+        self.batch_size = int(batch_size)
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        features = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start : start + self.batch_size]])
+            features.append(self.model.encode_image(pixels.to(self.device)).float())
+        return torch.cat(features)
+
+    @torch.no_grad()
+    def encode_texts(self, texts):
+        return self.model.encode_text(self._tokenize(list(texts)).to(self.device)).float()
