@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import lightning as L
@@ -66,3 +67,49 @@ def test_two_process_ddp_shards_data_and_keeps_ranks_in_sync(tiny_prior, tmp_pat
     assert sorted(seen[0][:4] + seen[1][:4]) == list(range(8))
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP kept the replicas identical
     assert ranks[0]["checksum"] != initial  # and they did train
+
+
+class CountEncodes:
+    """A picklable forward hook: each rank appends a line per VAE encoder call to its own file."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def __call__(self, module, args, output):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(f"{self.out_dir}/encodes{rank}.txt", "a") as f:
+            f.write(f"{args[0].shape[0]}\n")
+
+
+def test_ddp_ranks_build_the_latent_cache_in_parallel_then_train_on_it(tiny_prior, tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    from ccp.training.data import ConceptDataModule
+    from ccp.training.latent_cache import LatentCache
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    data = ConceptDataModule(
+        images, resolution=64, batch_size=2, num_workers=0, cache_dir=tmp_path / "cache",
+        latent_cache={"enabled": True, "shard_size": 2, "dtype": "float32", "batch_size": 2, "output": "posterior"},
+    )
+    vae = copy.deepcopy(tiny_prior.vae)  # the hook must not reach the shared fixture
+    vae.encoder.register_forward_hook(CountEncodes(tmp_path))
+    method = NullTextConcept(tiny_prior, PromptTemplate(), definition="value_mean")
+    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=vae, lr=1e-3)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=data)
+    encoded = [sum(int(n) for n in (tmp_path / f"encodes{r}.txt").read_text().split()) for r in (0, 1)]
+    # 8 images x 2 flips = 16 encodes, split evenly: each rank built its own 2 of the 4 shards,
+    # and training itself never ran the VAE (no more encodes than the cache needed)
+    assert encoded == [8, 8]
+    folders = list((tmp_path / "cache" / "latents").iterdir())
+    assert len(folders) == 1 and (folders[0] / "manifest.json").is_file()
+    assert len(LatentCache(folders[0])) == 8
