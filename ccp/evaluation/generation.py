@@ -1,0 +1,394 @@
+"""Sharded, resumable sample generation for sample-based metrics (FID over 50,000 images).
+
+A metric run is a function of global sample indices ``0 .. N-1``: image ``i`` is drawn from
+``torch.Generator(device).manual_seed(base_seed + i)``, so which process, batch or shard makes it
+does not change it. The indices are cut into shards of ``shard_size`` (the last may be shorter);
+rank ``r`` of ``W`` takes shards ``r, r + W, r + 2W, ...`` (ranks on every node together: W is the
+total number of processes). Per shard, the features of its images are written in one file,
+atomically (temporary file, then `os.replace`), so a rerun skips finished shards and an
+interrupted run resumes at the shard it was in. Layout of a shard folder::
+
+    meta.json                      what is generated: shard size, seed, generator device, run key,
+                                   feature extractor; a different run is refused, not mixed in
+    features/shard-00000.safetensors  "features": [n, D] for indices start .. start + n - 1
+    images/000000.png ...          only with keep_images=True
+
+`generate_fn(indices, generators)` is the only thing a method provides: it returns the images for
+those indices (uint8 [n, 3, H, W], float in [0, 1], a list of PIL images or an [n, H, W, 3] array).
+`PipelineSampler` builds one from a `GCFGPipeline` and a `GuidanceSpec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import PIL.Image
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ccp.training.latent_cache import write_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT_VERSION = 1
+META = "meta.json"
+
+
+class GenerateFn(Protocol):
+    """``images = generate_fn(indices, generators)``: one image per global index, drawn with the
+    matching generator (``generators[k]`` is seeded with ``base_seed + indices[k]``)."""
+
+    def __call__(self, indices: list[int], generators: list[torch.Generator]) -> Any: ...
+
+
+class ShardDirMismatchError(ValueError):
+    """The shard folder holds another run (other seed, shard size, guidance or features)."""
+
+
+class MissingShardsError(RuntimeError):
+    """Some shards are not written yet (another rank has not finished, or a run was cut short)."""
+
+    def __init__(self, message: str, missing: list[int]):
+        super().__init__(message)
+        self.missing = missing
+
+
+# --- images ----------------------------------------------------------------------------------
+def to_uint8_images(images: Any, count: int | None = None) -> torch.Tensor:
+    """uint8 [n, 3, H, W] from uint8/float-[0, 1] tensors or arrays (NCHW, or NHWC arrays as
+    diffusers' ``output_type="np"`` gives) or a list of PIL images.
+
+    Floats are rounded (``round(x * 255)``), as diffusers does when it writes PIL images/PNGs, so
+    features of in-memory samples equal the features of the same samples saved and reloaded.
+    """
+    if isinstance(images, PIL.Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if images and isinstance(images[0], PIL.Image.Image):
+            images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+        else:
+            images = torch.stack([torch.as_tensor(im) for im in images])
+    if isinstance(images, np.ndarray):
+        array = images
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
+            array = array.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        images = torch.from_numpy(np.ascontiguousarray(array))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected images as a tensor, array or list of PIL images, got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images shaped [n, 3, H, W] (or [n, H, W, 3] arrays), got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise TypeError(f"integer images must be uint8 in [0, 255], got {images.dtype}")
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    if count is not None and images.shape[0] != count:
+        raise ValueError(f"generate_fn returned {images.shape[0]} images for {count} indices")
+    return images.contiguous()
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """uint8 [3, H, W] -> PNG, written atomically."""
+    array = image.permute(1, 2, 0).cpu().numpy()
+    write_atomic(path, lambda tmp: PIL.Image.fromarray(array).save(tmp, format="PNG"))
+
+
+# --- shards ----------------------------------------------------------------------------------
+def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
+    if num_samples < 1 or shard_size < 1:
+        raise ValueError(f"num_samples and shard_size must be positive, got {num_samples} and {shard_size}")
+    return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def rank_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """Shards of rank `rank` among `world_size` processes: rank, rank + W, ..."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return list(range(rank, num_shards, world_size))
+
+
+def default_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_path(shard_dir: str | Path, index: int) -> Path:
+    return Path(shard_dir) / "features" / f"shard-{index:05d}.safetensors"
+
+
+def image_path(shard_dir: str | Path, sample_index: int) -> Path:
+    return Path(shard_dir) / "images" / f"{sample_index:06d}.png"
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {"__class__": type(value).__name__, **{k: _jsonable(v) for k, v in asdict(value).items()}}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, PIL.Image.Image):
+        return f"PIL.Image:{hashlib.sha256(value.tobytes()).hexdigest()[:16]}"
+    return repr(value)
+
+
+def run_meta(shard_size: int, base_seed: int, generator_device: str, features: str, run_key: Any) -> dict[str, Any]:
+    """What must be equal for two processes to write into one shard folder."""
+    return {
+        "format": SHARD_FORMAT_VERSION,
+        "shard_size": int(shard_size),
+        "base_seed": int(base_seed),
+        "generator_device": str(torch.device(generator_device).type),
+        "features": features,
+        "run_key": _jsonable(run_key),
+    }
+
+
+def meta_hash(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_shard_dir(shard_dir: str | Path, meta: dict[str, Any]) -> str:
+    """Create the folder and its meta.json, or check that the existing one is the same run.
+
+    Returns the meta hash every shard file of this run carries.
+    """
+    shard_dir = Path(shard_dir)
+    (shard_dir / "features").mkdir(parents=True, exist_ok=True)
+    meta = json.loads(json.dumps(meta, sort_keys=True))  # compare as it reads back from disk
+    path = shard_dir / META
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        existing.pop("hash", None)
+        if existing != meta:
+            keys = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
+            raise ShardDirMismatchError(
+                f"{shard_dir} holds samples of another run (differs in: {', '.join(keys)}; "
+                f"there: {json.dumps({k: existing.get(k) for k in keys})}, now: {json.dumps({k: meta.get(k) for k in keys})}). "
+                "Use a new shard folder for this run, or delete that one to start over."
+            )
+    else:
+        write_json_atomic(path, {**meta, "hash": meta_hash(meta)})
+    return meta_hash(meta)
+
+
+def shard_done(shard_dir: str | Path, index: int, indices: range, run_hash: str, with_images: bool = False) -> bool:
+    path = shard_path(shard_dir, index)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            ok = (
+                meta.get("run") == run_hash
+                and int(meta.get("start", -1)) == indices.start
+                and int(meta.get("count", -1)) == len(indices)
+                and f.get_slice("features").get_shape()[0] == len(indices)
+            )
+            if ok and with_images and meta.get("images") != "1":
+                return False  # written without images; regenerate to keep them
+            return ok
+    except Exception as err:  # unreadable (e.g. disk trouble): regenerate it
+        log.warning("shard file %s is unreadable (%s); regenerating it", path, err)
+        return False
+
+
+def pending_shards(shard_dir: str | Path, num_samples: int, shard_size: int, run_hash: str, rank: int = 0,
+                   world_size: int = 1, keep_images: bool = False) -> list[int]:
+    """Shards of `rank` not written yet."""
+    ranges = shard_ranges(num_samples, shard_size)
+    return [k for k in rank_shards(len(ranges), rank, world_size)
+            if not shard_done(shard_dir, k, ranges[k], run_hash, keep_images)]
+
+
+def _write_shard(shard_dir: Path, index: int, indices: range, features: torch.Tensor, run_hash: str, images: bool) -> None:
+    metadata = {"run": run_hash, "start": str(indices.start), "count": str(len(indices)), "images": "1" if images else "0"}
+    tensors = {"features": features.detach().to("cpu").contiguous()}
+    write_atomic(shard_path(shard_dir, index), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+@dataclass
+class ShardRun:
+    """What one `generate_shards` call did."""
+
+    rank: int
+    world_size: int
+    written: list[int]  # shard indices generated by this call
+    skipped: list[int]  # this rank's shards that were already finished
+    images: int  # images generated by this call
+
+
+def generate_shards(
+    generate_fn: GenerateFn,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor],
+    num_samples: int,
+    shard_dir: str | Path,
+    run_hash: str,
+    shard_size: int = 1000,
+    *,
+    batch_size: int = 16,
+    base_seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    keep_images: bool = False,
+    generator_device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ShardRun:
+    """Generate this rank's unfinished shards and write their features.
+
+    `feature_fn` maps uint8 [n, 3, H, W] images to [n, D] features. `run_hash` comes from
+    `prepare_shard_dir`.
+    """
+    shard_dir = Path(shard_dir)
+    ranges = shard_ranges(num_samples, shard_size)
+    mine = rank_shards(len(ranges), rank, world_size)
+    todo = pending_shards(shard_dir, num_samples, shard_size, run_hash, rank, world_size, keep_images)
+    pending = set(todo)
+    skipped = [k for k in mine if k not in pending]
+    run = ShardRun(rank, world_size, [], skipped, 0)
+    if skipped:
+        log.info("rank %d: %d of its %d shards are already finished in %s", rank, len(skipped), len(mine), shard_dir)
+    if not todo:
+        return run
+    if keep_images:
+        (shard_dir / "images").mkdir(parents=True, exist_ok=True)
+    total = sum(len(ranges[k]) for k in mine)
+    bar = tqdm(
+        total=total,
+        initial=total - sum(len(ranges[k]) for k in todo),
+        unit="img",
+        desc=f"samples (rank {rank}/{world_size})" if world_size > 1 else "samples",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        for done, k in enumerate(todo):
+            bar.set_postfix_str(f"shard {k}, {done + 1} of {len(todo)} to do")
+            features = []
+            for start in range(ranges[k].start, ranges[k].stop, batch_size):
+                indices = list(range(start, min(start + batch_size, ranges[k].stop)))
+                generators = [torch.Generator(generator_device).manual_seed(base_seed + i) for i in indices]
+                images = to_uint8_images(generate_fn(indices, generators), len(indices))
+                if keep_images:
+                    for i, image in zip(indices, images):
+                        save_png(image, image_path(shard_dir, i))
+                with torch.inference_mode():
+                    features.append(feature_fn(images).detach().to("cpu"))
+                run.images += len(indices)
+                bar.update(len(indices))
+            _write_shard(shard_dir, k, ranges[k], torch.cat(features), run_hash, keep_images)
+            run.written.append(k)
+    return run
+
+
+def _as_ranges(indices: Sequence[int]) -> str:
+    parts, start = [], None
+    for pos, k in enumerate(indices):
+        if start is None:
+            start = k
+        if pos + 1 == len(indices) or indices[pos + 1] != k + 1:
+            parts.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return ", ".join(parts)
+
+
+def iter_shard_features(shard_dir: str | Path, num_samples: int, shard_size: int, run_hash: str) -> Iterator[torch.Tensor]:
+    """The features of samples 0 .. num_samples-1, shard by shard in index order.
+
+    Raises `MissingShardsError` (naming the shards and the ranks that owe them) before reading
+    anything if a shard is missing.
+    """
+    ranges = shard_ranges(num_samples, shard_size)
+    missing = [k for k, r in enumerate(ranges) if not shard_done(shard_dir, k, r, run_hash)]
+    if missing:
+        raise MissingShardsError(
+            f"{len(missing)} of {len(ranges)} shards are not finished in {shard_dir} (shards {_as_ranges(missing)}). "
+            f"With W processes, shard k belongs to rank k mod W: run those ranks (or rerun with fewer ranks; "
+            "finished shards are skipped), then combine again.",
+            missing,
+        )
+    for k in range(len(ranges)):
+        with safe_open(str(shard_path(shard_dir, k)), framework="pt") as f:
+            yield f.get_tensor("features")
+
+
+# --- a GenerateFn from a GCFG pipeline -----------------------------------------------------------
+class PipelineSampler:
+    """`GenerateFn` for a `GCFGPipeline` and a `GuidanceSpec`: uint8 images, `batch_size` per call.
+
+    ``generator_device`` (default: the pipeline's device, as ``ccp-sample`` seeds) is where
+    `fid_over_samples` creates the seeded generators.
+    ``run_key`` describes the sampling (guidance, steps, size, scheduler, dtype) so that shards of
+    another setting are never mixed into the same folder.
+    """
+
+    def __init__(self, pipe, guidance, num_inference_steps: int = 50, height: int | None = None,
+                 width: int | None = None, batch_size: int = 16, eta: float = 0.0, step_progress: bool = False,
+                 generator_device: str | torch.device | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        pipe.check_guidance(guidance)
+        self.pipe = pipe
+        self.guidance = guidance
+        self.num_inference_steps = int(num_inference_steps)
+        scale = pipe.vae_scale_factor
+        self.height = int(height or pipe.unet.config.sample_size * scale)
+        self.width = int(width or pipe.unet.config.sample_size * scale)
+        self.batch_size = int(batch_size)
+        self.eta = float(eta)
+        self.generator_device = torch.device(generator_device) if generator_device is not None else pipe.device
+        if not step_progress:
+            pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def run_key(self) -> dict[str, Any]:
+        scheduler = self.pipe.scheduler
+        return {
+            "guidance": _jsonable(self.guidance),
+            "steps": self.num_inference_steps,
+            "height": self.height,
+            "width": self.width,
+            "eta": self.eta,
+            # "_diffusers_version" and the like are bookkeeping, not sampling settings
+            "scheduler": {"class": type(scheduler).__name__,
+                          **_jsonable({k: v for k, v in scheduler.config.items() if not k.startswith("_")})},
+            "dtype": str(self.pipe.unet.dtype),
+        }
+
+    def __call__(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(indices), self.batch_size):
+            batch = generators[start : start + self.batch_size]
+            images = self.pipe(
+                guidance=self.guidance,
+                num_images=len(batch),
+                height=self.height,
+                width=self.width,
+                num_inference_steps=self.num_inference_steps,
+                generator=batch,
+                eta=self.eta,
+                output_type="pt",
+            ).images
+            out.append(to_uint8_images(images, len(batch)))
+        return torch.cat(out)
