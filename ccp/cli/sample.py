@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ccp.guidance import GuidanceConfigError, GuidanceSpec
 from ccp.pipelines.gcfg import GCFGPipeline, check_guidance_against
-from ccp.priors.loading import PriorNotFoundError, _looks_like_path, load_controlnet, load_prior, resolve_dtype
+from ccp.priors.loading import PriorNotFoundError, looks_like_path, load_controlnet, load_prior, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def check_model_folders(cfg: DictConfig) -> None:
         for name, path in (cfg.denoiser_checkpoints or {}).items()
     ]
     for key, path, configs in folders:
-        if not path or not _looks_like_path(str(path)):  # unset, or a hub id
+        if not path or not looks_like_path(str(path)):  # unset, or a hub id
             continue
         folder = Path(str(path)).expanduser()
         if not folder.is_dir():

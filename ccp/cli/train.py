@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ccp.guidance import GuidanceSpec
 from ccp.methods import METHODS, method_class
 from ccp.methods.base import Method, PromptTemplate
-from ccp.priors.loading import PriorNotFoundError, _looks_like_path, check_prior_folder, load_prior, resolve_dtype
+from ccp.priors.loading import PriorNotFoundError, looks_like_path, check_prior_folder, load_prior, resolve_dtype
 from ccp.training.callbacks import EMACallback, SaveLastOnSigterm, ValidationGrid
 from ccp.training.module import PersonalizationModule, accumulation_steps
 from ccp.training.progress import StepProgressBar
@@ -60,7 +60,7 @@ def check_config(cfg: DictConfig) -> int:
     if not data_path.is_dir():
         raise TrainConfigError(f"data.path {data_path} is not a folder; point data.path at a folder of images")
     prior = str(cfg.prior.path)
-    if _looks_like_path(prior):
+    if looks_like_path(prior):
         check_prior_folder(prior)
     try:
         return accumulation_steps(int(cfg.trainer.global_batch_size), int(cfg.data.batch_size), devices_count(cfg.trainer))

@@ -21,7 +21,8 @@ class PriorNotFoundError(FileNotFoundError):
     pass
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """A local path (exists, or starts like one) rather than an `owner/name` hub id."""
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") != 1
 
 
@@ -68,7 +69,7 @@ def load_prior(
     """
     dtype = resolve_dtype(dtype)
     name = str(name_or_path)
-    if _looks_like_path(name):
+    if looks_like_path(name):
         name = str(check_prior_folder(name))
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -82,7 +83,7 @@ def load_prior(
 
 def load_controlnet(name_or_path: str | Path, dtype: torch.dtype | str | None = None) -> ControlNetModel:
     name = str(name_or_path)
-    if _looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
+    if looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise PriorNotFoundError(
             f"ControlNet folder {name} has no config.json. Point controlnet.path at a diffusers ControlNet "
             "folder, e.g. lllyasviel/sd-controlnet-canny downloaded with huggingface-cli."
