@@ -1,0 +1,350 @@
+"""`ccp-eval`: one metric (FID, text or spatial alignment) of one trained model at one guidance
+setting, from a Hydra config (conf/eval.yaml).
+
+    ccp-eval metric=fid export.path=outputs/train/face_ours/export fid.real_path=data/ffhq guidance.concept_weight=1.5
+    ccp-eval -m metric=text export.path=... guidance.control_weight='range(1.0,7.75,0.25)'
+
+Every file input is checked before any model is loaded, with errors naming the key to set.
+Writes ``result.json`` (the metric value, the weights, the method's default weights, the full
+metric output and the resolved config) atomically into Hydra's output folder; a multirun writes
+one folder per point, and `ccp.evaluation.sweeps` tabulates them and picks the reported point.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ccp.cli.sample import SampleConfigError, check_sampling, resolve_device
+from ccp.cli.train import EXPORT_INFO, load_trained
+from ccp.evaluation.attributes import QUESTIONS, TABLE3_PROMPTS
+from ccp.evaluation.fid import FIDConfig, FIDConfigError, InceptionWeightsError, resolve_inception_weights
+from ccp.guidance import GuidanceConfigError
+from ccp.methods import METHODS, method_class
+from ccp.methods.base import PromptTemplate
+from ccp.methods.dreambooth import baseline_guidance
+from ccp.priors.loading import PriorNotFoundError, check_prior_folder, load_prior, looks_like_path, resolve_dtype
+from ccp.training.data import list_image_files
+from ccp.training.latent_cache import write_json_atomic
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+METRICS = {"fid": ("unconditional", "lower"), "text": ("text", "higher"), "spatial": ("spatial", "higher")}
+FEATURE_EXTRACTORS = ("inception", "random_conv")
+RESULT_FORMAT = 1
+
+
+class EvalConfigError(ValueError):
+    """An evaluation config that cannot run; the message says how to fix it."""
+
+
+class UntrainedPrior:
+    """The prior as a reference row (``model=prior``): sampled like a baseline, i.e. CFG on the
+    prior UNet with the template prompt without a token (``a photo of face[, control prompt]``),
+    scale ``control_weight``."""
+
+    name = "prior"
+    trains_token = False
+
+    @classmethod
+    def default_guidance(cls, denoiser, template, control_prompt=None, concept_weight=1.0, control_weight=5.0):
+        return baseline_guidance(cls, denoiser, template, control_prompt, control_weight)
+
+
+class RandomConvFeatures(nn.Module):
+    """FOR TESTS ONLY (``fid.feature_extractor=random_conv``): a fixed, seeded random conv net,
+    uint8 [n, 3, H, W] -> 8-d features, so the FID pipeline runs without the Inception weights.
+    Its numbers are not FID and are not comparable with anything."""
+
+    num_features = 8
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = nn.Linear(6 * 4, self.num_features)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        self.requires_grad_(False).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float() / 127.5 - 1, size=(16, 16), mode="bilinear", align_corners=False)
+        return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 2).flatten(1))
+
+
+@dataclass
+class EvalPlan:
+    """What the checks found: everything the run needs, resolved, before any model is loaded."""
+
+    metric: str
+    method: str
+    run: str
+    prior_path: str
+    export_path: Path | None
+    template: PromptTemplate
+    default_weights: dict[str, float]
+    inception_weights: Path | None = None
+
+
+# --- checks that need no weights -----------------------------------------------------------------
+def _fix(key: str, value: Any, problem: str, example: str) -> EvalConfigError:
+    return EvalConfigError(f"{key}={value}: {problem}; set {key}={example}")
+
+
+def _read_export(path: Any) -> tuple[Path, dict]:
+    if not path:
+        raise EvalConfigError("export.path is not set; set export.path=outputs/train/<run>/export "
+                              "(written by ccp-train), or model=prior prior.path=... for the untrained prior")
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        raise _fix("export.path", path, "the folder does not exist", "outputs/train/<run>/export (written by ccp-train)")
+    info_file = folder / EXPORT_INFO
+    if not info_file.is_file():
+        raise _fix("export.path", path, f"no {EXPORT_INFO} there, so it was not written by ccp-train",
+                   "the export/ folder of a ccp-train run")
+    return folder, json.loads(info_file.read_text())
+
+
+def _default_weights(method_cls) -> dict[str, float]:
+    params = inspect.signature(method_cls.default_guidance).parameters
+    return {key: float(params[key].default) for key in ("concept_weight", "control_weight")}
+
+
+def _check_file(key: str, value: Any, what: str, example: str) -> Path:
+    if not value or not Path(str(value)).expanduser().is_file():
+        raise _fix(key, value, f"{what} not found (nothing is downloaded)", example)
+    return Path(str(value)).expanduser()
+
+
+def _check_folder(key: str, value: Any, example: str) -> Path:
+    if not value or not Path(str(value)).expanduser().is_dir():
+        raise _fix(key, value, "not a folder", example)
+    return Path(str(value)).expanduser()
+
+
+def check_eval_config(cfg: DictConfig) -> EvalPlan:
+    """Every check that needs no model; raises `EvalConfigError` (or `PriorNotFoundError`,
+    `InceptionWeightsError`) naming the key and the fix."""
+    metric = str(cfg.metric)
+    if metric not in METRICS:
+        raise EvalConfigError(f"metric={metric!r} is unknown; choose one of {', '.join(METRICS)}")
+    for key in ("concept_weight", "control_weight"):
+        value = cfg.guidance[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EvalConfigError(f"guidance.{key} must be a number, got {value!r}")
+    try:
+        check_sampling(OmegaConf.create({"sampling": {**OmegaConf.to_container(cfg.sampling), "num_images": 1}}))
+        resolve_dtype(cfg.prior.dtype)
+    except (SampleConfigError, ValueError) as err:
+        raise EvalConfigError(str(err)) from None
+
+    # the model
+    info: dict = {}
+    if cfg.model == "prior":
+        method_cls, export_path = UntrainedPrior, None
+        if not cfg.prior.path:
+            raise EvalConfigError("model=prior needs prior.path; set prior.path=/path/to/sd-v1-5")
+    elif cfg.model == "export":
+        export_path, info = _read_export(cfg.export.path)
+        if info.get("method") not in METHODS:
+            raise _fix("export.path", cfg.export.path, f"its {EXPORT_INFO} names method {info.get('method')!r}",
+                       "an export of one of " + ", ".join(sorted(METHODS)))
+        method_cls = method_class(info["method"])
+    else:
+        raise EvalConfigError(f"model={cfg.model!r} is unknown; use export (export.path) or prior (prior.path)")
+    prior_path = str(cfg.prior.path or info.get("prior") or "")
+    if not prior_path:
+        raise EvalConfigError("prior.path is not set and the export does not name its prior; set prior.path=...")
+    if looks_like_path(prior_path):
+        check_prior_folder(prior_path)
+    template = PromptTemplate(**(OmegaConf.to_container(cfg.template) if cfg.template is not None
+                                 else info.get("template") or {}))
+    run = cfg.run or (export_path.resolve().parent.name if export_path is not None else "prior")
+    plan = EvalPlan(metric, method_cls.name, str(run), prior_path, export_path, template, _default_weights(method_cls))
+
+    # the metric's own inputs
+    if metric == "fid":
+        extractor = cfg.fid.feature_extractor
+        if extractor not in FEATURE_EXTRACTORS:
+            raise EvalConfigError(f"fid.feature_extractor={extractor!r}; use inception (random_conv is for tests only)")
+        try:
+            fid_config(cfg, out_dir=Path(".")).check(need_weights=False)
+        except FIDConfigError as err:
+            raise EvalConfigError(str(err)) from None
+        if extractor == "inception":
+            plan.inception_weights = resolve_inception_weights(cfg.fid.inception_weights)
+    elif metric == "text":
+        _check_file("text.clip_weights", cfg.text.clip_weights, "CLIP ViT-L/14 weights file",
+                    "/path/to/ViT-L-14.pt (OpenAI's file, see docs/alignment.md)")
+        unknown = [p for p in text_prompts(cfg) if p not in QUESTIONS]
+        if unknown:
+            raise EvalConfigError(f"text.prompts: no attribute question for {unknown}; known: {sorted(QUESTIONS)}")
+        if int(cfg.text.images_per_prompt) < 1:
+            raise EvalConfigError("text.images_per_prompt must be >= 1")
+    else:
+        folder = _check_folder("spatial.condition_path", cfg.spatial.condition_path, "/path/to/celeba_hq")
+        count = len(list_image_files(folder))
+        if count < int(cfg.spatial.num_conditions):
+            raise EvalConfigError(f"spatial.condition_path={cfg.spatial.condition_path} holds {count} images, fewer "
+                                  f"than spatial.num_conditions={cfg.spatial.num_conditions}; lower it or add images")
+        controlnet = cfg.spatial.controlnet_path
+        if not controlnet:
+            raise EvalConfigError("spatial.controlnet_path is not set; set spatial.controlnet_path=/path/to/sd-controlnet-canny")
+        if looks_like_path(str(controlnet)) and not (Path(str(controlnet)).expanduser() / "config.json").is_file():
+            raise _fix("spatial.controlnet_path", controlnet, "not a diffusers ControlNet folder (no config.json)",
+                       "/path/to/sd-controlnet-canny")
+    return plan
+
+
+def text_prompts(cfg: DictConfig) -> tuple[str, ...]:
+    return tuple(cfg.text.prompts) if cfg.text.prompts else TABLE3_PROMPTS
+
+
+def fid_config(cfg: DictConfig, out_dir: Path) -> FIDConfig:
+    """`FIDConfig` from the ``fid:`` group; seed and batch size come from ``sampling:``."""
+    values = {k: v for k, v in OmegaConf.to_container(cfg.fid, resolve=True).items() if k != "feature_extractor"}
+    values["shard_dir"] = values["shard_dir"] or str(out_dir / "fid_shards")
+    values.update(seed=int(cfg.sampling.seed), batch_size=int(cfg.sampling.batch_size))
+    try:
+        return FIDConfig.from_mapping(values)
+    except FIDConfigError as err:
+        raise EvalConfigError(str(err)) from None
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def load_model(plan: EvalPlan, cfg: DictConfig, device: torch.device):
+    """``(pipe, denoiser, method_cls)`` on `device`."""
+    prior = load_prior(plan.prior_path, dtype=resolve_dtype(cfg.prior.dtype), device=device)
+    if plan.export_path is None:
+        from ccp.pipelines.gcfg import GCFGPipeline
+
+        return GCFGPipeline.from_prior(prior), "prior", UntrainedPrior
+    return load_trained(plan.export_path, prior)
+
+
+def _sampling(cfg: DictConfig, plan: EvalPlan) -> dict[str, Any]:
+    s = cfg.sampling
+    return dict(steps=int(s.steps), height=int(s.height), width=int(s.width), batch_size=int(s.batch_size),
+                seed=int(s.seed), concept_weight=float(cfg.guidance.concept_weight),
+                control_weight=float(cfg.guidance.control_weight))
+
+
+def evaluate_fid(cfg, plan, pipe, denoiser, method_cls, out_dir: Path, device) -> tuple[float, dict]:
+    from ccp.evaluation.fid import run_fid
+    from ccp.evaluation.generation import PipelineSampler
+
+    fid_cfg = fid_config(cfg, out_dir)
+    extractor = RandomConvFeatures().to(device) if cfg.fid.feature_extractor == "random_conv" else None
+    if extractor is not None:
+        log.warning("fid.feature_extractor=random_conv: a random 8-d test extractor, NOT FID")
+    s = _sampling(cfg, plan)
+    spec = method_cls.default_guidance(denoiser, plan.template, None, s["concept_weight"], s["control_weight"])
+    sampler = PipelineSampler(pipe, spec, num_inference_steps=s["steps"], height=s["height"], width=s["width"],
+                              batch_size=s["batch_size"])
+    value = run_fid(fid_cfg, sampler, feature_extractor=extractor, device=device)
+    details = {"fid": value, "num_samples": fid_cfg.num_samples, "shard_dir": fid_cfg.shard_dir,
+               "feature_extractor": cfg.fid.feature_extractor}
+    return value, details
+
+
+def evaluate_text(cfg, plan, pipe, denoiser, method_cls, out_dir: Path, device) -> tuple[float, dict]:
+    from ccp.evaluation.alignment import TextAlignmentConfig, text_alignment
+    from ccp.evaluation.attributes import CLIPAttributePredictor
+
+    config = TextAlignmentConfig(**_sampling(cfg, plan), prompts=text_prompts(cfg),
+                                 images_per_prompt=int(cfg.text.images_per_prompt), clip_weights=str(cfg.text.clip_weights))
+    predictor = CLIPAttributePredictor(config.clip_weights, device=device)
+    result = text_alignment(pipe, denoiser, method_cls, plan.template, predictor, config,
+                            image_dir=out_dir / "images" if cfg.output.save_images else None)
+    return result["mean"], result
+
+
+def evaluate_spatial(cfg, plan, pipe, denoiser, method_cls, out_dir: Path, device) -> tuple[float, dict]:
+    from ccp.evaluation.alignment import SpatialAlignmentConfig, spatial_alignment
+    from ccp.priors.loading import load_controlnet
+
+    sp = cfg.spatial
+    config = SpatialAlignmentConfig(
+        **_sampling(cfg, plan), num_conditions=int(sp.num_conditions), samples_per_condition=int(sp.samples_per_condition),
+        selection_seed=int(sp.selection_seed), canny_low=int(sp.canny_low), canny_high=int(sp.canny_high),
+        tolerance=int(sp.tolerance), control_scale=float(sp.control_scale), control_prompt=str(sp.control_prompt),
+    )
+    controlnet = load_controlnet(str(sp.controlnet_path), dtype=resolve_dtype(cfg.prior.dtype))
+    result = spatial_alignment(pipe, denoiser, method_cls, plan.template, str(sp.condition_path), controlnet, config,
+                               image_dir=out_dir / "images" if cfg.output.save_images else None)
+    return result["mean_f1"], result
+
+
+EVALUATORS = {"fid": evaluate_fid, "text": evaluate_text, "spatial": evaluate_spatial}
+
+
+def _override_dirname() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.override_dirname if HydraConfig.initialized() else None
+
+
+def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
+    """Check `cfg`, load the model, evaluate, and write ``result.json``; returns the result.
+
+    `out_dir` defaults to Hydra's output folder of the current job.
+    """
+    plan = check_eval_config(cfg)
+    device = resolve_device(str(cfg.device))
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    log.info("loading %s (%s) on %s", plan.export_path or plan.prior_path, plan.method, device)
+    pipe, denoiser, method_cls = load_model(plan, cfg, device)
+    value, details = EVALUATORS[plan.metric](cfg, plan, pipe, denoiser, method_cls, out_dir, device)
+    condition, better = METRICS[plan.metric]
+    result = {
+        "format": RESULT_FORMAT,
+        "metric": plan.metric,
+        "condition": condition,
+        "value": value,
+        "better": better,
+        "run": plan.run,
+        "method": plan.method,
+        "export": str(plan.export_path) if plan.export_path is not None else None,
+        "prior": plan.prior_path,
+        "concept_weight": float(cfg.guidance.concept_weight),
+        "control_weight": float(cfg.guidance.control_weight),
+        "default_weights": plan.default_weights,
+        "num_images": details.get("num_samples", details.get("num_images", details.get("count"))),
+        "override_dirname": _override_dirname(),
+        "details": details,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json_atomic(out_dir / "result.json", result)
+    log.info("%s %s %s = %.6g (concept_weight=%s, control_weight=%s) -> %s", plan.run, plan.method, plan.metric, value,
+             cfg.guidance.concept_weight, cfg.guidance.control_weight, out_dir / "result.json")
+    return result
+
+
+@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_eval(cfg)
+    except (EvalConfigError, SampleConfigError, GuidanceConfigError, PriorNotFoundError, InceptionWeightsError,
+            FIDConfigError) as err:
+        raise SystemExit(f"ccp-eval: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""ccp-eval on the tiny prior: FID (test extractor) and text alignment (tiny CLIP from a local
+file) of a 2-step `ours` export, the untrained prior, a Hydra multirun over a weight, and bad
+inputs failing before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import ccp.cli.eval as eval_cli
+from ccp.cli.eval import CONF_DIR, EvalConfigError, RandomConvFeatures, check_eval_config, run_eval
+from ccp.evaluation.fid import InceptionWeightsError
+
+
+def _images(folder, n, seed):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ccp.cli.train import CONF_DIR as TRAIN_CONF, run_training
+    from ccp.priors.tiny import save_tiny_prior
+
+    root = tmp_path_factory.mktemp("eval")
+    prior = save_tiny_prior(root / "prior", seed=0, with_controlnet=True)
+    images = _images(root / "images", 6, seed=0)
+    with initialize_config_dir(config_dir=TRAIN_CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=tiny/ours", f"prior.path={prior}", f"data.path={images}",
+                                          f"data.cache_dir={root / 'cache'}", "validation.every_n_steps=0"])
+    export = run_training(cfg, root / "train" / "tiny_ours")
+
+    from clip.model import CLIP
+
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    torch.save(clip.state_dict(), root / "tiny-clip.pt")
+    return {"root": root, "prior": prior, "export": export, "real": images, "clip": root / "tiny-clip.pt"}
+
+
+def _cfg(setup, *overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("eval", overrides=_cfg_overrides(setup) + list(overrides))
+
+
+def _fid(setup):
+    return ["metric=fid", f"fid.real_path={setup['real']}", "fid.num_samples=4", "fid.shard_size=4",
+            "fid.feature_extractor=random_conv", f"fid.stats_cache_dir={setup['root'] / 'stats'}", "fid.num_workers=0"]
+
+
+def _text(setup):
+    return ["metric=text", f"text.clip_weights={setup['clip']}", "text.prompts=[wearing hat,smiling]",
+            "text.images_per_prompt=2"]
+
+
+def test_fid_of_an_export(setup, tmp_path):
+    result = run_eval(_cfg(setup, *_fid(setup), "guidance.concept_weight=1.5"), tmp_path)
+    on_disk = json.loads((tmp_path / "result.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert result["metric"] == "fid" and result["better"] == "lower" and result["method"] == "ours"
+    assert result["run"] == "tiny_ours" and math.isfinite(result["value"]) and result["value"] > 0
+    assert (result["concept_weight"], result["control_weight"]) == (1.5, 5.0)
+    assert result["default_weights"] == {"concept_weight": 1.0, "control_weight": 5.0}
+    assert result["num_images"] == 4 and result["config"]["fid"]["feature_extractor"] == "random_conv"
+    assert (tmp_path / "fid_shards" / "meta.json").is_file()
+    assert RandomConvFeatures.num_features == 8
+
+
+def test_text_alignment_of_the_untrained_prior(setup, tmp_path):
+    cfg = _cfg(setup, *_text(setup), "model=prior", f"prior.path={setup['prior']}", "export.path=null",
+               "output.save_images=true")
+    result = run_eval(cfg, tmp_path)
+    assert result["method"] == "prior" and result["run"] == "prior" and result["better"] == "higher"
+    assert 0.0 <= result["value"] <= 1.0 and result["num_images"] == 4
+    assert set(result["details"]["per_prompt"]) == {"wearing hat", "smiling"}
+    assert result["details"]["template"] == "a photo of face"
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 4
+
+
+def test_multirun_over_a_weight_writes_one_folder_per_point(setup, tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    argv = ["ccp-eval", "-m", *_cfg_overrides(setup), *_text(setup),
+            "text.prompts=[smiling]", "text.images_per_prompt=1", "guidance.control_weight=range(4.75,5.25,0.25)",
+            f"hydra.sweep.dir={sweep}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    eval_cli.main()
+    points = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert [p.split(",")[0] for p in points] == ["0_guidance.control_weight=4.75", "1_guidance.control_weight=5.0"]
+    assert all("metric=text" in p and "export.path" not in p for p in points)  # paths stay out of the names
+    selection = json.loads((sweep / "selection.json").read_text())
+    assert len(selection) == 1 and selection[0]["num_points"] == 2
+    assert [p["control_weight"] for p in selection[0]["curve"]] == [4.75, 5.0]
+    if selection[0]["curve"][0]["value"] == selection[0]["curve"][1]["value"]:
+        assert selection[0]["control_weight"] == 5.0  # a tie goes to the default weight
+    assert (sweep / "sweep.csv").read_text().count("\n") == 3
+
+
+def _cfg_overrides(setup):
+    return [f"export.path={setup['export']}", "sampling.steps=2", "sampling.height=64", "sampling.width=64",
+            "sampling.batch_size=4", "device=cpu"]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the checks failed")
+
+    monkeypatch.setattr(eval_cli, "load_prior", fail)
+    monkeypatch.setattr(eval_cli, "load_trained", fail)
+
+
+def test_bad_inputs_fail_before_loading(setup, tmp_path, no_loading, monkeypatch):
+    with pytest.raises(EvalConfigError, match=r"export.path=.*missing: the folder does not exist; set export.path="):
+        run_eval(_cfg(setup, *_fid(setup), f"export.path={tmp_path / 'missing'}"), tmp_path)
+    with pytest.raises(EvalConfigError, match="export.path is not set"):
+        run_eval(_cfg(setup, *_fid(setup), "export.path=null"), tmp_path)
+    with pytest.raises(EvalConfigError, match=r"text.clip_weights=.*nope.pt: CLIP ViT-L/14 weights file not found"):
+        run_eval(_cfg(setup, *_text(setup), f"text.clip_weights={tmp_path / 'nope.pt'}"), tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
+    with pytest.raises(InceptionWeightsError, match="fid.inception_weights=.*does not exist"):
+        run_eval(_cfg(setup, *_fid(setup), "fid.feature_extractor=inception",
+                      f"fid.inception_weights={tmp_path / 'inception.pth'}"), tmp_path)
+    with pytest.raises(InceptionWeightsError, match="fid.inception_weights is not set"):
+        run_eval(_cfg(setup, *_fid(setup), "fid.feature_extractor=inception"), tmp_path)
+    with pytest.raises(EvalConfigError, match="fid.real_path=.*is not a folder"):
+        run_eval(_cfg(setup, *_fid(setup), f"fid.real_path={tmp_path / 'none'}"), tmp_path)
+    with pytest.raises(EvalConfigError, match="spatial.condition_path=None: not a folder"):
+        run_eval(_cfg(setup, "metric=spatial"), tmp_path)
+    with pytest.raises(EvalConfigError, match="holds 6 images, fewer than spatial.num_conditions=200"):
+        check_eval_config(_cfg(setup, "metric=spatial", f"spatial.condition_path={setup['real']}"))
+    with pytest.raises(EvalConfigError, match="spatial.controlnet_path is not set"):
+        check_eval_config(_cfg(setup, "metric=spatial", f"spatial.condition_path={setup['real']}",
+                               "spatial.num_conditions=2"))
+    with pytest.raises(EvalConfigError, match="model=prior needs prior.path"):
+        check_eval_config(_cfg(setup, *_fid(setup), "model=prior"))
+    with pytest.raises(EvalConfigError, match="metric='lpips' is unknown"):
+        check_eval_config(_cfg(setup, "metric=lpips"))
+    with pytest.raises(EvalConfigError, match="random_conv is for tests only"):
+        check_eval_config(_cfg(setup, *_fid(setup), "fid.feature_extractor=clip"))
+    with pytest.raises(EvalConfigError, match="text.prompts: no attribute question for \\['wearing a cape'\\]"):
+        check_eval_config(_cfg(setup, *_text(setup), "text.prompts=[wearing a cape]"))
+    plan = check_eval_config(_cfg(setup, "metric=spatial", f"spatial.condition_path={setup['real']}",
+                                  "spatial.num_conditions=2", f"spatial.controlnet_path={setup['prior'] / 'controlnet'}"))
+    assert plan.method == "ours" and plan.prior_path == str(setup["prior"])
+
+
+def test_cli_error_is_a_clean_exit(setup, tmp_path, monkeypatch, no_loading):
+    monkeypatch.setattr(sys, "argv", ["ccp-eval", *_fid(setup), f"export.path={tmp_path / 'missing'}",
+                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit, match="ccp-eval: error: export.path="):
+        eval_cli.main()
