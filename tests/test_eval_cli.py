@@ -4,6 +4,7 @@ inputs failing before any model is loaded."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sys
@@ -160,3 +161,59 @@ def test_cli_error_is_a_clean_exit(setup, tmp_path, monkeypatch, no_loading):
                                       f"hydra.run.dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit, match="ccp-eval: error: export.path="):
         eval_cli.main()
+
+
+class _Pixels(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"pixel_values": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1}
+
+
+def test_sample_metrics_callback_logs_fid_and_alignment_with_the_ema_weights(setup, tiny_prior, tmp_path):
+    import lightning as L
+    from diffusers import DDPMScheduler
+
+    from ccp.evaluation.attributes import CLIPAttributePredictor
+    from ccp.evaluation.callbacks import SampleMetrics
+    from ccp.evaluation.fid import FeatureStats
+    from ccp.methods.base import PromptTemplate
+    from ccp.methods.ours import NullTextConcept
+    from ccp.training.callbacks import EMACallback
+    from ccp.training.module import PersonalizationModule
+
+    class Spy(SampleMetrics):
+        seen = []
+
+        def measure(self, pl_module):
+            ema = next(cb for cb in self._trainer.callbacks if isinstance(cb, EMACallback)).ema
+            params = list(pl_module.method.trainable_parameters())
+            self.seen.append(all(torch.equal(p, s) for p, s in zip(params, ema.shadow_params)) and not pl_module.training)
+            return super().measure(pl_module)
+
+        def on_train_batch_end(self, trainer, *args):
+            self._trainer = trainer
+            super().on_train_batch_end(trainer, *args)
+
+    extractor = RandomConvFeatures()
+    real = FeatureStats.from_features(extractor(torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)))
+    template = PromptTemplate()
+    metrics = Spy(tiny_prior, template, real, extractor, every_n_steps=1, num_samples=4, steps=2, batch_size=4,
+                  predictor=CLIPAttributePredictor(setup["clip"], device="cpu"), prompts=("smiling",), images_per_prompt=2)
+    method = NullTextConcept(tiny_prior, template, definition="value_mean")
+    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
+                                   lr=1e-3, seed=0)
+    loader = torch.utils.data.DataLoader(_Pixels(), batch_size=2)
+    logger = L.pytorch.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[EMACallback(decay=0.5), metrics])
+    trainer.fit(module, train_dataloaders=loader)
+    assert Spy.seen == [True, True]  # at steps 1 and 2, with the EMA weights swapped in, in eval mode
+    assert module.training  # restored
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/fid")]
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["eval/fid"])) and 0 <= float(r["eval/text_alignment"]) <= 1 for r in rows)
+    assert set(metrics.last) == {"eval/fid", "eval/text_alignment"}
