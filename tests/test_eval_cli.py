@@ -65,7 +65,7 @@ def _text(setup):
             "text.images_per_prompt=2"]
 
 
-def test_fid_of_an_export(setup, tmp_path):
+def test_fid_of_an_export(setup, tmp_path, monkeypatch):
     result = run_eval(_cfg(setup, *_fid(setup), "guidance.concept_weight=1.5"), tmp_path)
     on_disk = json.loads((tmp_path / "result.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
@@ -76,6 +76,26 @@ def test_fid_of_an_export(setup, tmp_path):
     assert result["num_images"] == 4 and result["config"]["fid"]["feature_extractor"] == "random_conv"
     assert (tmp_path / "fid_shards" / "meta.json").is_file()
     assert RandomConvFeatures.num_features == 8
+
+    # the same command again (a resumed sweep) reads the result instead of loading anything
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded a model for a finished point")
+
+    monkeypatch.setattr(eval_cli, "load_prior", refuse)
+    assert run_eval(_cfg(setup, *_fid(setup), "guidance.concept_weight=1.5"), tmp_path) == on_disk
+    with pytest.raises(AssertionError, match="finished point"):  # another setting in that folder is recomputed
+        run_eval(_cfg(setup, *_fid(setup), "guidance.concept_weight=2.0"), tmp_path)
+
+
+def test_spatial_alignment_of_an_export(setup, tmp_path):
+    cfg = _cfg(setup, "metric=spatial", f"spatial.condition_path={setup['real']}", "spatial.num_conditions=2",
+               "spatial.samples_per_condition=2", f"spatial.controlnet_path={setup['prior'] / 'controlnet'}",
+               "guidance.control_weight=2.0")
+    result = run_eval(cfg, tmp_path)
+    assert result["metric"] == "spatial" and result["condition"] == "spatial" and result["better"] == "higher"
+    assert 0.0 <= result["value"] <= 1.0 and result["value"] == result["details"]["mean_f1"]
+    assert result["num_images"] == 4 and len(result["details"]["per_condition"]) == 2
+    assert result["details"]["config"]["control_weight"] == 2.0
 
 
 def test_text_alignment_of_the_untrained_prior(setup, tmp_path):

@@ -308,6 +308,13 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         out_dir = HydraConfig.get().runtime.output_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    done = out_dir / "result.json"
+    if cfg.output.skip_done and done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("config") == json.loads(json.dumps(resolved)):
+            log.info("%s already holds this evaluation (output.skip_done=true); not recomputed", done)
+            return previous
 
     log.info("loading %s (%s) on %s", plan.export_path or plan.prior_path, plan.method, device)
     pipe, denoiser, method_cls = load_model(plan, cfg, device)
@@ -329,11 +336,11 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         "num_images": details.get("num_samples", details.get("num_images", details.get("count"))),
         "override_dirname": _override_dirname(),
         "details": details,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": resolved,
     }
-    write_json_atomic(out_dir / "result.json", result)
+    write_json_atomic(done, result)
     log.info("%s %s %s = %.6g (concept_weight=%s, control_weight=%s) -> %s", plan.run, plan.method, plan.metric, value,
-             cfg.guidance.concept_weight, cfg.guidance.control_weight, out_dir / "result.json")
+             cfg.guidance.concept_weight, cfg.guidance.control_weight, done)
     return result
 
 
