@@ -171,6 +171,9 @@ def test_bad_inputs_fail_before_loading(setup, tmp_path, no_loading, monkeypatch
         check_eval_config(_cfg(setup, *_fid(setup), "fid.feature_extractor=clip"))
     with pytest.raises(EvalConfigError, match="text.prompts: no attribute question for \\['wearing a cape'\\]"):
         check_eval_config(_cfg(setup, *_text(setup), "text.prompts=[wearing a cape]"))
+    with pytest.raises(EvalConfigError, match="template: .*unexpected keyword"):
+        check_eval_config(_cfg(setup, *_fid(setup), "template={prompt: x}"))
+    assert eval_cli.text_prompts(_cfg(setup, *_text(setup), "text.prompts=smiling")) == ("smiling",)
     plan = check_eval_config(_cfg(setup, "metric=spatial", f"spatial.condition_path={setup['real']}",
                                   "spatial.num_conditions=2", f"spatial.controlnet_path={setup['prior'] / 'controlnet'}"))
     assert plan.method == "ours" and plan.prior_path == str(setup["prior"])

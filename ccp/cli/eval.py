@@ -168,8 +168,11 @@ def check_eval_config(cfg: DictConfig) -> EvalPlan:
         raise EvalConfigError("prior.path is not set and the export does not name its prior; set prior.path=...")
     if looks_like_path(prior_path):
         check_prior_folder(prior_path)
-    template = PromptTemplate(**(OmegaConf.to_container(cfg.template) if cfg.template is not None
-                                 else info.get("template") or {}))
+    try:
+        template = PromptTemplate(**(OmegaConf.to_container(cfg.template) if cfg.template is not None
+                                     else info.get("template") or {}))
+    except TypeError as err:
+        raise EvalConfigError(f"template: {err}; use keys template, placeholder, initializer (or null: the export's)") from None
     run = cfg.run or (export_path.resolve().parent.name if export_path is not None else "prior")
     plan = EvalPlan(metric, method_cls.name, str(run), prior_path, export_path, template, _default_weights(method_cls))
 
@@ -208,7 +211,10 @@ def check_eval_config(cfg: DictConfig) -> EvalPlan:
 
 
 def text_prompts(cfg: DictConfig) -> tuple[str, ...]:
-    return tuple(cfg.text.prompts) if cfg.text.prompts else TABLE3_PROMPTS
+    prompts = cfg.text.prompts
+    if not prompts:
+        return TABLE3_PROMPTS
+    return (str(prompts),) if isinstance(prompts, str) else tuple(str(p) for p in prompts)
 
 
 def fid_config(cfg: DictConfig, out_dir: Path) -> FIDConfig:
