@@ -101,3 +101,19 @@ def test_wandb_logs_offline_into_the_run_folder(tiny_prior_dir, image_dir, tmp_p
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
     assert list(runs[0].glob("files/media/images/validation/grid_*.png"))  # the validation grid went to wandb
+
+
+def test_periodic_sample_fid_is_logged_and_missing_inception_weights_fail_early(tiny_prior_dir, image_dir, tmp_path, monkeypatch):
+    from ccp.evaluation.fid import InceptionWeightsError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))
+    with pytest.raises(InceptionWeightsError, match="weights-inception-2015-12-05"):
+        check_config(_cfg("ours", tiny_prior_dir, image_dir, "eval.every_n_steps=1"))
+    cfg = _cfg("ours", tiny_prior_dir, image_dir, "eval.every_n_steps=1", "eval.feature_extractor=random_conv",
+               "eval.num_samples=4", "eval.steps=2", "eval.batch_size=4", "validation.every_n_steps=0")
+    run_training(cfg, tmp_path / "run")
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "version_0" / "metrics.csv").open()))
+    fids = [float(r["eval/fid"]) for r in rows if r.get("eval/fid")]
+    assert len(fids) == cfg.trainer.max_steps and all(np.isfinite(fids))

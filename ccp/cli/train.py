@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ccp.guidance import GuidanceSpec
 from ccp.methods import METHODS, method_class
 from ccp.methods.base import Method, PromptTemplate
+from ccp.evaluation.fid import InceptionWeightsError, resolve_inception_weights
 from ccp.priors.loading import PriorNotFoundError, looks_like_path, check_prior_folder, load_prior, resolve_dtype
 from ccp.training.callbacks import EMACallback, SaveLastOnSigterm, ValidationGrid
 from ccp.training.module import PersonalizationModule, accumulation_steps
@@ -62,6 +63,13 @@ def check_config(cfg: DictConfig) -> int:
     prior = str(cfg.prior.path)
     if looks_like_path(prior):
         check_prior_folder(prior)
+    if cfg.eval.every_n_steps:
+        if cfg.eval.feature_extractor not in ("inception", "random_conv"):
+            raise TrainConfigError(f"eval.feature_extractor={cfg.eval.feature_extractor!r}; use inception")
+        if cfg.eval.feature_extractor == "inception":
+            resolve_inception_weights(cfg.eval.inception_weights)  # names the file and where to put it
+        if not Path(str(cfg.eval.real_path)).expanduser().is_dir():
+            raise TrainConfigError(f"eval.real_path {cfg.eval.real_path} is not a folder of real images")
     try:
         return accumulation_steps(int(cfg.trainer.global_batch_size), int(cfg.data.batch_size), devices_count(cfg.trainer))
     except ValueError as err:
@@ -94,6 +102,25 @@ def make_renderer(prior, template: PromptTemplate, cfg: DictConfig, resolution: 
         return make_image_grid(images, rows=3, cols=cfg.num_images)
 
     return render
+
+
+def sample_metrics_callback(cfg: DictConfig, prior, template: PromptTemplate, device: torch.device):
+    """Periodic small-sample FID (`eval.every_n_steps`) through the method's own guidance."""
+    from ccp.cli.eval import RandomConvFeatures
+    from ccp.evaluation.callbacks import SampleMetrics
+    from ccp.evaluation.fid import inception_feature_extractor, real_statistics
+
+    e = cfg.eval
+    if e.feature_extractor == "inception":
+        extractor = inception_feature_extractor(resolve_inception_weights(e.inception_weights), device=device)
+    else:
+        extractor = RandomConvFeatures().to(device)
+    real = real_statistics(str(e.real_path), extractor, resolution=cfg.data.resolution)
+    return SampleMetrics(
+        prior, template, real, extractor, every_n_steps=e.every_n_steps, num_samples=e.num_samples,
+        concept_weight=cfg.validation.concept_weight, control_weight=cfg.validation.control_weight,
+        steps=e.steps, height=cfg.data.resolution, width=cfg.data.resolution, batch_size=e.batch_size,
+    )
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -157,6 +184,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
             ValidationGrid(make_renderer(prior, template, cfg.validation, cfg.data.resolution), run_dir / "validation",
                            every_n_steps=cfg.validation.every_n_steps, at_start=cfg.validation.at_start)
         )
+    if cfg.eval.every_n_steps:
+        device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+        callbacks.append(sample_metrics_callback(cfg, prior, template, device))
     t = cfg.trainer
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
@@ -210,7 +240,7 @@ def load_trained(export_dir: str | Path, prior=None):
 def main(cfg: DictConfig) -> None:
     try:
         run_training(cfg)
-    except (TrainConfigError, PriorNotFoundError) as err:
+    except (TrainConfigError, PriorNotFoundError, InceptionWeightsError) as err:
         raise SystemExit(f"ccp-train: error: {err}") from None
 
 
