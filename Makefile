@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: setup test test-fast demo bench-sampling bench-training tiny-prior sample-tiny clean
+.PHONY: setup test test-fast demo bench-sampling bench-training tiny-prior sample-tiny reproduce-tables clean
 
 setup: $(BIN)/ccp-sample
 
@@ -43,6 +43,12 @@ bench-sampling: setup
 
 bench-training: setup
 	$(BIN)/python benchmarks/training.py --out benchmarks/results
+
+# Tables 1-2 and Figs. 8-10 (conf/reproduce/$(SCALE).yaml): tiny = offline CPU smoke run (< 3 min),
+# full = the paper's evaluation on trained SD v1.5 models (docs/evaluation.md). Extra settings: ARGS="key=value ...".
+SCALE ?= tiny
+reproduce-tables: setup
+	$(BIN)/python -m ccp.cli.reproduce scale=$(SCALE) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
