@@ -106,8 +106,8 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
     areas = marker_areas([points[m][2] for m in names])
     measured = ax.scatter(xs, ys, s=areas, alpha=0.6, c=[f"C{i}" for i in range(len(names))], edgecolors="k",
                           label="this run")
-    for m, x, y in zip(names, xs, ys):
-        ax.annotate(method_label(m), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    for i, (m, x, y) in enumerate(zip(names, xs, ys)):  # labels staggered: tiny-scale points overlap
+        ax.annotate(method_label(m), (x, y), textcoords="offset points", xytext=(8, 22 - 11 * i), fontsize=9)
     paper_points: dict[str, tuple[float, float]] = {}
     if show_paper:
         pnames = [m for m in METHOD_ORDER if m in PAPER]
