@@ -37,7 +37,9 @@ def encode_tokens(text_encoder: nn.Module, input_ids: torch.Tensor) -> torch.Ten
     """[B, 77, D] last hidden state, as `GCFGPipeline.encode_prompt` computes it."""
     device = next(text_encoder.parameters()).device
     if getattr(text_encoder.config, "use_attention_mask", False):
-        raise NotImplementedError("text encoders that need an attention mask are not supported (SD v1.x needs none)")
+        raise ValueError(
+            "this text encoder needs an attention mask (use_attention_mask=True); ccp trains SD v1.x-family priors, whose CLIP encoder needs none"
+        )
     return text_encoder(input_ids.to(device))[0]
 
 
