@@ -28,29 +28,21 @@ from ccp.evaluation.fid import (
     real_statistics,
     run_fid,
 )
+from ccp.cli.eval import RandomConvFeatures
 from ccp.evaluation.generation import MissingShardsError, PipelineSampler, ShardDirMismatchError
 
 
-class SmallExtractor(nn.Module):
-    """A fixed random conv net standing in for Inception: uint8 images of any size -> 8-d features."""
-
-    num_features = 8
+class SmallExtractor(RandomConvFeatures):
+    """ccp-eval's seeded random conv net standing in for Inception, counting its calls."""
 
     def __init__(self, seed: int = 0):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, stride=2)
-        self.fc = nn.Linear(6 * 4, self.num_features)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        super().__init__(seed)
         self.calls = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         assert images.dtype == torch.uint8 and images.shape[1] == 3
         self.calls += 1
-        x = F.interpolate(images.float() / 127.5 - 1, size=(16, 16), mode="bilinear", align_corners=False)
-        return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 2).flatten(1))
+        return super().forward(images)
 
 
 class FakeGenerator:
