@@ -12,8 +12,6 @@ import PIL.Image
 import pytest
 import scipy.linalg
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ccp.evaluation.fid import (
     INCEPTION_WEIGHTS_FILE,
