@@ -40,7 +40,7 @@ class PixelData(L.LightningDataModule):
 
 
 class SimulatedCrash(RuntimeError):
-    pass
+    """Stands for a process killed mid-run."""
 
 
 class StopAt(L.Callback):

@@ -18,7 +18,7 @@ HOW_TO_GET_SD15 = (
 
 
 class PriorNotFoundError(FileNotFoundError):
-    pass
+    """A prior folder or hub id that cannot be loaded; the message says how to get one."""
 
 
 def looks_like_path(name: str) -> bool:

@@ -59,7 +59,7 @@ class BadImageWarning(UserWarning):
 
 
 class BadImageError(ValueError):
-    pass
+    """Unreadable images with data.on_bad_image=fail; the message lists them."""
 
 
 # --- files and pixels ------------------------------------------------------------------------

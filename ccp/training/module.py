@@ -19,7 +19,7 @@ from ccp.methods.base import Method
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The training loss became NaN or infinite; the message says what to change."""
 
 
 class PersonalizationModule(L.LightningModule):
