@@ -1,9 +1,10 @@
 """Measuring instruments for the toy digits (`ccp.toy.digits`).
 
-* `DigitClassifier`: a small CNN for the digit class, trained on every style (plain and concept
-  styles) in every palette colour, so it sees the whole toy world. Its penultimate layer is the
-  FID feature extractor (`DigitFeatures`): uint8 [n, 3, H, W] of any size -> `num_features`-d
-  float32, what `ccp.evaluation.fid` expects of an extractor.
+* `DigitClassifier`: a small CNN for the digit class (with auxiliary style and colour heads),
+  trained on every style (plain and concept styles) in every palette colour, so it sees the whole
+  toy world. Its penultimate layer is the FID feature extractor (`DigitFeatures`): uint8
+  [n, 3, H, W] of any size -> `num_features`-d float32, what `ccp.evaluation.fid` expects of an
+  extractor.
 * Attribute predictors for text-guided alignment (`ccp.evaluation.attributes.AttributePredictor`):
   `ColourPredictor` (the stroke pixels' mean chromaticity, nearest palette colour),
   `DigitClassPredictor` (the CNN) and `ToyAttributePredictor`, which also decides combined
@@ -130,9 +131,12 @@ def train_digit_classifier(
     styles: Sequence[str] = STYLES,
     aux_weight: float = 0.2,
 ) -> tuple[DigitClassifier, dict]:
-    """Train on the train split (every style in `styles`, random colours, `copies` renderings per
-    digit) with Adam; deterministic for a seed on one machine. Returns the model (eval mode) and
-    {"train_images", "epochs", "seconds", "final_loss"}."""
+    """Train on the train split (every style in `styles`, `copies` renderings per digit at
+    `resolution` px in random palette colours; the network sees them at `input_resolution`) with
+    Adam and a one-cycle schedule. The loss is the digit cross-entropy plus `aux_weight` times the
+    style and colour cross-entropies (see `DigitClassifier`). Deterministic for a seed on one
+    machine. Returns the model (eval mode, frozen) and {"train_images", "epochs", "seconds",
+    "final_loss"}."""
     start = time.perf_counter()
     data = classifier_training_data(seed, resolution, copies, styles)
     images, digits = data["images"], data["digits"]
@@ -142,13 +146,14 @@ def train_digit_classifier(
     steps = epochs * ((len(digits) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
+    inputs = model.prepare(images)  # resized and scaled once; model.features does this per call
     model.train()
     loss = torch.zeros(())
     for _ in range(epochs):
         order = torch.randperm(len(digits), generator=generator)
         for i in range(0, len(order), batch_size):
             batch = order[i : i + batch_size]
-            features = model.features(images[batch])
+            features = model.body(inputs[batch])
             loss = F.cross_entropy(model.head(features), digits[batch]) + aux_weight * (
                 F.cross_entropy(model.style_head(features), data["styles"][batch])
                 + F.cross_entropy(model.colour_head(features), data["colours"][batch]))
@@ -281,29 +286,32 @@ class ToyAttributePredictor(AttributePredictor):
 
 def measure_instruments(seed: int = 0, resolution: int = DEFAULT_RESOLUTION) -> dict:
     """Train the classifier and measure every instrument on the held-out split (the numbers
-    docs/toy.md reports): per-style classifier accuracy, colour accuracy, and FIDs of the
-    penultimate-layer features between plain, bold and outlined held-out sets and within a style."""
+    docs/toy.md reports; tests/test_toy_data.py asserts the same protocol). Held-out digits are
+    rendered twice (two random colours) per style and cut into two halves of disjoint digits A
+    and B; FID compares equal-size sets: A vs B of one style, plain A vs style B."""
     from ccp.evaluation.fid import FeatureStats, extract_features, frechet_distance
+    from ccp.toy.digits import split_indices
 
     model, info = train_digit_classifier(seed, resolution)
     extractor = model.feature_extractor()
-    result: dict = {"train": info, "accuracy": {}, "fid": {}}
-    feats = {}
     colour = ColourPredictor()
+    held = split_indices("held_out", seed)
+    first = set(held[: len(held) // 2].tolist())
+    result: dict = {"train": info, "digit_accuracy": {}, "colour_accuracy": {}, "fid_within_style": {},
+                    "fid_plain_vs": {}}
+    halves = {}
     for style in STYLES:
-        held = render_set("held_out", style, seed, resolution, copies=2)
-        x = held.tensor()
-        result["accuracy"][style] = classifier_accuracy(model, x, torch.from_numpy(held.digits))
-        result["accuracy"][f"colour_{style}"] = float(np.mean([p == c for p, c in zip(colour.classify_arrays(x), held.colours)]))
-        feats[style] = extract_features(extractor, x)
-    half = len(feats["plain"]) // 2
-    stats = {k: FeatureStats.from_features(v) for k, v in feats.items()}
-    result["fid"]["plain_halves"] = frechet_distance(FeatureStats.from_features(feats["plain"][:half]),
-                                                     FeatureStats.from_features(feats["plain"][half:]))
-    result["fid"]["bold_halves"] = frechet_distance(FeatureStats.from_features(feats["bold"][:half]),
-                                                    FeatureStats.from_features(feats["bold"][half:]))
-    for style in ("bold", "outlined"):
-        result["fid"][f"plain_vs_{style}"] = frechet_distance(stats["plain"], stats[style])
+        toy = render_set("held_out", style, seed, resolution, copies=2)
+        x = toy.tensor()
+        result["digit_accuracy"][style] = classifier_accuracy(model, x, torch.from_numpy(toy.digits))
+        predicted = colour.classify_arrays(x)
+        result["colour_accuracy"][style] = float(np.mean([p == c for p, c in zip(predicted, toy.colours)]))
+        features = extract_features(extractor, x)
+        in_a = torch.tensor([int(s) in first for s in toy.sources])
+        halves[style] = (FeatureStats.from_features(features[in_a]), FeatureStats.from_features(features[~in_a]))
+        result["fid_within_style"][style] = frechet_distance(*halves[style])
+    for style in STYLES[1:]:
+        result["fid_plain_vs"][style] = frechet_distance(halves[STYLES[0]][0], halves[style][1])
     return result
 
 
