@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ccp.guidance import GuidanceSpec
-from ccp.methods import METHODS, method_class
+from ccp.methods import TRAINABLE, method_class
 from ccp.methods.base import Method, PromptTemplate
 from ccp.evaluation.fid import InceptionWeightsError, resolve_inception_weights
 from ccp.priors.loading import PriorNotFoundError, looks_like_path, check_prior_folder, load_prior, resolve_dtype
@@ -55,8 +55,8 @@ def check_config(cfg: DictConfig) -> int:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise TrainConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. data.path=/path/to/images)")
-    if cfg.method.name not in METHODS:
-        raise TrainConfigError(f"method={cfg.method.name!r} is unknown; choose one of {sorted(METHODS)}")
+    if cfg.method.name not in TRAINABLE:
+        raise TrainConfigError(f"method={cfg.method.name!r} is unknown; choose one of {sorted(TRAINABLE)}")
     data_path = Path(str(cfg.data.path)).expanduser()
     if not data_path.is_dir():
         raise TrainConfigError(f"data.path {data_path} is not a folder; point data.path at a folder of images")

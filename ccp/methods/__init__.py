@@ -12,6 +12,7 @@ from ccp.methods.custom_diffusion import CustomDiffusion
 from ccp.methods.dreambooth import DreamBooth
 from ccp.methods.oft import OFT
 from ccp.methods.ours import NullTextConcept
+from ccp.methods.text_to_image import TextToImage
 from ccp.methods.textual_inversion import TextualInversion
 
 METHODS: dict[str, type[Method]] = {
@@ -23,11 +24,15 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+# What ccp-train can train: the methods, plus text-to-image training of a prior from captions (toy prior).
+TRAINABLE: dict[str, type[Method]] = {**METHODS, "text_to_image": TextToImage}
+
+
 def method_class(name: str) -> type[Method]:
     try:
-        return METHODS[name]
+        return TRAINABLE[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(TRAINABLE)}") from None
 
 
 def build_method(name: str, prior: StableDiffusionPipeline, template: PromptTemplate | None = None, **kwargs) -> Method:
@@ -43,6 +48,8 @@ __all__ = [
     "NullTextConcept",
     "OFT",
     "PromptTemplate",
+    "TRAINABLE",
+    "TextToImage",
     "TextualInversion",
     "build_method",
     "method_class",

@@ -83,6 +83,11 @@ class Method(nn.Module, ABC):
         buffers = {name for name, _ in self.named_buffers()}
         return {k: v for k, v in self.state_dict().items() if k in trainable or k in buffers}
 
+    def batch_inputs(self, batch: dict, generator: torch.Generator) -> dict:
+        """Extra keyword arguments of `predict_noise` taken from the batch (e.g. per-item captions);
+        draws only from `generator`, so a resumed run repeats them. Personalization methods have none."""
+        return {}
+
     @abstractmethod
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The model prediction the loss is taken on, under the method's training condition."""

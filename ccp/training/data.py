@@ -13,6 +13,8 @@ refused in one error that lists them. Scan results are cached by file list (path
 
 `ConceptDataModule` wires this to Lightning, optionally through the latent cache of
 `ccp.training.latent_cache` (batches then hold ``latents`` and the VAE never runs in training).
+Concept data has no captions; a prior trained from scratch (the toy prior) reads them from a
+``captions.jsonl`` beside the images (`read_captions`), and its items then carry ``caption``.
 """
 
 from __future__ import annotations
@@ -225,6 +227,46 @@ def scan_image_folder(
     return scan
 
 
+def read_captions(root: str | Path, scan: FolderScan, file_name: str) -> list[str]:
+    """One caption per usable image of `scan`, in its order, from ``<root>/<file_name>``: JSON
+    lines with ``file`` (path relative to root) and ``caption``. Every image needs one."""
+    path = Path(root).expanduser() / file_name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data.captions={file_name}: no {path}; write one JSON line per image, "
+            '{"file": "<path relative to the folder>", "caption": "..."}, or set data.captions=null'
+        )
+    by_file = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if "file" not in row or "caption" not in row:
+                raise ValueError(f"{path}:{number}: a caption row needs 'file' and 'caption', got {sorted(row)}")
+            by_file[Path(row["file"]).as_posix()] = str(row["caption"])
+    missing = [rel for rel, *_ in scan.images if rel not in by_file]
+    if missing:
+        raise ValueError(f"{path} has no caption for {len(missing)} of {len(scan.images)} images, e.g. {missing[:3]}")
+    return [by_file[rel] for rel, *_ in scan.images]
+
+
+class WithCaptions(Dataset):
+    """Adds ``caption`` (a string; batches hold a list) to the items of an image or latent dataset."""
+
+    def __init__(self, dataset, captions: list[str]):
+        if len(captions) != len(dataset):
+            raise ValueError(f"{len(captions)} captions for {len(dataset)} items")
+        self.dataset, self.captions = dataset, captions
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def item(self, index: int, flipped: bool) -> dict[str, Any]:
+        return {**self.dataset.item(index, flipped), "caption": self.captions[index]}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index, self.dataset.random_flip and bool(torch.rand(()) < 0.5))
+
+
 # --- datasets --------------------------------------------------------------------------------
 class ImageFolderDataset(Dataset):
     """``{"pixel_values": [3, resolution, resolution]}`` in [-1, 1] for every usable image below `root`.
@@ -328,6 +370,7 @@ class ConceptDataModule(L.LightningDataModule):
         on_bad_image: str = "skip",
         latent_cache: Mapping[str, Any] | LatentCacheConfig | None = None,
         cache_dir: str | Path | None = None,
+        captions: str | None = None,
         scan_cache: bool = True,
         vae: torch.nn.Module | None = None,
         seed: int = 0,
@@ -345,6 +388,7 @@ class ConceptDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.max_images = max_images
         self.on_bad_image = on_bad_image
+        self.captions = captions
         if latent_cache is None or isinstance(latent_cache, LatentCacheConfig):
             self.latent_cache = latent_cache or LatentCacheConfig()
         else:
@@ -413,7 +457,7 @@ class ConceptDataModule(L.LightningDataModule):
             self.path, self.resolution, self.center_crop, self.random_flip, scan=self._scan
         )
         if not self.latent_cache.enabled:
-            self.train_dataset = self.image_dataset
+            self.train_dataset = self._captioned(self.image_dataset)
             return
         cfg = self.latent_cache
         device = self.trainer.strategy.root_device if self.trainer is not None else None
@@ -432,7 +476,12 @@ class ConceptDataModule(L.LightningDataModule):
             barrier=self._barrier(),
             progress=rank == 0,
         )
-        self.train_dataset = CachedLatentDataset(LatentCache(self.latent_cache_dir), self.random_flip, cfg.output)
+        self.train_dataset = self._captioned(CachedLatentDataset(LatentCache(self.latent_cache_dir), self.random_flip, cfg.output))
+
+    def _captioned(self, dataset):
+        if self.captions is None:
+            return dataset
+        return WithCaptions(dataset, read_captions(self.path, self._scan, self.captions))
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:

@@ -108,7 +108,7 @@ class PersonalizationModule(L.LightningModule):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.method.predict_noise(noisy, timesteps)
+        prediction = self.method.predict_noise(noisy, timesteps, **self.method.batch_inputs(batch, generator))
         loss = F.mse_loss(prediction.float(), target.float())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -123,7 +123,7 @@ class PersonalizationModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
-        size = next(iter(batch.values())).shape[0] * self.trainer.world_size
+        size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0] * self.trainer.world_size
         self.log("train/step_time_s", elapsed, on_step=True, batch_size=1)
         self.log("train/images_per_s", size / max(elapsed, 1e-9), on_step=True, prog_bar=True, batch_size=1)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)

@@ -1,0 +1,90 @@
+"""Text-to-image training of a whole prior UNet from captions: how the toy open-world prior is made.
+
+Not a personalization method (it is not in `METHODS`' table rows) but the same loop trains it:
+every item carries its own caption (``data.captions``), and with probability
+``caption_dropout`` a caption is replaced by the empty prompt, so one UNet learns both the
+conditional and the unconditional prediction that classifier-free guidance needs (as SD did).
+The dropout draws come from the step's generator, so a resumed run drops the same captions.
+The text encoder stays frozen; with few distinct captions their embeddings are memoised.
+The export is a whole pipeline folder: the trained result is a prior that `load_prior` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ccp.guidance import GuidanceSpec
+from ccp.methods.base import Method, PromptTemplate
+from ccp.methods.dreambooth import encode_tokens, frozen_copy, tokenize
+
+
+class TextToImage(Method):
+    name = "text_to_image"
+    trains_token = False
+
+    def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate, caption_dropout: float = 0.1,
+                 max_memoised_captions: int = 4096):
+        super().__init__(prior, template)
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"method.kwargs.caption_dropout={caption_dropout}: must be in [0, 1)")
+        self.caption_dropout = float(caption_dropout)
+        self.max_memoised = int(max_memoised_captions)
+        self.unet = copy.deepcopy(prior.unet).requires_grad_(True).train()
+        self._frozen["text_encoder"] = frozen_copy(prior.text_encoder).eval()
+        self._tokenizer = prior.tokenizer
+        # Everything of the prior except the UNet, for the export (outside the module tree).
+        self._parts = {k: v for k, v in prior.components.items() if k != "unet"}
+        self._memo: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def training_prompt(self) -> str | None:
+        return None  # per-item captions
+
+    def _embed(self, caption: str, dtype: torch.dtype) -> torch.Tensor:
+        encoder = self._frozen["text_encoder"]
+        key = (caption, next(encoder.parameters()).device, dtype)
+        if key not in self._memo:
+            with torch.no_grad():
+                embeds = encode_tokens(encoder, tokenize(self._tokenizer, caption))[0].to(dtype)
+            if len(self._memo) >= self.max_memoised:
+                self._memo.clear()
+            self._memo[key] = embeds
+        return self._memo[key]
+
+    def batch_inputs(self, batch, generator):
+        captions = batch.get("caption")
+        if captions is None:
+            raise ValueError("text_to_image trains on captions: set data.captions (e.g. captions.jsonl beside the images)")
+        device = generator.device
+        drop = torch.rand(len(captions), generator=generator, device=device) < self.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        embeds = torch.stack([self._embed(c, self.unet.dtype) for c in captions])
+        return {"encoder_hidden_states": embeds}
+
+    def predict_noise(self, noisy_latents, timesteps, encoder_hidden_states=None):
+        if encoder_hidden_states is None:
+            raise ValueError("text_to_image needs the batch's caption embeddings (batch_inputs)")
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    def export(self, out_dir):
+        parts = {k: v for k, v in self._parts.items() if k not in ("safety_checker", "feature_extractor", "image_encoder")}
+        pipe = StableDiffusionPipeline(**parts, unet=self.unet, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        return Path(out_dir)
+
+    @classmethod
+    def load_export(cls, prior, export_dir):
+        from ccp.pipelines.gcfg import GCFGPipeline
+        from ccp.priors.loading import load_prior
+
+        trained = load_prior(str(export_dir), dtype=prior.unet.dtype).to(prior.device)
+        return GCFGPipeline.from_prior(trained), "prior"
+
+    @classmethod
+    def default_guidance(cls, denoiser, template, control_prompt=None, concept_weight=1.0, control_weight=5.0):
+        return GuidanceSpec.cfg(control_prompt or "", control_weight, denoiser=denoiser)
