@@ -1,4 +1,4 @@
-"""`python -m ccp.cli.reproduce scale=tiny|full [key=value ...]`: Tables 1-2 and Figs. 8-10.
+"""`python -m ccp.cli.reproduce scale=tiny|toy|full [key=value ...]`: Tables 1-2 and Figs. 8-10.
 
 For every method x dataset of ``conf/reproduce/<scale>.yaml``: use the ccp-train export if it
 exists (``exports.<dataset>.<method>``, default ``<train_dir>/<dataset>_<method>/export``), else
@@ -15,6 +15,17 @@ The tiny scale is an offline CPU smoke run of the whole pipeline: the tiny rando
 toy images per dataset, 2 training steps per method, FID with `ToyFeatureExtractor` (a fixed random
 conv net), text alignment with `MeanColourPredictor` on colour prompts, 2 canny conditions. Its
 numbers say nothing about the methods; it shows that the recipe runs and what it writes.
+
+The toy scale reproduces the tables on real data offline on a CPU: a 32 px prior trained from
+scratch on plain coloured scikit-learn digits (`ccp.toy.prior.ensure_toy_prior`, ``prior.train_toy``),
+two concept styles as the datasets (``bold``, ``outlined``; `ccp.toy.digits`), FID with the toy
+digit classifier's features, text alignment with `ToyAttributePredictor` on caption prompts
+(``text_alignment.attributes``: prompt -> attribute to find), unconditional drift
+(`ccp.evaluation.drift`, ``table_drift.*``), and a second DreamBooth row trained longer.
+
+Rows: ``methods`` lists table rows; a row is a registered method or a key of ``rows``
+(``rows.<row>: {method, label, step_factor, train_settings}``: the same method trained with other
+settings, with its own export, record and table row).
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ccp.cli.eval import RandomConvFeatures
-from ccp.evaluation.attributes import AttributeQuestion, ZeroShotAttributePredictor
+from ccp.evaluation.attributes import AttributePredictor, AttributeQuestion, ZeroShotAttributePredictor
 from ccp.evaluation.tables import write_tables
 from ccp.training.latent_cache import write_json_atomic
 
@@ -139,9 +150,25 @@ def load_config(argv: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def row_spec(cfg: DictConfig, row: str) -> DictConfig | None:
+    """``rows.<row>`` (a variant of a method), or None for a plain method row."""
+    return OmegaConf.select(cfg, f"rows.{row}") if cfg.get("rows") else None
+
+
+def method_of(cfg: DictConfig, row: str) -> str:
+    """The registered method a table row trains and samples with."""
+    spec = row_spec(cfg, row)
+    return str(spec.method) if spec is not None else row
+
+
 def export_dir(cfg: DictConfig, dataset: str, method: str) -> Path:
     given = OmegaConf.select(cfg, f"exports.{dataset}.{method}")
     return Path(str(given)) if given else Path(str(cfg.train_dir)) / f"{dataset}_{method}" / "export"
+
+
+def fid_real_path(cfg: DictConfig, dataset: str) -> str:
+    """The real side of FID: ``data.<d>.fid_path`` (toy scale: the held-out folder), else the training folder."""
+    return str(cfg.data[dataset].get("fid_path") or cfg.data[dataset].path)
 
 
 def export_done(path: Path) -> bool:
@@ -159,19 +186,29 @@ def check_inputs(cfg: DictConfig) -> None:
     from ccp.methods import METHODS
 
     problems = []
-    unknown = [m for m in cfg.methods if m not in METHODS]
+    rows = cfg.get("rows") or {}
+    unknown = [m for m in cfg.methods if m not in METHODS and m not in rows]
     if unknown:
-        problems.append(f"methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        problems.append(f"methods: unknown {unknown}; choose from {sorted(METHODS)} or a variant row of "
+                        f"rows ({sorted(rows)})")
+    for row, spec in rows.items():
+        if spec.get("method") not in METHODS:
+            problems.append(f"rows.{row}.method={spec.get('method')}: set it to the method the row trains, one of "
+                            f"{sorted(METHODS)}")
+        factor = spec.get("step_factor", 1)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            problems.append(f"rows.{row}.step_factor={factor}: must be a positive number (trainer.max_steps multiplier)")
     for d in cfg.datasets:
         if OmegaConf.select(cfg, f"data.{d}") is None:
             problems.append(f"datasets lists {d!r} but data.{d} is not configured")
+    problems += check_digit_inputs(cfg)
     tiny = bool(cfg.toy_data)
     if not tiny:
-        if _missing(cfg.prior.path) and not cfg.prior.get("write_tiny", False):
+        if _missing(cfg.prior.path) and not cfg.prior.get("write_tiny", False) and not cfg.prior.get("train_toy", False):
             problems.append(f"prior.path={cfg.prior.path}: not a folder; download SD v1.5 "
                             "(huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir sd-v1-5)")
         for d in cfg.datasets:
-            if OmegaConf.select(cfg, f"data.{d}") is not None and _missing(cfg.data[d].path):
+            if OmegaConf.select(cfg, f"data.{d}") is not None and not cfg.data[d].get("digits") and _missing(cfg.data[d].path):
                 problems.append(f"data.{d}.path={cfg.data[d].path}: not a folder of real images (FID statistics"
                                 f"{' and training' if cfg.train_missing else ''})")
         if cfg.fid.feature_extractor == "inception":
@@ -193,10 +230,10 @@ def check_inputs(cfg: DictConfig) -> None:
             if _missing(cfg.controlnet):
                 problems.append(f"controlnet={cfg.controlnet}: not a diffusers ControlNet folder "
                                 "(huggingface-cli download lllyasviel/sd-controlnet-canny --local-dir sd-controlnet-canny)")
-    if cfg.fid.feature_extractor not in ("inception", "toy"):
-        problems.append(f"fid.feature_extractor={cfg.fid.feature_extractor}: choose inception or toy")
-    if cfg.text_alignment.predictor not in ("clip", "mean_colour"):
-        problems.append(f"text_alignment.predictor={cfg.text_alignment.predictor}: choose clip or mean_colour")
+    if cfg.fid.feature_extractor not in ("inception", "toy", "digit"):
+        problems.append(f"fid.feature_extractor={cfg.fid.feature_extractor}: choose inception, toy or digit")
+    if cfg.text_alignment.predictor not in ("clip", "mean_colour", "toy"):
+        problems.append(f"text_alignment.predictor={cfg.text_alignment.predictor}: choose clip, mean_colour or toy")
     absent = [f"{d}/{m} ({export_dir(cfg, d, m)})" for d in cfg.datasets for m in cfg.methods
               if not export_done(export_dir(cfg, d, m))]
     if absent and not cfg.train_missing:
@@ -206,14 +243,83 @@ def check_inputs(cfg: DictConfig) -> None:
         raise ReproduceConfigError("cannot reproduce the tables:\n  - " + "\n  - ".join(problems))
 
 
-def prepare_toy_inputs(cfg: DictConfig) -> None:
-    """Tiny scale: the tiny prior (with ControlNet), toy image folders and condition images, when absent."""
+def uses_digit_classifier(cfg: DictConfig) -> bool:
+    drift = cfg.get("drift")
+    return (cfg.fid.feature_extractor == "digit" or cfg.text_alignment.predictor == "toy"
+            or bool(drift is not None and drift.enabled))
+
+
+def check_digit_inputs(cfg: DictConfig) -> list[str]:
+    """Toy-scale settings: the toy prior's trainer, the digit folders, classifier, prompts, drift."""
+    problems = []
+    if cfg.prior.get("train_toy", False):
+        try:
+            from ccp.toy.prior import ensure_toy_prior  # noqa: F401
+        except ImportError as err:
+            problems.append(f"prior.train_toy=true but ccp.toy.prior.ensure_toy_prior cannot be imported ({err}); "
+                            "set prior.train_toy=false and prior.path=<a trained prior folder>, or prior.write_tiny=true "
+                            "for the random tiny prior")
+    from ccp.toy.digits import CONCEPT_STYLES
+
+    for d in cfg.datasets:
+        spec = OmegaConf.select(cfg, f"data.{d}.digits")
+        if spec is not None and spec.get("style") not in CONCEPT_STYLES:
+            problems.append(f"data.{d}.digits.style={spec.get('style')}: choose a concept style {list(CONCEPT_STYLES)}")
+    if uses_digit_classifier(cfg) and not OmegaConf.select(cfg, "classifier.path"):
+        problems.append("the digit FID features / toy predictor / drift need the toy digit classifier: set "
+                        "classifier.path (a file; trained there once when absent) and classifier.settings")
+    t = cfg.text_alignment
+    if t.enabled and t.predictor == "toy":
+        from ccp.toy.instruments import DigitClassifier, ToyAttributePredictor
+
+        attributes = dict(t.get("attributes") or {})
+        unmapped = [p for p in t.prompts if p not in attributes]
+        if unmapped:
+            problems.append(f"text_alignment.prompts {unmapped} have no entry in text_alignment.attributes; add "
+                            "'<prompt>': '<attribute to find>' (e.g. 'a red digit 3': 'red digit 3')")
+        known = set(ToyAttributePredictor(DigitClassifier()).attributes)
+        bad = {p: a for p, a in attributes.items() if a not in known}
+        if bad:
+            problems.append(f"text_alignment.attributes {bad}: ToyAttributePredictor decides a colour ('red'), a class "
+                            "('digit 3') or both ('red digit 3')")
+    drift = cfg.get("drift")
+    if drift is not None and drift.enabled:
+        nostyle = [d for d in cfg.datasets if not OmegaConf.select(cfg, f"data.{d}.digits.style")]
+        if nostyle:
+            problems.append(f"drift.enabled=true needs each dataset's concept style (data.<d>.digits.style); missing "
+                            f"for {nostyle}; set drift.enabled=false or configure data.<d>.digits")
+    return problems
+
+
+def _write_folder_atomically(folder: Path, write) -> None:
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, folder)
+
+
+def prepare_toy_inputs(cfg: DictConfig, progress: bool = False) -> None:
+    """The prior (tiny random, or the trained toy prior) and the data folders, when absent: tiny
+    scale's toy images and condition images, toy scale's digit concept folders (train and held out)."""
     if cfg.prior.get("write_tiny", False) and not Path(str(cfg.prior.path)).is_dir():
         from ccp.priors.tiny import save_tiny_prior
 
-        tmp = Path(str(cfg.prior.path) + f".tmp{os.getpid()}")
-        save_tiny_prior(tmp, seed=int(cfg.seed), with_controlnet=True)
-        os.replace(tmp, str(cfg.prior.path))
+        _write_folder_atomically(Path(str(cfg.prior.path)),
+                                 lambda tmp: save_tiny_prior(tmp, seed=int(cfg.seed), with_controlnet=True))
+    elif cfg.prior.get("train_toy", False):
+        from ccp.toy.prior import ensure_toy_prior
+
+        settings = OmegaConf.to_container(cfg.prior.get("toy_settings") or {}, resolve=True)
+        cfg.prior.path = str(ensure_toy_prior(str(cfg.prior.path), seed=int(cfg.seed), progress=progress, **settings))
+    for d in cfg.datasets:
+        spec = cfg.data[d].get("digits")
+        if not spec:
+            continue
+        from ccp.toy.digits import write_concept_dataset
+
+        for split, folder in (("train", cfg.data[d].path), ("held_out", fid_real_path(cfg, d))):
+            if not Path(str(folder)).is_dir():
+                _write_folder_atomically(Path(str(folder)), lambda tmp: write_concept_dataset(
+                    tmp, style=str(spec.style), split=split, seed=int(spec.seed), resolution=int(spec.resolution)))
     if not cfg.toy_data:
         return
     for i, d in enumerate(cfg.datasets):
@@ -235,15 +341,24 @@ def train_config(cfg: DictConfig, dataset: str, method: str) -> DictConfig:
 
     from ccp.cli.train import CONF_DIR as TRAIN_CONF
 
-    experiment = str(cfg.data[dataset].experiment).format(method=method, dataset=dataset)
+    row, method = method, method_of(cfg, method)
+    spec = row_spec(cfg, row)
+    experiment = str(cfg.data[dataset].experiment).format(method=method, dataset=dataset, row=row)
     with initialize_config_dir(config_dir=TRAIN_CONF, version_base="1.3"):
         train_cfg = compose("train", overrides=[f"experiment={experiment}"])
     OmegaConf.update(train_cfg, "prior.path", str(cfg.prior.path))
     OmegaConf.update(train_cfg, "data.path", str(cfg.data[dataset].path))
-    for key, value in (OmegaConf.to_container(cfg.train_settings, resolve=True) or {}).items():
-        OmegaConf.update(train_cfg, key, value, force_add=True)
-    for key, value in (OmegaConf.to_container(cfg.data[dataset].get("train_settings") or {}, resolve=True)).items():
-        OmegaConf.update(train_cfg, key, value, force_add=True)
+    layers = [cfg.train_settings, cfg.data[dataset].get("train_settings")]
+    if spec is not None:  # a variant row: its own settings, then its step multiplier
+        layers.append(spec.get("train_settings"))
+    for layer in layers:
+        if layer is not None:  # (an empty DictConfig is falsy but still a config)
+            for key, value in (OmegaConf.to_container(layer, resolve=True) or {}).items():
+                OmegaConf.update(train_cfg, key, value, force_add=True)
+    if spec is not None:
+        factor = spec.get("step_factor", 1)
+        if factor != 1:
+            train_cfg.trainer.max_steps = max(1, int(round(int(train_cfg.trainer.max_steps) * float(factor))))
     return train_cfg
 
 
@@ -273,7 +388,8 @@ def export_stamp(path: Path) -> str:
 # --- evaluation ----------------------------------------------------------------------------------
 def _weights(cfg: DictConfig, method: str) -> dict[str, float]:
     g = cfg.guidance
-    own = OmegaConf.select(cfg, f"guidance.per_method.{method}") or {}
+    own = (OmegaConf.select(cfg, f"guidance.per_method.{method}")
+           or OmegaConf.select(cfg, f"guidance.per_method.{method_of(cfg, method)}") or {})
     return {"concept_weight": float(own.get("concept_weight", g.concept_weight)),
             "control_weight": float(own.get("control_weight", g.control_weight))}
 
@@ -281,8 +397,11 @@ def _weights(cfg: DictConfig, method: str) -> dict[str, float]:
 def _settings(cfg: DictConfig, metric: str, method: str, stamp: str) -> dict[str, Any]:
     parts = {"metric": metric, "export": stamp, "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
              "weights": _weights(cfg, method)}
-    if metric in ("fid", "text_alignment", "spatial_alignment"):
-        parts[metric] = OmegaConf.to_container(cfg[metric], resolve=True)
+    section = {"text_alignment_parts": "text_alignment"}.get(metric, metric)
+    if section in ("fid", "text_alignment", "spatial_alignment", "drift"):
+        parts[section] = OmegaConf.to_container(cfg[section], resolve=True)
+    if section != "params" and cfg.get("classifier") is not None and uses_digit_classifier(cfg):
+        parts["classifier"] = OmegaConf.to_container(cfg.classifier, resolve=True)
     return parts
 
 
@@ -340,25 +459,88 @@ def count_params(cfg: DictConfig, cell: Cell, prior) -> int:
     train_cfg = train_config(cfg, cell.dataset, cell.method)
     kwargs = train_cfg.method.get("kwargs")
     kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else {}
-    method = method_class(cell.method)(prior, cell.template, **kwargs)
+    method = method_class(method_of(cfg, cell.method))(prior, cell.template, **kwargs)
     count = int(method.num_trainable_parameters())
     del method
     gc.collect()
     return count
 
 
-def measure_fid(cfg: DictConfig, cell: Cell, progress: bool) -> float:
+def ensure_digit_classifier(cfg: DictConfig):
+    """The toy `DigitClassifier` at ``classifier.path``, trained there once with ``classifier.settings``
+    (`train_digit_classifier` keywords); retrained only when those settings change."""
+    from ccp.toy import instruments
+
+    path = Path(str(cfg.classifier.path))
+    sidecar = path.with_name(path.name + ".json")
+    settings = OmegaConf.to_container(cfg.classifier.get("settings") or {}, resolve=True)
+    if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings:
+        return instruments.load_classifier(path)
+    log.info("training the toy digit classifier (%s)", path)
+    model, info = instruments.train_digit_classifier(**settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    instruments.save_classifier(model, tmp)
+    os.replace(tmp, path)
+    write_json_atomic(sidecar, {"settings": settings, "train": info})
+    return model
+
+
+class PromptAttributePredictor(AttributePredictor):
+    """Judges each prompt by the attribute it asks for (``attributes``: prompt -> attribute of a
+    `ToyAttributePredictor`, e.g. "a red digit 3" -> "red digit 3": both must hold), and keeps the
+    colour-only and class-only verdicts of combined attributes in ``parts``."""
+
+    def __init__(self, toy, attributes: dict[str, str]):
+        self.toy = toy
+        self.mapping = dict(attributes)
+        self.parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return tuple(self.mapping)
+
+    def _split(self, attribute: str) -> dict[str, str]:
+        if attribute in self.toy.colour.attributes:
+            return {"colour": attribute}
+        if attribute in self.toy.digit.attributes:
+            return {"class": attribute}
+        colour, digit = attribute.split(" ", 1)
+        return {"colour": colour, "class": digit}
+
+    def predict(self, images, prompt):
+        self.check([prompt])
+        self.toy.check([self.mapping[prompt]])
+        flags = {kind: torch.as_tensor(self.toy.predict(images, attr), dtype=torch.bool)
+                 for kind, attr in self._split(self.mapping[prompt]).items()}
+        for kind, f in flags.items():
+            self.parts.setdefault(kind, {}).setdefault(prompt, []).append(f)
+        both = torch.ones(len(images), dtype=torch.bool)
+        for f in flags.values():
+            both &= f
+        return both
+
+    def part_alignment(self) -> dict[str, float]:
+        """Mean over prompts of the colour-only / class-only alignment (kinds every prompt has)."""
+        from ccp.evaluation.alignment import alignment_table
+
+        return {kind: alignment_table({p: torch.cat(v) for p, v in found.items()})["mean"]
+                for kind, found in self.parts.items() if set(found) == set(self.mapping)}
+
+
+def measure_fid(cfg: DictConfig, cell: Cell, progress: bool, classifier=None) -> float:
     from ccp.evaluation.fid import FIDConfig, run_fid
     from ccp.evaluation.generation import PipelineSampler
 
     f, s = cfg.fid, cfg.sampling
     fid_cfg = FIDConfig(
-        real_path=str(cfg.data[cell.dataset].path), shard_dir=str(cell.dir / "fid_shards"), resolution=int(f.resolution),
+        real_path=fid_real_path(cfg, cell.dataset), shard_dir=str(cell.dir / "fid_shards"), resolution=int(f.resolution),
         num_samples=int(f.num_samples), shard_size=int(f.shard_size), batch_size=int(s.batch_size), seed=int(f.seed),
         inception_weights=f.inception_weights, max_real_images=f.max_real_images,
         stats_cache_dir=str(f.stats_cache_dir) if f.stats_cache_dir else None, num_workers=int(f.num_workers),
     )
-    extractor = ToyFeatureExtractor(int(f.toy_seed)) if f.feature_extractor == "toy" else None
+    extractor = (ToyFeatureExtractor(int(f.toy_seed)) if f.feature_extractor == "toy"
+                 else classifier().feature_extractor() if f.feature_extractor == "digit" else None)
     fid_cfg.check(need_weights=extractor is None)
     pipe, denoiser, cls = cell.loaded
     spec = cls.default_guidance(denoiser, cell.template, None, **_weights(cfg, cell.method))
@@ -368,22 +550,99 @@ def measure_fid(cfg: DictConfig, cell: Cell, progress: bool) -> float:
                          progress=progress))
 
 
-def measure_text(cfg: DictConfig, cell: Cell, progress: bool) -> float:
+def measure_text(cfg: DictConfig, cell: Cell, progress: bool, classifier=None) -> float:
+    """Mean text-guided alignment; with the toy predictor the colour-only and class-only means go
+    into ``text_alignment.json`` as ``parts`` too."""
     from ccp.evaluation.alignment import TextAlignmentConfig, text_alignment
     from ccp.evaluation.attributes import CLIPAttributePredictor
 
     t, s = cfg.text_alignment, cfg.sampling
-    predictor = (MeanColourPredictor() if t.predictor == "mean_colour"
-                 else CLIPAttributePredictor(str(t.clip_weights), device=cfg.device))
+    if t.predictor == "toy":
+        from ccp.toy.instruments import ToyAttributePredictor
+
+        predictor = PromptAttributePredictor(ToyAttributePredictor(classifier()),
+                                             OmegaConf.to_container(t.attributes, resolve=True))
+    elif t.predictor == "mean_colour":
+        predictor = MeanColourPredictor()
+    else:
+        predictor = CLIPAttributePredictor(str(t.clip_weights), device=cfg.device)
     config = TextAlignmentConfig(
         steps=int(s.steps), height=int(s.height), width=int(s.width), batch_size=int(s.batch_size), seed=int(t.seed),
         prompts=tuple(t.prompts), images_per_prompt=int(t.images_per_prompt),
         clip_weights=str(t.clip_weights or ""), **_weights(cfg, cell.method),
     )
     pipe, denoiser, cls = cell.loaded
-    result = text_alignment(pipe, denoiser, cls, cell.template, predictor=predictor, config=config,
-                            out=cell.dir / "text_alignment.json", progress=progress)
+    out = cell.dir / "text_alignment.json"
+    result = text_alignment(pipe, denoiser, cls, cell.template, predictor=predictor, config=config, out=out,
+                            progress=progress)
+    if isinstance(predictor, PromptAttributePredictor):
+        result["parts"] = predictor.part_alignment()
+        write_json_atomic(out, result)
     return float(result["mean"])
+
+
+def text_parts(cell: Cell) -> dict[str, float]:
+    """The colour-only / class-only means `measure_text` stored beside the main number."""
+    return json.loads((cell.dir / "text_alignment.json").read_text()).get("parts", {})
+
+
+def drift_config(cfg: DictConfig):
+    from ccp.evaluation.drift import DriftConfig
+
+    d, s = cfg.drift, cfg.sampling
+    return DriftConfig(num_samples=int(d.num_samples), steps=int(s.steps), height=int(s.height), width=int(s.width),
+                       batch_size=int(s.batch_size), seed=int(d.seed))
+
+
+def folder_stamp(folder: Path) -> str:
+    """Hash of a folder's listing (names, sizes, mtimes): changes when a model folder is rewritten."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    listing = [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def prior_unconditional_samples(cfg: DictConfig, prior, classifier, progress: bool):
+    """The prior's own unconditional samples, judged; drawn once per (prior, drift settings,
+    classifier) and kept in ``<eval_dir>/prior_unconditional.safetensors``."""
+    from safetensors.torch import load_file, save_file
+
+    from ccp.evaluation.drift import UnconditionalSamples, digit_judge, prior_unconditional, sample_unconditional
+    from ccp.pipelines.gcfg import GCFGPipeline
+
+    config = drift_config(cfg)
+    judge = digit_judge(classifier())  # first: the key below reads the classifier's file
+    key = hashlib.sha256(json.dumps({
+        "prior": folder_stamp(Path(str(cfg.prior.path))), "drift": OmegaConf.to_container(cfg.drift, resolve=True),
+        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+        "classifier": hashlib.sha256(Path(str(cfg.classifier.path)).read_bytes()).hexdigest()[:16],
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(str(cfg.eval_dir)) / "prior_unconditional.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            same = (f.metadata() or {}).get("key") == key
+        if same:
+            tensors = load_file(str(path))
+            return UnconditionalSamples(tensors["features"], tensors["styles"])
+    pipe = GCFGPipeline.from_prior(prior())
+    pipe.set_progress_bar_config(disable=True)
+    samples = sample_unconditional(pipe, prior_unconditional(), judge, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(samples.to_dict(), str(tmp), metadata={"key": key})
+    os.replace(tmp, path)
+    return samples
+
+
+def measure_drift(cfg: DictConfig, cell: Cell, reference, classifier) -> dict[str, float]:
+    """Drift of the cell's unconditional source from the prior's (`ccp.evaluation.drift`)."""
+    from ccp.evaluation.drift import digit_judge, drift, method_unconditional, sample_unconditional, style_index
+
+    pipe, denoiser, cls = cell.loaded
+    own = sample_unconditional(pipe, method_unconditional(cls, denoiser, cell.template), digit_judge(classifier()),
+                               drift_config(cfg))
+    return drift(own, reference(), style_index(str(cfg.data[cell.dataset].digits.style)))
 
 
 def measure_spatial(cfg: DictConfig, cell: Cell, controlnet, progress: bool) -> float:
@@ -451,7 +710,8 @@ def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, st
                 samples[m] = sample_rectification(pipe, denoiser, cls, cell.template, list(rect.seeds),
                                                   rect.control_prompt, _weights(cfg, m)["control_weight"],
                                                   int(s.steps), int(s.height), int(s.width))
-            rectification_figure(samples, results_dir / "fig8b_rectification.png", seeds=list(rect.seeds))
+            labels = {m: str(row_spec(cfg, m).get("label") or m) for m in chosen if row_spec(cfg, m) is not None}
+            rectification_figure(samples, results_dir / "fig8b_rectification.png", seeds=list(rect.seeds), labels=labels)
             write_json_atomic(results_dir / "fig8b_rectification.json", settings)
         out["fig8b"] = results_dir / "fig8b_rectification.png"
     return out
@@ -463,7 +723,7 @@ def reproduce(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     figures, trained, computed, reused, seconds}``."""
     start = time.perf_counter()
     check_inputs(cfg)
-    prepare_toy_inputs(cfg)
+    prepare_toy_inputs(cfg, progress)
     check_inputs(cfg)  # the toy folders now exist
 
     trained = []
@@ -488,17 +748,36 @@ def reproduce(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
             cache["controlnet"] = load_controlnet(str(cfg.controlnet), dtype=cfg.prior.dtype)
         return cache["controlnet"]
 
+    def classifier():
+        if "classifier" not in cache:
+            cache["classifier"] = ensure_digit_classifier(cfg)
+        return cache["classifier"]
+
+    def reference():
+        if "reference" not in cache:
+            cache["reference"] = prior_unconditional_samples(cfg, prior, classifier, inner)
+        return cache["reference"]
+
     records, cells = [], {}
     inner = progress and bool(cfg.get("inner_progress", True))
     for d, m in tqdm(jobs, desc="evaluate", disable=not progress):
         cell = Cell(cfg, d, m, exports[(d, m)], prior)
         cells[(d, m)] = cell
         record: dict[str, Any] = {"method": m, "dataset": d, "export": str(cell.export)}
+        spec = row_spec(cfg, m)
+        if spec is not None:
+            record.update(method_class=str(spec.method), label=str(spec.get("label") or m))
         record["params"] = cell.metric("params", lambda: count_params(cfg, cell, prior()))
-        record["fid"] = cell.metric("fid", lambda: measure_fid(cfg, cell, inner)) if cfg.fid.enabled else None
+        record["fid"] = (cell.metric("fid", lambda: measure_fid(cfg, cell, inner, classifier))
+                         if cfg.fid.enabled else None)
         on_table2 = d == cfg.table2_dataset
-        record["text_alignment"] = (cell.metric("text_alignment", lambda: measure_text(cfg, cell, inner))
+        record["text_alignment"] = (cell.metric("text_alignment", lambda: measure_text(cfg, cell, inner, classifier))
                                     if on_table2 and cfg.text_alignment.enabled else None)
+        if on_table2 and cfg.text_alignment.enabled and cfg.text_alignment.predictor == "toy":
+            for kind, value in cell.metric("text_alignment_parts", lambda: text_parts(cell)).items():
+                record[f"text_alignment_{kind}"] = value
+        if cfg.get("drift") is not None and cfg.drift.enabled:
+            record["drift"] = cell.metric("drift", lambda: measure_drift(cfg, cell, reference, classifier))
         record["spatial_alignment"] = (cell.metric("spatial_alignment", lambda: measure_spatial(cfg, cell, controlnet, inner))
                                        if on_table2 and cfg.spatial_alignment.enabled else None)
         records.append(record)
@@ -506,8 +785,12 @@ def reproduce(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
 
     results_dir = Path(str(cfg.results_dir))
     suffix = f" — {cfg.scale} scale" if cfg.scale != "full" else ""
+    extra = ({"text_alignment_colour": "Colour only ↑", "text_alignment_class": "Class only ↑"}
+             if cfg.text_alignment.predictor == "toy" else None)
+    not_applicable = (None if cfg.spatial_alignment.enabled else {"spatial_alignment": str(
+        cfg.spatial_alignment.get("reason") or "not measured at this scale (spatial_alignment.enabled=false)")})
     tables = write_tables(records, results_dir, datasets=list(cfg.datasets), table2_dataset=str(cfg.table2_dataset),
-                          title_suffix=suffix)
+                          title_suffix=suffix, table2_extra=extra, not_applicable=not_applicable)
     figures = draw_figures(cfg, records, cells, results_dir) if cfg.figures.enabled else {}
     for cell in cells.values():
         cell.release()
@@ -543,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = Path(summary["tables"]["table1.md"]).parent
     print((results / "table1.md").read_text())
     print((results / "table2.md").read_text())
+    if "table_drift.md" in summary["tables"]:
+        print((results / "table_drift.md").read_text())
     print(f"trained: {summary['trained'] or 'nothing (all exports existed)'}; "
           f"{len(summary['computed'])} cell(s) evaluated, {len(summary['reused'])} reused; "
           f"{summary['seconds']:.1f} s; tables and figures in {results}")

@@ -28,7 +28,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ccp.evaluation.tables import METHOD_ORDER, PAPER, method_label
+from ccp.evaluation.tables import METHOD_ORDER, PAPER, method_label, ordered_methods, row_labels
 from ccp.guidance import Condition, GuidanceSpec, Source
 from ccp.methods.base import Method, PromptTemplate
 from ccp.training.latent_cache import write_atomic
@@ -80,7 +80,8 @@ def scatter_points(records: Sequence[Mapping[str, Any]], dataset: str = "face") 
         if r.get("fid") is None or r.get("text_alignment") is None or r.get("params") is None:
             continue
         out[r["method"]] = (fidelity(r["fid"]), float(r["text_alignment"]), float(r["params"]))
-    return dict(sorted(out.items(), key=lambda kv: METHOD_ORDER.index(kv[0]) if kv[0] in METHOD_ORDER else 99))
+    # the tables' row order: a variant row (DreamBooth (long)) next to its method
+    return {m: out[m] for m in ordered_methods(r for r in records if r["method"] in out)}
 
 
 def marker_areas(params: Sequence[float], max_area: float = 2000.0, min_area: float = 12.0) -> list[float]:
@@ -96,6 +97,7 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
     """Fig. 9: one filled circle per measured method; with `show_paper`, the paper's Table 1/2
     numbers as hollow circles (same area rule, the paper's parameter counts)."""
     points = scatter_points(records, dataset)
+    labels = row_labels(records)
     if not points:
         raise ValueError(f"no record of dataset {dataset!r} has fid, text_alignment and params")
     fig = Figure(figsize=figsize)
@@ -107,10 +109,10 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
     measured = ax.scatter(xs, ys, s=areas, alpha=0.6, c=[f"C{i}" for i in range(len(names))], edgecolors="k",
                           label="this run")
     for i, (m, x, y) in enumerate(zip(names, xs, ys)):  # labels staggered: tiny-scale points overlap
-        ax.annotate(method_label(m), (x, y), textcoords="offset points", xytext=(8, 22 - 11 * i), fontsize=9)
+        ax.annotate(labels[m], (x, y), textcoords="offset points", xytext=(8, 22 - 11 * i), fontsize=9)
     paper_points: dict[str, tuple[float, float]] = {}
     if show_paper:
-        pnames = [m for m in METHOD_ORDER if m in PAPER]
+        pnames = [m for m in METHOD_ORDER if m in PAPER and dataset in PAPER[m].fid]  # none for toy datasets
         for m in pnames:
             paper_points[m] = (fidelity(PAPER[m].fid[dataset]), PAPER[m].text_alignment)
         ax.scatter([paper_points[m][0] for m in pnames], [paper_points[m][1] for m in pnames],
@@ -251,9 +253,11 @@ def sample_rectification(pipe: Callable, denoiser: str, method_cls: type[Method]
 
 
 def rectification_figure(samples: Mapping[str, tuple[Sequence[PIL.Image.Image], Sequence[PIL.Image.Image]]],
-                         out_path: str | Path, seeds: Sequence[int] | None = None, dpi: int = 100) -> GridResult:
+                         out_path: str | Path, seeds: Sequence[int] | None = None, dpi: int = 100,
+                         labels: Mapping[str, str] | None = None) -> GridResult:
     """Fig. 8b/10: one row per method; left half its own unconditional (no GCFG), right half the
-    prior's unconditional (GCFG), the same seed in column k of both halves."""
+    prior's unconditional (GCFG), the same seed in column k of both halves. `labels`: row label
+    per key of `samples` (default: the paper's method names)."""
     methods = list(samples)
     if not methods:
         raise ValueError("no methods to draw")
@@ -264,7 +268,8 @@ def rectification_figure(samples: Mapping[str, tuple[Sequence[PIL.Image.Image], 
         if len(own) != n or len(rect) != n:
             raise ValueError(f"{m}: expected {n} images in each half, got {len(own)} and {len(rect)}")
         rows.append(list(own) + list(rect))
-    labels = [f"seed {k}" for k in (seeds if seeds is not None else range(n))]
-    return grid_figure(rows, out_path, [method_label(m) for m in methods], labels + labels, ylabel="method",
+    names = [(labels or {}).get(m) or method_label(m) for m in methods]
+    columns = [f"seed {k}" for k in (seeds if seeds is not None else range(n))]
+    return grid_figure(rows, out_path, names, columns + columns, ylabel="method",
                        xlabel="sample", title="Fig. 8b / 10: unconditional guidance rectification",
                        col_groups=("own unconditional (no GCFG)", "prior unconditional (GCFG)"), dpi=dpi)
