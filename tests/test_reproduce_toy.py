@@ -168,6 +168,8 @@ def test_toy_run_figures(toy_run):
     records = json.loads((results / "table1.json").read_text())["records"]
     scatter = fidelity_control_scatter(records, out / "fig9_check.png", dataset="bold")
     assert list(scatter.points) == ROWS  # the long DreamBooth is a point of its own
+    assert scatter.paper_points == {}  # the paper has no digit datasets
+    assert "FID (paper)" not in (results / "table1.md").read_text()
 
 
 def test_toy_rerun_trains_and_samples_nothing(toy_run, monkeypatch):

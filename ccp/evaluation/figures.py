@@ -111,8 +111,8 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
     for i, (m, x, y) in enumerate(zip(names, xs, ys)):  # labels staggered: tiny-scale points overlap
         ax.annotate(labels[m], (x, y), textcoords="offset points", xytext=(8, 22 - 11 * i), fontsize=9)
     paper_points: dict[str, tuple[float, float]] = {}
-    if show_paper:
-        pnames = [m for m in METHOD_ORDER if m in PAPER and dataset in PAPER[m].fid]  # none for toy datasets
+    pnames = [m for m in METHOD_ORDER if m in PAPER and dataset in PAPER[m].fid]  # none for toy datasets
+    if show_paper and pnames:
         for m in pnames:
             paper_points[m] = (fidelity(PAPER[m].fid[dataset]), PAPER[m].text_alignment)
         ax.scatter([paper_points[m][0] for m in pnames], [paper_points[m][1] for m in pnames],
