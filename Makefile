@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: setup test test-fast demo bench-sampling bench-training tiny-prior sample-tiny reproduce-tables clean
+.PHONY: setup test test-fast demo demo-tiny toy-prior bench-sampling bench-training tiny-prior sample-tiny reproduce-tables clean
 
 setup: $(BIN)/ccp-sample
 
@@ -20,17 +20,21 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-DEMO := outputs/demo
-
-# GCFG on the offline tiny prior: prior alone (CFG), then concept + control prompt, where the
-# concept model is the null-text conversion of the prior's UNet (trained concept models: ccp-train).
+# The main job at toy scale (ccp/toy/demo.py): train (or reuse) the toy prior on captioned plain digits,
+# train a null-text concept model on unlabeled bold digits, write outputs/demo/grid.png.
 demo: setup
-	$(BIN)/ccp-tiny-prior $(DEMO)/prior --seed 0
-	$(BIN)/ccp-null-text $(DEMO)/prior $(DEMO)/concept
-	$(BIN)/ccp-sample prior.path=$(DEMO)/prior guidance=cfg sampling.num_images=8 sampling.steps=25 hydra.run.dir=$(DEMO)/prior_only
-	$(BIN)/ccp-sample prior.path=$(DEMO)/prior concept.path=$(DEMO)/concept guidance=concept_control \
-		sampling.num_images=8 sampling.steps=25 hydra.run.dir=$(DEMO)/concept_control
-	@echo "grids: $(DEMO)/prior_only/grid.png $(DEMO)/concept_control/grid.png"
+	$(BIN)/python -m ccp.toy.demo --out outputs/demo --prior outputs/toy/prior
+
+toy-prior: setup
+	$(BIN)/python -m ccp.toy.prior outputs/toy/prior
+
+# GCFG on the random offline tiny prior (no training): prior alone and concept + control prompt.
+demo-tiny: setup
+	$(BIN)/ccp-tiny-prior outputs/demo-tiny/prior --seed 0
+	$(BIN)/ccp-null-text outputs/demo-tiny/prior outputs/demo-tiny/concept
+	$(BIN)/ccp-sample prior.path=outputs/demo-tiny/prior guidance=cfg sampling.num_images=8 sampling.steps=25 hydra.run.dir=outputs/demo-tiny/prior_only
+	$(BIN)/ccp-sample prior.path=outputs/demo-tiny/prior concept.path=outputs/demo-tiny/concept guidance=concept_control \
+		sampling.num_images=8 sampling.steps=25 hydra.run.dir=outputs/demo-tiny/concept_control
 
 tiny-prior: setup
 	$(BIN)/ccp-tiny-prior outputs/tiny-prior --seed 0 --with-controlnet

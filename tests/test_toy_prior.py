@@ -130,3 +130,30 @@ def test_ensure_toy_prior_trains_every_stage_then_reuses(tmp_path, monkeypatch):
     assert toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, **TINY_SETTINGS) == out
     with pytest.raises(ValueError, match="unknown toy prior setting"):
         toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, stepz=3)
+
+
+def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
+    from ccp.toy import demo
+
+    overrides = ["trainer.max_steps=2", "trainer.global_batch_size=4", "data.batch_size=4", "checkpoint.every_n_steps=1"]
+    grid = demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
+                         prior_settings=TINY_SETTINGS)
+    import PIL.Image
+
+    bare = PIL.Image.open(grid.with_name("grid_grid.png"))
+    rows, cols = 3, len(demo.DEMO_PROMPTS)
+    from ccp.evaluation.figures import GAP
+
+    assert bare.size == (cols * 96 + (cols - 1) * GAP, rows * 96 + (rows - 1) * GAP)
+    info = json.loads((tmp_path / "demo" / "ours_bold" / "export" / "ccp_export.json").read_text())
+    assert info["method"] == "ours" and info["step"] == 2
+    labels = (tmp_path / "toy" / "data" / "bold" / "train" / "labels.jsonl").read_text().splitlines()
+    assert len(labels) == 1438 and '"style": "bold"' in labels[0]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished demo stage must be reused")
+
+    monkeypatch.setattr("ccp.cli.train.run_training", no_training)
+    monkeypatch.setattr(toy_prior, "train_toy_vae", no_training)
+    assert demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
+                         prior_settings=TINY_SETTINGS) == grid
