@@ -141,7 +141,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     import PIL.Image
 
     bare = PIL.Image.open(grid.with_name("grid_grid.png"))
-    rows, cols = 3, len(demo.DEMO_PROMPTS)
+    rows, cols = 4, len(demo.DEMO_PROMPTS)
     from ccp.evaluation.figures import GAP
 
     assert bare.size == (cols * 96 + (cols - 1) * GAP, rows * 96 + (rows - 1) * GAP)
@@ -157,3 +157,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_prior, "train_toy_vae", no_training)
     assert demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
                          prior_settings=TINY_SETTINGS) == grid
+    # other training settings: the finished concept model is not reused (training starts again)
+    with pytest.raises(AssertionError, match="must be reused"):
+        demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=[*overrides, "optim.lr=1e-3"],
+                      prior_settings=TINY_SETTINGS)

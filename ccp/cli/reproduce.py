@@ -134,6 +134,12 @@ def write_toy_images(folder: Path, count: int, resolution: int, seed: int, tint:
 
 
 # --- config ----------------------------------------------------------------------------------------
+def _plain(node: Any) -> dict:
+    """A config mapping (possibly empty or absent) as a plain dict: an empty DictConfig is falsy,
+    so ``node or {}`` would hand OmegaConf a plain dict."""
+    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+
 def load_config(argv: Sequence[str] = ()) -> DictConfig:
     """``conf/reproduce/<scale>.yaml`` merged with ``key=value`` overrides (OmegaConf dotlist)."""
     bad = [a for a in argv if "=" not in a]
@@ -308,7 +314,7 @@ def prepare_toy_inputs(cfg: DictConfig, progress: bool = False) -> None:
     elif cfg.prior.get("train_toy", False):
         from ccp.toy.prior import ensure_toy_prior
 
-        settings = OmegaConf.to_container(cfg.prior.get("toy_settings") or {}, resolve=True)
+        settings = _plain(cfg.prior.get("toy_settings"))
         cfg.prior.path = str(ensure_toy_prior(str(cfg.prior.path), seed=int(cfg.seed), progress=progress, **settings))
     for d in cfg.datasets:
         spec = cfg.data[d].get("digits")
@@ -473,7 +479,7 @@ def ensure_digit_classifier(cfg: DictConfig):
 
     path = Path(str(cfg.classifier.path))
     sidecar = path.with_name(path.name + ".json")
-    settings = OmegaConf.to_container(cfg.classifier.get("settings") or {}, resolve=True)
+    settings = _plain(cfg.classifier.get("settings"))
     if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings:
         return instruments.load_classifier(path)
     log.info("training the toy digit classifier (%s)", path)

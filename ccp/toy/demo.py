@@ -52,14 +52,22 @@ def train_concept(prior_dir: Path, data_dir: Path, run_dir: Path, style: str, ov
         cfg = compose("train", overrides=["experiment=toy/ours", f"prior.path={prior_dir}", f"data.path={data_dir}",
                                           f"data.cache_dir={run_dir / 'cache'}", f"dataset_name={style}",
                                           f"template.placeholder='<{style}>'", *overrides])
-    info = run_dir / "export" / EXPORT_INFO
-    if info.is_file() and json.loads(info.read_text()).get("step") == cfg.trainer.max_steps:
+    from omegaconf import OmegaConf
+
+    info, saved = run_dir / "export" / EXPORT_INFO, run_dir / "config.yaml"
+    same_config = saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+    if not same_config and run_dir.exists():
+        log.info("%s was trained with other settings; training afresh", run_dir)
+        shutil.rmtree(run_dir)
+    if same_config and info.is_file() and json.loads(info.read_text()).get("step") == cfg.trainer.max_steps:
         return run_dir / "export"
-    return run_training(cfg, run_dir=run_dir)
+    return run_training(cfg, run_dir=run_dir)  # resumes an interrupted run of the same config
 
 
 def demo_grid(prior_dir: Path, export_dir: Path, out_path: Path, prompts=DEMO_PROMPTS, steps: int = 25,
-              control_weight: float = 5.0, concept_weight: float = 1.0, seed: int = 0, resolution: int = 32):
+              weights: tuple[tuple[float, float], ...] = ((1.0, 5.0), (3.0, 3.0)), cfg_weight: float = 5.0,
+              seed: int = 0, resolution: int = 32):
+    """Rows: prior alone (CFG), GCFG at each (concept, control) weight pair, the concept alone."""
     from ccp.cli.train import load_trained
     from ccp.evaluation.figures import grid_figure
     from ccp.priors.loading import load_prior
@@ -68,12 +76,11 @@ def demo_grid(prior_dir: Path, export_dir: Path, out_path: Path, prompts=DEMO_PR
     pipe, denoiser, method_cls = load_trained(export_dir, prior)
     pipe.set_progress_bar_config(disable=True)
     template = None  # ours needs no template in its guidance
-    rows = {
-        f"prior alone\n(CFG {control_weight:g})": [GuidanceSpec.cfg(p, control_weight) for p in prompts],
-        "concept + prompt\n(GCFG)": [method_cls.default_guidance(denoiser, template, p, concept_weight, control_weight)
-                                     for p in prompts],
-        "concept alone": [method_cls.default_guidance(denoiser, template, None, concept_weight, control_weight)] * len(prompts),
-    }
+    rows = {f"prior alone\n(CFG {cfg_weight:g})": [GuidanceSpec.cfg(p, cfg_weight) for p in prompts]}
+    for concept, control in weights:
+        rows[f"GCFG: concept {concept:g}\n+ prompt {control:g}"] = [
+            method_cls.default_guidance(denoiser, template, p, concept, control) for p in prompts]
+    rows["concept alone"] = [method_cls.default_guidance(denoiser, template, None, 1.0, 0.0)] * len(prompts)
     images = []
     for specs in rows.values():
         row = []
