@@ -43,10 +43,10 @@ sample-tiny: tiny-prior
 	$(BIN)/ccp-sample prior.path=outputs/tiny-prior
 
 bench-sampling: setup
-	$(BIN)/python benchmarks/sampling.py --out benchmarks/results
+	$(BIN)/python benchmarks/sampling.py --out benchmarks/results $(ARGS)
 
 bench-training: setup
-	$(BIN)/python benchmarks/training.py --out benchmarks/results
+	$(BIN)/python benchmarks/training.py --out benchmarks/results $(ARGS)
 
 # Tables 1-2 and Figs. 8-10 (conf/reproduce/$(SCALE).yaml): tiny = offline CPU smoke run (< 3 min),
 # full = the paper's evaluation on trained SD v1.5 models (docs/evaluation.md). Extra settings: ARGS="key=value ...".
