@@ -33,14 +33,14 @@ PROMPTS = list(ATTRIBUTES)
 def toy_config(out: Path, *extra: str):
     """scale=toy with every count shrunk; the tiny prior's 64 px and the tiny experiments."""
     cfg = load_config([
-        "scale=toy", f"out_dir={out}", f"results_dir={out}/results", "resolution=64",
+        "scale=toy", f"out_dir={out}", f"results_dir={out}/results", f"prior.path={out}/toy-prior", "resolution=64",
         "data.bold.experiment=tiny/{method}", "data.outlined.experiment=tiny/{method}",
         "train_settings.trainer.max_steps=2", "train_settings.checkpoint.every_n_steps=2",
         "classifier.settings.epochs=1", "fid.num_samples=8", "fid.shard_size=8", "sampling.steps=2",
         "sampling.batch_size=8", "text_alignment.images_per_prompt=2", "drift.num_samples=4",
         "figures.weight_grid.concept_weights=[0.5,1.5]", "figures.weight_grid.control_weights=[1.0,5.0]",
         "figures.rectification.methods=[dreambooth,dreambooth_long]", "figures.rectification.seeds=[0,1]",
-        "prior.toy_settings={steps: 3}", *extra,
+        "prior.toy_settings={steps: 3}", "long_factor=4", *extra,
     ])
     cfg.methods = ROWS
     cfg.text_alignment.prompts = PROMPTS
