@@ -161,3 +161,18 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="must be reused"):
         demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=[*overrides, "optim.lr=1e-3"],
                       prior_settings=TINY_SETTINGS)
+
+
+def test_caption_templates_place_each_caption_in_a_drawn_template():
+    from ccp.pipelines.gcfg import GCFGPipeline
+
+    prior = build_tiny_prior()
+    method = TextToImage(prior, PromptTemplate(), caption_dropout=0.0, caption_templates=["a photo of {caption}", "{caption}, centered"])
+    captions = ["a red digit 3"] * 40
+    embeds = method.batch_inputs({"caption": captions}, torch.Generator().manual_seed(3))["encoder_hidden_states"]
+    pipe = GCFGPipeline.from_prior(prior)
+    forms = [pipe.encode_prompt("a photo of a red digit 3")[0], pipe.encode_prompt("a red digit 3, centered")[0]]
+    which = [next(i for i, f in enumerate(forms) if torch.equal(e, f)) for e in embeds]  # each is one of the two
+    assert set(which) == {0, 1}
+    with pytest.raises(ValueError, match="caption_templates"):
+        TextToImage(prior, PromptTemplate(), caption_templates=["no placeholder"])

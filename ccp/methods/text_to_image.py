@@ -4,7 +4,10 @@ Not a personalization method (it is not in `METHODS`' table rows) but the same l
 every item carries its own caption (``data.captions``), and with probability
 ``caption_dropout`` a caption is replaced by the empty prompt, so one UNet learns both the
 conditional and the unconditional prediction that classifier-free guidance needs (as SD did).
-The dropout draws come from the step's generator, so a resumed run drops the same captions.
+With ``caption_templates`` each kept caption is also placed in a template drawn per item
+(``"a photo of {caption}"``, ...), so the prior learns to follow a caption wherever it sits among
+the 77 tokens, as SD did from its varied alt-texts. The draws come from the step's generator, so
+a resumed run repeats them.
 The text encoder stays frozen; with few distinct captions their embeddings are memoised.
 The export is a whole pipeline folder: the trained result is a prior that `load_prior` reads.
 """
@@ -27,11 +30,15 @@ class TextToImage(Method):
     trains_token = False
 
     def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate, caption_dropout: float = 0.1,
-                 max_memoised_captions: int = 4096):
+                 caption_templates: list[str] | tuple[str, ...] = ("{caption}",), max_memoised_captions: int = 4096):
         super().__init__(prior, template)
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"method.kwargs.caption_dropout={caption_dropout}: must be in [0, 1)")
+        bad = [t for t in caption_templates if "{caption}" not in t]
+        if not caption_templates or bad:
+            raise ValueError(f"method.kwargs.caption_templates: every template needs '{{caption}}', got {bad or 'none'}")
         self.caption_dropout = float(caption_dropout)
+        self.caption_templates = tuple(caption_templates)
         self.max_memoised = int(max_memoised_captions)
         self.unet = copy.deepcopy(prior.unet).requires_grad_(True).train()
         self._frozen["text_encoder"] = frozen_copy(prior.text_encoder).eval()
@@ -61,7 +68,8 @@ class TextToImage(Method):
             raise ValueError("text_to_image trains on captions: set data.captions (e.g. captions.jsonl beside the images)")
         device = generator.device
         drop = torch.rand(len(captions), generator=generator, device=device) < self.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        pick = torch.randint(0, len(self.caption_templates), (len(captions),), generator=generator, device=device)
+        captions = ["" if d else self.caption_templates[t].format(caption=c) for c, d, t in zip(captions, drop.tolist(), pick.tolist())]
         # dtype and device looked up once: diffusers' ModelMixin.dtype walks every parameter, and per
         # caption that was 37% of a toy training step (py-spy).
         dtype, device = self.unet.dtype, next(self._frozen["text_encoder"].parameters()).device

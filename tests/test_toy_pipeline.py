@@ -1,0 +1,43 @@
+"""CI-sized toy pipeline, every real stage for a few steps: the toy prior trained from scratch
+(ccp.toy.prior, 32 px), the toy/<method> experiments on both concept styles (five methods and the
+long DreamBooth row), digit-classifier FID, toy text alignment, drift, tables and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ccp.cli.reproduce import load_config, reproduce
+from ccp.priors.loading import load_prior
+
+ROWS = ["textual_inversion", "dreambooth", "dreambooth_long", "custom_diffusion", "oft", "ours"]
+
+
+def test_toy_scale_runs_every_stage(tmp_path):
+    cfg = load_config([
+        "scale=toy", f"out_dir={tmp_path}", f"results_dir={tmp_path}/results", f"prior.path={tmp_path}/prior",
+        "prior.toy_settings={copies: 1, vae_steps: 2, vae_batch_size: 8, steps: 2, batch_size: 8, warmup_steps: 0}",
+        "train_settings.trainer.max_steps=2", "train_settings.trainer.global_batch_size=4",
+        "train_settings.data.batch_size=4", "train_settings.checkpoint.every_n_steps=2", "long_factor=2",
+        "classifier.settings.epochs=1", "fid.num_samples=8", "fid.shard_size=8", "sampling.steps=2",
+        "sampling.batch_size=8", "text_alignment.images_per_prompt=1", "drift.num_samples=4",
+        "figures.weight_grid.concept_weights=[1.0,2.0]", "figures.weight_grid.control_weights=[1.0,5.0]",
+        "figures.rectification.seeds=[0]",
+    ])
+    assert list(cfg.methods) == ROWS  # the default rows: the paper's five methods plus DreamBooth (long)
+    reproduce(cfg, progress=False)
+
+    prior = load_prior(str(tmp_path / "prior"))
+    assert prior.unet.config.sample_size == 8 and prior.vae.config.scaling_factor != 1.0  # the trained toy VAE
+    for d in ("bold", "outlined"):
+        info = json.loads((tmp_path / "train" / f"{d}_dreambooth_long" / "export" / "ccp_export.json").read_text())
+        assert info["step"] == 4 and info["prior"] == str(tmp_path / "prior")
+    results = tmp_path / "results"
+    rows1 = json.loads((results / "table1.json").read_text())["rows"]
+    assert [r["method"] for r in rows1] == ROWS
+    assert all(math.isfinite(r[f"fid_{d}"]) for r in rows1 for d in ("bold", "outlined"))
+    rows2 = json.loads((results / "table2.json").read_text())["rows"]
+    assert all(0.0 <= r["text_alignment"] <= 1.0 for r in rows2)
+    drift = json.loads((results / "table_drift.json").read_text())
+    assert {r["method"] for r in drift["rows"]} == set(ROWS)
+    assert len(list(results.glob("*.png"))) >= 3
