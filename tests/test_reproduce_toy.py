@@ -40,7 +40,7 @@ def toy_config(out: Path, *extra: str):
         "sampling.batch_size=8", "text_alignment.images_per_prompt=2", "drift.num_samples=4",
         "figures.weight_grid.concept_weights=[0.5,1.5]", "figures.weight_grid.control_weights=[1.0,5.0]",
         "figures.rectification.methods=[dreambooth,dreambooth_long]", "figures.rectification.seeds=[0,1]",
-        "prior.toy_settings={steps: 3}", "long_factor=4", *extra,
+        "prior.toy_settings={steps: 3}", "long_factor=4", "datasets=[bold,outlined]", *extra,
     ])
     cfg.methods = ROWS
     cfg.text_alignment.prompts = PROMPTS

@@ -22,7 +22,7 @@ def test_toy_scale_runs_every_stage(tmp_path):
         "classifier.settings.epochs=1", "fid.num_samples=8", "fid.shard_size=8", "sampling.steps=2",
         "sampling.batch_size=8", "text_alignment.images_per_prompt=1", "drift.num_samples=4",
         "figures.weight_grid.concept_weights=[1.0,2.0]", "figures.weight_grid.control_weights=[1.0,5.0]",
-        "figures.rectification.seeds=[0]",
+        "figures.rectification.seeds=[0]", "datasets=[bold,outlined]",
     ])
     assert list(cfg.methods) == ROWS  # the default rows: the paper's five methods plus DreamBooth (long)
     reproduce(cfg, progress=False)

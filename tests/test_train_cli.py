@@ -101,6 +101,9 @@ def test_wandb_logs_offline_into_the_run_folder(tiny_prior_dir, image_dir, tmp_p
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
     assert list(runs[0].glob("files/media/images/validation/grid_*.png"))  # the validation grid went to wandb
+    # a second training in the same process gets its own wandb run (the first one was finished)
+    run_training(cfg, tmp_path / "second")
+    assert len(list((tmp_path / "second" / "wandb").glob("offline-run-*"))) == 1
 
 
 def test_periodic_sample_fid_is_logged_and_missing_inception_weights_fail_early(tiny_prior_dir, image_dir, tmp_path, monkeypatch):

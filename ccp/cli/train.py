@@ -139,6 +139,15 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def finish_wandb(trainer: L.Trainer) -> None:
+    """End this run's wandb run: otherwise the next training in the same process (make
+    reproduce-tables, the toy prior then the demo's concept model) logs into it."""
+    if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     """Train as configured (resuming when possible) and export; returns the export folder."""
     accumulate = check_config(cfg)
@@ -206,7 +215,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_wandb(trainer)
 
     export_dir = run_dir / "export"
     if trainer.is_global_zero:
