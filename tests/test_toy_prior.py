@@ -157,6 +157,12 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_prior, "train_toy_vae", no_training)
     assert demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
                          prior_settings=TINY_SETTINGS) == grid
+    # a retrained prior at the same path: the concept model is not reused
+    marker = tmp_path / "toy" / "prior" / toy_prior.DONE
+    marker.write_text(marker.read_text().replace('"seed": 0', '"seed": 0, "retrained": true'))
+    with pytest.raises(AssertionError, match="must be reused"):
+        demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
+                      prior_settings=TINY_SETTINGS)
     # other training settings: the finished concept model is not reused (training starts again)
     with pytest.raises(AssertionError, match="must be reused"):
         demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=[*overrides, "optim.lr=1e-3"],

@@ -25,7 +25,7 @@ import torch
 
 from ccp.guidance import GuidanceSpec
 from ccp.toy.digits import write_concept_dataset
-from ccp.toy.prior import CONF_DIR, ensure_toy_prior, set_threads
+from ccp.toy.prior import CONF_DIR, DONE, ensure_toy_prior, set_threads
 
 log = logging.getLogger(__name__)
 DEMO_PROMPTS = ("a red digit 0", "a green digit 2", "a blue digit 3", "a yellow digit 5", "a white digit 7", "a red digit 9")
@@ -54,13 +54,18 @@ def train_concept(prior_dir: Path, data_dir: Path, run_dir: Path, style: str, ov
                                           f"template.placeholder='<{style}>'", *overrides])
     from omegaconf import OmegaConf
 
-    info, saved = run_dir / "export" / EXPORT_INFO, run_dir / "config.yaml"
-    same_config = saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+    info, saved, prior_stamp = run_dir / "export" / EXPORT_INFO, run_dir / "config.yaml", run_dir / "prior.json"
+    # the prior folder's path can stay while its weights change (other toy prior settings)
+    prior_marker = (prior_dir / DONE).read_text() if (prior_dir / DONE).is_file() else ""
+    same_config = (saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+                   and prior_stamp.is_file() and prior_stamp.read_text() == prior_marker)
     if not same_config and run_dir.exists():
         log.info("%s was trained with other settings; training afresh", run_dir)
         shutil.rmtree(run_dir)
     if same_config and info.is_file() and json.loads(info.read_text()).get("step") == cfg.trainer.max_steps:
         return run_dir / "export"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prior_stamp.write_text(prior_marker)
     return run_training(cfg, run_dir=run_dir)  # resumes an interrupted run of the same config
 
 
