@@ -94,11 +94,11 @@ def token_identity_text_encoder(seed: int, token_embedding_scale: float) -> CLIP
     the residual stream outweighs the random attention's context mixing ~40x.
 
     Why: with SD's random init, moving "a red digit 3" behind "a digit, " changed its token
-    features more than changing red to blue (cosine 0.87 vs 0.96), and the first toy prior followed
-    a caption only at the prompt's start (alignment 0.83 alone, 0.006 after "a digit, "). With token
-    identity features the shifted caption keeps cosine 0.98 while another colour word drops to 0.22;
-    cross-attention then reads the prompt as a bag of words wherever the caption sits, the property
-    a pretrained CLIP gives SD (measured in docs/toy.md)."""
+    features more than changing red to blue (cosine 0.87 vs 0.92 for the colour token), and the
+    first toy prior followed a caption only at the prompt's start (alignment 0.83 alone, 0.006 after
+    "a digit, "). With token-identity features the shifted caption keeps cosine 0.98 while another
+    colour word drops to 0.22; cross-attention then reads the prompt as a bag of words wherever the
+    caption sits, the property a pretrained CLIP gives SD (experiments/toy/prompt_position.py)."""
     encoder = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**TOY_TEXT_ENCODER_CONFIG)))
     with torch.no_grad():
         encoder.get_submodule("embeddings.position_embedding").weight.zero_()
