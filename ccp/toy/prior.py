@@ -7,7 +7,7 @@ Stages, each kept when finished so an interrupted run continues where it stopped
 1. data: `write_prior_dataset` (plain style, train split, `copies` colourings per digit) with
    ``captions.jsonl``;
 2. VAE: `ccp.toy.vae.train_toy_vae` (32 px -> 8x8x4 latents);
-3. an initial pipeline folder: that VAE, a random small CLIP text encoder with the real CLIP
+3. an initial pipeline folder: that VAE, a random small token-identity CLIP text encoder with the real CLIP
    tokenizer (frozen, like SD's), a random cross-attention UNet, SD v1.5's scheduler;
 4. ccp-train with ``experiment=toy/prior`` (method ``text_to_image``: per-image captions, caption
    dropout 10%, EMA), resumable from its last checkpoint;
