@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ccp.cli.eval import RandomConvFeatures
 from ccp.evaluation.attributes import AttributePredictor, AttributeQuestion, ZeroShotAttributePredictor
 from ccp.evaluation.tables import write_tables
-from ccp.training.latent_cache import write_json_atomic
+from ccp.training.latent_cache import write_dir_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -297,19 +297,13 @@ def check_digit_inputs(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _write_folder_atomically(folder: Path, write) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, folder)
-
-
 def prepare_toy_inputs(cfg: DictConfig, progress: bool = False) -> None:
     """The prior (tiny random, or the trained toy prior) and the data folders, when absent: tiny
     scale's toy images and condition images, toy scale's digit concept folders (train and held out)."""
     if cfg.prior.get("write_tiny", False) and not Path(str(cfg.prior.path)).is_dir():
         from ccp.priors.tiny import save_tiny_prior
 
-        _write_folder_atomically(Path(str(cfg.prior.path)),
+        write_dir_atomic(Path(str(cfg.prior.path)),
                                  lambda tmp: save_tiny_prior(tmp, seed=int(cfg.seed), with_controlnet=True))
     elif cfg.prior.get("train_toy", False):
         from ccp.toy.prior import ensure_toy_prior
@@ -324,7 +318,7 @@ def prepare_toy_inputs(cfg: DictConfig, progress: bool = False) -> None:
 
         for split, folder in (("train", cfg.data[d].path), ("held_out", fid_real_path(cfg, d))):
             if not Path(str(folder)).is_dir():
-                _write_folder_atomically(Path(str(folder)), lambda tmp: write_concept_dataset(
+                write_dir_atomic(Path(str(folder)), lambda tmp: write_concept_dataset(
                     tmp, style=str(spec.style), split=split, seed=int(spec.seed), resolution=int(spec.resolution)))
     if not cfg.toy_data:
         return

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from ccp.guidance import GuidanceSpec
 from ccp.toy.digits import write_concept_dataset
+from ccp.training.latent_cache import write_dir_atomic
 from ccp.toy.prior import CONF_DIR, DONE, ensure_toy_prior, set_threads
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,7 @@ def ensure_concept_data(root: Path, style: str, split: str = "train", seed: int 
     """``<root>/<style>/<split>``: unlabeled concept images, written once (atomically)."""
     folder = root / style / split
     if not (folder / "labels.jsonl").is_file():
-        tmp = folder.with_name(f".{split}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_concept_dataset(tmp, style, split, seed, resolution)
-        os.replace(tmp, folder)
+        write_dir_atomic(folder, lambda tmp: write_concept_dataset(tmp, style, split, seed, resolution))
     return folder
 
 

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -37,6 +36,7 @@ from ccp.priors.tiny import SD15_SCHEDULER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TIN
 from ccp.priors.tokenizer import build_clip_tokenizer
 from ccp.toy.digits import render_set, write_prior_dataset
 from ccp.toy.vae import train_toy_vae
+from ccp.training.latent_cache import write_dir_atomic
 
 log = logging.getLogger(__name__)
 DONE = "ccp_toy_prior.json"
@@ -114,16 +114,8 @@ def write_initial_pipeline(out_dir: Path, vae: AutoencoderKL, seed: int, token_e
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    _atomic_dir(out_dir, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    write_dir_atomic(out_dir, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out_dir
-
-
-def _atomic_dir(out_dir: Path, write) -> None:
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
 
 
 def train_config(settings: ToyPriorSettings, work: Path, seed: int, overrides: list[str] = ()):
@@ -171,7 +163,7 @@ def ensure_toy_prior(out_dir: str | Path, seed: int = 0, progress: bool = True, 
 
     start = time.perf_counter()
     if not (work / "data" / "captions.jsonl").is_file():
-        _atomic_dir(work / "data", lambda tmp: write_prior_dataset(tmp, "train", s.data_seed, s.resolution, s.copies))
+        write_dir_atomic(work / "data", lambda tmp: write_prior_dataset(tmp, "train", s.data_seed, s.resolution, s.copies))
     times["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -196,7 +188,7 @@ def ensure_toy_prior(out_dir: str | Path, seed: int = 0, progress: bool = True, 
                 "work_dir": str(work)}
         (tmp / DONE).write_text(json.dumps(info, indent=2) + "\n")
 
-    _atomic_dir(out_dir, publish)
+    write_dir_atomic(out_dir, publish)
     log.info("toy prior ready at %s (%s)", out_dir, times)
     return out_dir
 

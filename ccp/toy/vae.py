@@ -10,14 +10,13 @@ diffusion UNet sees unit-variance latents.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
 from diffusers import AutoencoderKL
 
+from ccp.training.latent_cache import write_dir_atomic
 from ccp.training.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
@@ -112,9 +111,5 @@ def train_toy_vae(
     std = latent_std(vae, images)
     vae.register_to_config(scaling_factor=1.0 / std)
     log.info("toy VAE: %d steps, reconstruction L1 %.4f, latent std %.3f", steps, reconstruction_l1(vae, images[:512]), std)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    write_dir_atomic(out_dir, vae.save_pretrained)
     return vae

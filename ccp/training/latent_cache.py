@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +128,22 @@ def latent_cache_key(
 
 
 # --- files -----------------------------------------------------------------------------------
+def write_dir_atomic(folder: str | Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp_folder)` then rename it to `folder` (replacing an old one): an interrupted write
+    never leaves a half-written `folder` that a later run would take as finished."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
