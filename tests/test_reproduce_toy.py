@@ -199,6 +199,38 @@ def test_toy_rerun_trains_and_samples_nothing(toy_run, monkeypatch):
         assert json.loads((out / "results" / name).read_text())["rows"] == before
 
 
+def test_retrained_prior_or_changed_settings_retrain_the_methods(tmp_path, monkeypatch):
+    """An export in train_dir is reused only with the config and prior files it was trained on."""
+    fake = FakeToyPrior()
+    monkeypatch.setitem(sys.modules, "ccp.toy.prior", types.SimpleNamespace(ensure_toy_prior=fake))
+    small = ["datasets=[bold]", "drift.enabled=false", "figures.enabled=false", "text_alignment.enabled=false"]
+
+    def run(*extra):
+        cfg = toy_config(tmp_path, *small, *extra)
+        cfg.methods = ["ours"]
+        return reproduce(cfg, progress=False)
+
+    assert run()["trained"] == ["bold/ours"]
+    export = tmp_path / "train" / "bold_ours" / "export"
+    first = (export / "concept_unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert run()["trained"] == []
+    # the toy prior retrained at the same path (other weights): ours trains again, the old run is kept aside
+    from ccp.priors.tiny import save_tiny_prior
+
+    prior = Path(fake(tmp_path / "toy-prior"))
+    save_tiny_prior(prior, seed=7)
+    again = run()
+    assert again["trained"] == ["bold/ours"] and again["computed"]  # and its FID is measured anew
+    assert (tmp_path / "train" / "bold_ours.old" / "export" / "concept_unet" / "diffusion_pytorch_model.safetensors"
+            ).read_bytes() == first
+    assert run()["trained"] == []
+    # other training settings: trains again
+    assert run("train_settings.trainer.max_steps=3")["trained"] == ["bold/ours"]
+    assert json.loads((export / "ccp_export.json").read_text())["step"] == 3
+    # an export given explicitly is used as it is
+    assert run(f"exports.bold.ours={tmp_path / 'train' / 'bold_ours.old' / 'export'}")["trained"] == []
+
+
 def test_variant_row_trains_more_steps_in_its_own_folder(tmp_path):
     cfg = toy_config(tmp_path, "long_factor=3", "train_settings.trainer.max_steps=5")
     short = train_config(cfg, "bold", "dreambooth")

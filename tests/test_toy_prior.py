@@ -128,6 +128,12 @@ def test_ensure_toy_prior_trains_every_stage_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr("ccp.cli.train.run_training", no_training)
     monkeypatch.setattr(toy_prior, "train_toy_vae", no_training)
     assert toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, **TINY_SETTINGS) == out
+    # another training recipe (here an override; an edited experiment yaml alike) is another prior,
+    # trained in its own work folder; the VAE stage is keyed the same way
+    with pytest.raises(AssertionError, match="must be reused"):
+        toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, train_overrides=["optim.weight_decay=0.0"],
+                                   **TINY_SETTINGS)
+    assert len(list((tmp_path / "prior.work").iterdir())) == 2
     with pytest.raises(ValueError, match="unknown toy prior setting"):
         toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, stepz=3)
 
@@ -163,6 +169,9 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="must be reused"):
         demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
                       prior_settings=TINY_SETTINGS)
+    old = tmp_path / "demo" / "ours_bold.old"  # set aside, not deleted
+    assert json.loads((old / "export" / "ccp_export.json").read_text()) == info
+    assert not (tmp_path / "demo" / "ours_bold").exists()
     # other training settings: the finished concept model is not reused (training starts again)
     with pytest.raises(AssertionError, match="must be reused"):
         demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=[*overrides, "optim.lr=1e-3"],

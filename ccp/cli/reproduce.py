@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ccp.cli.eval import RandomConvFeatures
 from ccp.evaluation.attributes import AttributePredictor, AttributeQuestion, ZeroShotAttributePredictor
 from ccp.evaluation.tables import write_tables
-from ccp.training.latent_cache import write_dir_atomic, write_json_atomic
+from ccp.training.latent_cache import folder_stamp, write_dir_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -363,16 +363,25 @@ def train_config(cfg: DictConfig, dataset: str, method: str) -> DictConfig:
 
 
 def ensure_export(cfg: DictConfig, dataset: str, method: str) -> tuple[Path, bool]:
-    """(export folder, whether it was trained now)."""
-    from ccp.cli.train import run_training
+    """(export folder, whether it was trained now). An export of ``exports.<dataset>.<method>`` is
+    used as given; one in ``train_dir`` only while its config and the prior's files are those it
+    was trained with (a retrained toy prior at the same path retrains every method)."""
+    from ccp.cli.train import run_training, set_aside, trained_with
 
     path = export_dir(cfg, dataset, method)
-    if export_done(path):
+    given = OmegaConf.select(cfg, f"exports.{dataset}.{method}")
+    train_cfg = train_config(cfg, dataset, method)
+    current = trained_with(path.parent, train_cfg)
+    if export_done(path) and (given or current or not cfg.train_missing):
+        if not (given or current):
+            log.warning("%s was trained with another config or prior; using it anyway (train_missing=false)", path)
         return path, False
     if not cfg.train_missing:
         raise ReproduceConfigError(f"no export at {path} and train_missing=false")
-    log.info("training %s on %s (no export at %s)", method, dataset, path)
-    trained = run_training(train_config(cfg, dataset, method), path.parent)
+    if not current:
+        set_aside(path.parent)
+    log.info("training %s on %s into %s", method, dataset, path.parent)
+    trained = run_training(train_cfg, path.parent)
     if trained.resolve() != path.resolve():
         raise RuntimeError(f"training wrote {trained}, expected {path}")
     return path, True
@@ -592,13 +601,6 @@ def drift_config(cfg: DictConfig):
     d, s = cfg.drift, cfg.sampling
     return DriftConfig(num_samples=int(d.num_samples), steps=int(s.steps), height=int(s.height), width=int(s.width),
                        batch_size=int(s.batch_size), seed=int(d.seed))
-
-
-def folder_stamp(folder: Path) -> str:
-    """Hash of a folder's listing (names, sizes, mtimes): changes when a model folder is rewritten."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    listing = [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def prior_unconditional_samples(cfg: DictConfig, prior, classifier, progress: bool):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import hydra
@@ -28,6 +29,7 @@ from ccp.methods import TRAINABLE, method_class
 from ccp.methods.base import Method, PromptTemplate
 from ccp.evaluation.fid import InceptionWeightsError, resolve_inception_weights
 from ccp.priors.loading import PriorNotFoundError, looks_like_path, check_prior_folder, load_prior, resolve_dtype
+from ccp.training.latent_cache import folder_stamp
 from ccp.training.callbacks import EMACallback, SaveLastOnSigterm, ValidationGrid
 from ccp.training.module import PersonalizationModule, accumulation_steps
 from ccp.training.progress import StepProgressBar
@@ -35,6 +37,7 @@ from ccp.training.progress import StepProgressBar
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXPORT_INFO = "ccp_export.json"
+PRIOR_STAMP = "prior_stamp.txt"  # beside config.yaml: which prior files the run started from
 
 
 class TrainConfigError(ValueError):
@@ -215,6 +218,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / PRIOR_STAMP).write_text(prior_fingerprint(cfg.prior.path))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
@@ -233,6 +237,35 @@ def run_training(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
         (export_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         log.info("exported %s (step %d%s) to %s", cfg.method.name, trainer.global_step, ", EMA" if use_ema else "", export_dir)
     return export_dir
+
+
+def prior_fingerprint(path: str | Path) -> str:
+    """Changes when the prior folder's files are rewritten (e.g. a toy prior retrained at the same
+    path); a hub id stands for itself."""
+    path = Path(str(path))
+    return f"folder:{folder_stamp(path)}" if path.is_dir() else f"id:{path}"
+
+
+def trained_with(run_dir: str | Path, cfg: DictConfig) -> bool:
+    """Whether `run_dir` holds a training (finished or interrupted) of exactly `cfg`, started from
+    the prior as its files are now. A run without these stamps (older ccp) counts as different."""
+    run_dir = Path(run_dir)
+    saved, stamp = run_dir / "config.yaml", run_dir / PRIOR_STAMP
+    return (saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+            and stamp.is_file() and stamp.read_text() == prior_fingerprint(cfg.prior.path))
+
+
+def set_aside(run_dir: str | Path) -> Path | None:
+    """Move a run that no longer matches its config to ``<run_dir>.old`` (replacing an older one)
+    rather than delete it: what it trained stays inspectable until the next change."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return None
+    old = run_dir.with_name(run_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    run_dir.rename(old)
+    log.warning("%s was trained with another config or prior; moved to %s, training afresh", run_dir, old)
+    return old
 
 
 def load_trained(export_dir: str | Path, prior=None):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from ccp.guidance import GuidanceSpec
 from ccp.toy.digits import write_concept_dataset
 from ccp.training.latent_cache import write_dir_atomic
-from ccp.toy.prior import CONF_DIR, DONE, ensure_toy_prior, set_threads
+from ccp.toy.prior import CONF_DIR, ensure_toy_prior, set_threads
 
 log = logging.getLogger(__name__)
 DEMO_PROMPTS = ("a red digit 0", "a green digit 2", "a blue digit 3", "a yellow digit 5", "a white digit 7", "a red digit 9")
@@ -43,26 +42,18 @@ def train_concept(prior_dir: Path, data_dir: Path, run_dir: Path, style: str, ov
     """ccp-train experiment=toy/ours on `data_dir`; an export of the same step count is reused."""
     from hydra import compose, initialize_config_dir
 
-    from ccp.cli.train import EXPORT_INFO, run_training
+    from ccp.cli.train import EXPORT_INFO, run_training, set_aside, trained_with
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=toy/ours", f"prior.path={prior_dir}", f"data.path={data_dir}",
                                           f"data.cache_dir={run_dir / 'cache'}", f"dataset_name={style}",
                                           f"template.placeholder='<{style}>'", *overrides])
-    from omegaconf import OmegaConf
-
-    info, saved, prior_stamp = run_dir / "export" / EXPORT_INFO, run_dir / "config.yaml", run_dir / "prior.json"
-    # the prior folder's path can stay while its weights change (other toy prior settings)
-    prior_marker = (prior_dir / DONE).read_text() if (prior_dir / DONE).is_file() else ""
-    same_config = (saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
-                   and prior_stamp.is_file() and prior_stamp.read_text() == prior_marker)
-    if not same_config and run_dir.exists():
-        log.info("%s was trained with other settings; training afresh", run_dir)
-        shutil.rmtree(run_dir)
-    if same_config and info.is_file() and json.loads(info.read_text()).get("step") == cfg.trainer.max_steps:
-        return run_dir / "export"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prior_stamp.write_text(prior_marker)
+    info = run_dir / "export" / EXPORT_INFO
+    if trained_with(run_dir, cfg):
+        if info.is_file() and json.loads(info.read_text()).get("step") == cfg.trainer.max_steps:
+            return run_dir / "export"
+    else:
+        set_aside(run_dir)  # another config, or the prior was retrained at the same path
     return run_training(cfg, run_dir=run_dir)  # resumes an interrupted run of the same config
 
 

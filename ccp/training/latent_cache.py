@@ -144,6 +144,15 @@ def write_dir_atomic(folder: str | Path, write: Callable[[Path], object]) -> Pat
     return folder
 
 
+def folder_stamp(folder: str | Path) -> str:
+    """Hash of a folder's listing (names, sizes, mtimes): changes whenever its files are rewritten,
+    without reading them (a model folder of gigabytes is stamped in milliseconds)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    listing = [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return _sha(listing)[:16]
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
