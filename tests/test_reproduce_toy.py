@@ -40,7 +40,9 @@ def toy_config(out: Path, *extra: str):
         "sampling.batch_size=8", "text_alignment.images_per_prompt=2", "drift.num_samples=4",
         "figures.weight_grid.concept_weights=[0.5,1.5]", "figures.weight_grid.control_weights=[1.0,5.0]",
         "figures.rectification.methods=[dreambooth,dreambooth_long]", "figures.rectification.seeds=[0,1]",
-        "prior.toy_settings={steps: 3}", "long_factor=4", "datasets=[bold,outlined]", *extra,
+        "prior.toy_settings={steps: 3}", "long_factor=4", "datasets=[bold,outlined]", "weight_search.datasets=[bold]",
+        "weight_search.grid.default={control_weight: [1.0, 5.0]}", "weight_search.grid.ours={concept_weight: [1.0, 2.0]}",
+        *extra,
     ])
     cfg.methods = ROWS
     cfg.text_alignment.prompts = PROMPTS
@@ -172,6 +174,29 @@ def test_toy_run_figures(toy_run):
     assert "FID (paper)" not in (results / "table1.md").read_text()
 
 
+def test_toy_run_weight_search(toy_run):
+    out, cfg, summary, _ = toy_run
+    records = {(r["method"], r["dataset"]): r for r in summary["records"]}
+    for row in ROWS:
+        record, search = records[(row, "bold")], records[(row, "bold")]["fid_search"]
+        weight, configured, other = (("concept_weight", "1", "2") if row == "ours" else ("control_weight", "5", "1"))
+        assert search["weight"] == weight and list(search["fid"]) == sorted(search["fid"], key=float)
+        assert search["fid"][configured] == record["fid"]  # the table's own FID, not sampled twice
+        assert math.isfinite(search["fid"][other]) and search["fid"][other] != record["fid"]  # other guidance
+        assert search["best_fid"] == min(search["fid"].values())
+        assert search["fid"][f"{search['best_weight']:g}"] == search["best_fid"]
+        assert "fid_search" not in records[(row, "outlined")]  # weight_search.datasets=[bold]
+    md = _md_rows(out / "results" / "table1_weight_search.md")
+    assert [r[0] for r in md] == LABELS
+    assert [r[1] for r in md] == ["control (CFG)"] * 3 + ["concept"]
+    for r, row in zip(md, ROWS):
+        search = records[(row, "bold")]["fid_search"]
+        assert r[3] == f"{search['best_fid']:.2f}" and r[4] == f"{search['best_weight']:g}"
+        assert r[5:] == ["-", "-", "-"]  # outlined: not searched
+    rows = json.loads((out / "results" / "table1_weight_search.json").read_text())["rows"]
+    assert len(rows) == 2 * len(ROWS) and sum(r["best"] for r in rows) == len(ROWS)
+
+
 def test_toy_rerun_trains_and_samples_nothing(toy_run, monkeypatch):
     out, cfg, first, fake = toy_run
     import ccp.cli.train
@@ -247,7 +272,8 @@ def test_variant_row_trains_more_steps_in_its_own_folder(tmp_path):
 
 def test_toy_config_problems_are_listed_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ccp.toy.prior", None)  # as if ccp/toy/prior.py did not exist
-    cfg = toy_config(tmp_path / "run", "rows.dreambooth_long.method=dreambooh", "rows.dreambooth_long.step_factor=0")
+    cfg = toy_config(tmp_path / "run", "rows.dreambooth_long.method=dreambooh", "rows.dreambooth_long.step_factor=0",
+                     "weight_search.grid.oft={guidance_scale: [1.5]}", "weight_search.datasets=[bold,striped]")
     cfg.text_alignment.prompts = ["a red digit 3", "a purple digit 3"]
     cfg.text_alignment.attributes["a red digit 3"] = "red digit 33"
     with pytest.raises(ReproduceConfigError) as err:
@@ -255,7 +281,8 @@ def test_toy_config_problems_are_listed_before_anything_runs(tmp_path, monkeypat
     message = str(err.value)
     for needle in ("prior.train_toy=true but ccp.toy.prior.ensure_toy_prior cannot be imported",
                    "rows.dreambooth_long.method=dreambooh", "step_factor=0", "['a purple digit 3'] have no entry",
-                   "'red digit 33'"):
+                   "'red digit 33'", "weight_search.grid.oft={'guidance_scale': [1.5]}: give one of",
+                   "weight_search.datasets: ['striped'] not in datasets"):
         assert needle in message, needle
     assert not (tmp_path / "run").exists()  # nothing was written
     # the full list of toy settings is valid as shipped (only the prior's trainer is missing here)

@@ -208,6 +208,7 @@ def check_inputs(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, f"data.{d}") is None:
             problems.append(f"datasets lists {d!r} but data.{d} is not configured")
     problems += check_digit_inputs(cfg)
+    problems += check_weight_search(cfg)
     tiny = bool(cfg.toy_data)
     if not tiny:
         if _missing(cfg.prior.path) and not cfg.prior.get("write_tiny", False) and not cfg.prior.get("train_toy", False):
@@ -403,10 +404,11 @@ def _weights(cfg: DictConfig, method: str) -> dict[str, float]:
             "control_weight": float(own.get("control_weight", g.control_weight))}
 
 
-def _settings(cfg: DictConfig, metric: str, method: str, stamp: str) -> dict[str, Any]:
+def _settings(cfg: DictConfig, metric: str, method: str, stamp: str,
+              weights: dict[str, float] | None = None) -> dict[str, Any]:
     parts = {"metric": metric, "export": stamp, "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
-             "weights": _weights(cfg, method)}
-    section = {"text_alignment_parts": "text_alignment"}.get(metric, metric)
+             "weights": weights or _weights(cfg, method)}
+    section = "fid" if metric.startswith("fid_search/") else {"text_alignment_parts": "text_alignment"}.get(metric, metric)
     if section in ("fid", "text_alignment", "spatial_alignment", "drift"):
         parts[section] = OmegaConf.to_container(cfg[section], resolve=True)
     if section != "params" and cfg.get("classifier") is not None and uses_digit_classifier(cfg):
@@ -443,8 +445,8 @@ class Cell:
         info = json.loads((self.export / "ccp_export.json").read_text())
         return PromptTemplate(**info["template"])
 
-    def metric(self, name: str, compute) -> Any:
-        settings = _settings(self.cfg, name, self.method, self.stamp)
+    def metric(self, name: str, compute, weights: dict[str, float] | None = None) -> Any:
+        settings = _settings(self.cfg, name, self.method, self.stamp, weights)
         entry = self.record.get(name)
         if entry is not None and entry.get("settings") == json.loads(json.dumps(settings)):
             self.reused.append(name)
@@ -537,13 +539,15 @@ class PromptAttributePredictor(AttributePredictor):
                 for kind, found in self.parts.items() if set(found) == set(self.mapping)}
 
 
-def measure_fid(cfg: DictConfig, cell: Cell, progress: bool, classifier=None) -> float:
+def measure_fid(cfg: DictConfig, cell: Cell, progress: bool, classifier=None, weights: dict[str, float] | None = None,
+                shard_dir: Path | None = None) -> float:
     from ccp.evaluation.fid import FIDConfig, run_fid
     from ccp.evaluation.generation import PipelineSampler
 
     f, s = cfg.fid, cfg.sampling
     fid_cfg = FIDConfig(
-        real_path=fid_real_path(cfg, cell.dataset), shard_dir=str(cell.dir / "fid_shards"), resolution=int(f.resolution),
+        real_path=fid_real_path(cfg, cell.dataset), shard_dir=str(shard_dir or cell.dir / "fid_shards"),
+        resolution=int(f.resolution),
         num_samples=int(f.num_samples), shard_size=int(f.shard_size), batch_size=int(s.batch_size), seed=int(f.seed),
         inception_weights=f.inception_weights, max_real_images=f.max_real_images,
         stats_cache_dir=str(f.stats_cache_dir) if f.stats_cache_dir else None, num_workers=int(f.num_workers),
@@ -552,11 +556,74 @@ def measure_fid(cfg: DictConfig, cell: Cell, progress: bool, classifier=None) ->
                  else classifier().feature_extractor() if f.feature_extractor == "digit" else None)
     fid_cfg.check(need_weights=extractor is None)
     pipe, denoiser, cls = cell.loaded
-    spec = cls.default_guidance(denoiser, cell.template, None, **_weights(cfg, cell.method))
+    spec = cls.default_guidance(denoiser, cell.template, None, **(weights or _weights(cfg, cell.method)))
     sampler = PipelineSampler(pipe, spec, num_inference_steps=int(s.steps), height=int(s.height), width=int(s.width),
                               batch_size=int(s.batch_size))
     return float(run_fid(fid_cfg, sampler, feature_extractor=extractor, device=cfg.device, rank=0, world_size=1,
                          progress=progress))
+
+
+SEARCHABLE = ("concept_weight", "control_weight")
+
+
+def search_enabled(cfg: DictConfig, dataset: str) -> bool:
+    ws = cfg.get("weight_search")
+    return bool(ws is not None and ws.enabled and cfg.fid.enabled
+                and (ws.get("datasets") is None or dataset in ws.datasets))
+
+
+def search_grid(cfg: DictConfig, row: str) -> tuple[str, list[float]]:
+    """(weight name, values) searched for one row: its own grid entry, its method's, or ``default``."""
+    grid = cfg.weight_search.grid
+    entry = grid.get(row) or grid.get(method_of(cfg, row)) or grid.get("default")
+    if entry is None or len(entry) != 1:
+        raise ReproduceConfigError(f"weight_search.grid: no single weight for {row!r} (give it, its method or "
+                                   f"'default' one entry, e.g. {{control_weight: [1.0, 2.0, 5.0]}})")
+    (name, values), = entry.items()
+    return str(name), [float(v) for v in values]
+
+
+def check_weight_search(cfg: DictConfig) -> list[str]:
+    ws = cfg.get("weight_search")
+    if ws is None or not ws.enabled:
+        return []
+    problems = []
+    for key, entry in (ws.get("grid") or {}).items():
+        entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
+        ok = isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in SEARCHABLE
+        values = next(iter(entry.values())) if ok else None
+        if not ok or not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            problems.append(f"weight_search.grid.{key}={entry}: give one of {list(SEARCHABLE)} with a non-empty "
+                            "list of numbers, e.g. {control_weight: [1.0, 2.0, 5.0]}")
+    for row in cfg.methods:
+        try:
+            search_grid(cfg, row)
+        except ReproduceConfigError as err:
+            problems.append(str(err))
+    unknown = [d for d in (ws.get("datasets") or []) if d not in cfg.datasets]
+    if unknown:
+        problems.append(f"weight_search.datasets: {unknown} not in datasets {list(cfg.datasets)}")
+    return problems
+
+
+def search_fid(cfg: DictConfig, cell: Cell, fid_at_configured: float | None, progress: bool, classifier) -> dict:
+    """FID at each value of the row's searched guidance weight (the others as configured), and the
+    best: the paper compares each method at its own best weights. The configured value reuses the
+    table's FID; every other value samples into its own shard folder and record entry."""
+    name, values = search_grid(cfg, cell.method)
+    base = _weights(cfg, cell.method)
+    fids = {}
+    for value in values:
+        weights = {**base, name: value}
+        if weights == base and fid_at_configured is not None:
+            fids[f"{value:g}"] = fid_at_configured
+            continue
+        tag = f"{name}={value:g}"
+        fids[f"{value:g}"] = cell.metric(f"fid_search/{tag}", lambda: measure_fid(
+            cfg, cell, progress, classifier, weights, shard_dir=cell.dir / f"fid_shards_{tag}"), weights=weights)
+    best = min(fids, key=fids.get)
+    return {"weight": name, "fid": fids, "best_weight": float(best), "best_fid": fids[best]}
 
 
 def measure_text(cfg: DictConfig, cell: Cell, progress: bool, classifier=None) -> float:
@@ -772,6 +839,8 @@ def reproduce(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
         record["params"] = cell.metric("params", lambda: count_params(cfg, cell, prior()))
         record["fid"] = (cell.metric("fid", lambda: measure_fid(cfg, cell, inner, classifier))
                          if cfg.fid.enabled else None)
+        if search_enabled(cfg, d):
+            record["fid_search"] = search_fid(cfg, cell, record["fid"], inner, classifier)
         on_table2 = d == cfg.table2_dataset
         record["text_alignment"] = (cell.metric("text_alignment", lambda: measure_text(cfg, cell, inner, classifier))
                                     if on_table2 and cfg.text_alignment.enabled else None)

@@ -269,11 +269,58 @@ def drift_markdown(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str] = 
     return (f"### {title}\n\n" if title else "") + _md(header, body) + note
 
 
+WEIGHT_LABELS = {"control_weight": "control (CFG)", "concept_weight": "concept"}
+
+
+def weight_search_rows(records: Sequence[Mapping[str, Any]], datasets: Sequence[str] = DATASETS) -> list[dict[str, Any]]:
+    """One row per (method, dataset, weight value) with a ``fid_search`` record: the long form
+    (CSV); `weight_search_markdown` folds it per method."""
+    labels = row_labels(records)
+    rows = []
+    index = _index(records)
+    for method in ordered_methods(r for r in records if r.get("fid_search")):
+        for d in datasets:
+            search = index.get((method, d), {}).get("fid_search")
+            if not search:
+                continue
+            for value, fid in search["fid"].items():
+                rows.append({"method": method, "label": labels[method], "dataset": d, "weight": search["weight"],
+                             "value": float(value), "fid": _number(fid), "best": float(value) == search["best_weight"]})
+    return rows
+
+
+def weight_search_markdown(records: Sequence[Mapping[str, Any]], datasets: Sequence[str] = DATASETS,
+                           title: str | None = None) -> str:
+    """Method | weight searched | per dataset: FID at each value, best FID (at which value)."""
+    index = _index(records)
+    labels = row_labels(records)
+    header = ["Method", "Weight searched"]
+    for d in datasets:
+        name = DATASET_LABELS.get(d, d)
+        header += [f"{name} FID at each value", f"{name} best FID ↓", "at"]
+    body = []
+    for method in ordered_methods(r for r in records if r.get("fid_search")):
+        searches = [index.get((method, d), {}).get("fid_search") for d in datasets]
+        weight = next(s["weight"] for s in searches if s)
+        cells = [labels[method], WEIGHT_LABELS.get(weight, weight)]
+        for search in searches:
+            if not search:
+                cells += ["-", "-", "-"]
+                continue
+            per_value = " · ".join(f"{v}: {_fmt(_number(f), 1)}" for v, f in search["fid"].items())
+            cells += [per_value, _fmt(_number(search["best_fid"]), 2), f"{search['best_weight']:g}"]
+        body.append(cells)
+    note = ("\nTable 1 at each row's best guidance weight (the paper searched weights per method): FID with "
+            "the weight in column 2 varied, the other weights as configured, the same seeds at every value.\n")
+    return (f"### {title}\n\n" if title else "") + _md(header, body) + note
+
+
 def write_tables(records: Sequence[Mapping[str, Any]], out_dir: str | Path, datasets: Sequence[str] = DATASETS,
                  table2_dataset: str = "face", title_suffix: str = "", table2_extra: Mapping[str, str] | None = None,
                  not_applicable: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Write ``table1.{md,csv,json}`` and ``table2.{md,csv,json}`` under `out_dir` (atomically),
-    and ``table_drift.{md,csv,json}`` when some record has a ``drift`` entry.
+    ``table_drift.{md,csv,json}`` when some record has a ``drift`` entry and
+    ``table1_weight_search.{md,csv,json}`` when some record has a ``fid_search`` entry.
 
     The JSON files hold ``{"rows": [...], "records": [...], "paper": {...}}``: the table rows with
     unrounded numbers, the input records and the paper's values. `table2_extra` (record key ->
@@ -311,4 +358,11 @@ def write_tables(records: Sequence[Mapping[str, Any]], out_dir: str | Path, data
         paths["table_drift.csv"] = write_text_atomic(out_dir / "table_drift.csv", rows_csv(rows_d))
         paths["table_drift.json"] = write_text_atomic(out_dir / "table_drift.json", json.dumps(
             {"rows": rows_d, "records": [r for r in used if r.get("drift")]}, indent=1) + "\n")
+    rows_w = weight_search_rows(records, datasets)
+    if rows_w:
+        paths["table1_weight_search.md"] = write_text_atomic(out_dir / "table1_weight_search.md", weight_search_markdown(
+            records, datasets, title=f"Table 1 with guidance weights searched{title_suffix}"))
+        paths["table1_weight_search.csv"] = write_text_atomic(out_dir / "table1_weight_search.csv", rows_csv(rows_w))
+        paths["table1_weight_search.json"] = write_text_atomic(out_dir / "table1_weight_search.json", json.dumps(
+            {"rows": rows_w, "records": [r for r in used if r.get("fid_search")]}, indent=1) + "\n")
     return paths
