@@ -22,7 +22,8 @@ test-fast: setup
 
 # The main job at toy scale (ccp/toy/demo.py): train (or reuse) the toy prior on captioned plain digits,
 # train a null-text concept model on unlabeled bold digits, write outputs/demo/grid.png.
-# 2 torch threads: fastest on an otherwise idle 2-core machine (first run 10 min 52 s measured);
+# 2 torch threads: fastest on an otherwise idle 2-core machine, and the same as reproduce-tables SCALE=toy
+# (a prior trained with another thread count differs numerically, and both share outputs/toy/prior).
 # DEMO_THREADS=1 when something else is running (2 threads under contention were 4.7x slower).
 DEMO_THREADS ?= 2
 demo: setup
