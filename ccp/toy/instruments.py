@@ -284,30 +284,37 @@ class ToyAttributePredictor(AttributePredictor):
         return self.colour.predict(images, colour) & self.digit.predict(images, digit)
 
 
+def held_out_halves(style: str, seed: int = 0, resolution: int = DEFAULT_RESOLUTION):
+    """The held-out digits rendered twice (two random colours) in `style`, and a mask of half A:
+    the first half of the held-out digits, so halves A and B share no digit."""
+    from ccp.toy.digits import split_indices
+
+    held = split_indices("held_out", seed)
+    first = set(held[: len(held) // 2].tolist())
+    toy = render_set("held_out", style, seed, resolution, copies=2)
+    return toy, torch.tensor([int(s) in first for s in toy.sources])
+
+
 def measure_instruments(seed: int = 0, resolution: int = DEFAULT_RESOLUTION) -> dict:
     """Train the classifier and measure every instrument on the held-out split (the numbers
     docs/toy.md reports; tests/test_toy_data.py asserts the same protocol). Held-out digits are
     rendered twice (two random colours) per style and cut into two halves of disjoint digits A
     and B; FID compares equal-size sets: A vs B of one style, plain A vs style B."""
     from ccp.evaluation.fid import FeatureStats, extract_features, frechet_distance
-    from ccp.toy.digits import split_indices
 
     model, info = train_digit_classifier(seed, resolution)
     extractor = model.feature_extractor()
     colour = ColourPredictor()
-    held = split_indices("held_out", seed)
-    first = set(held[: len(held) // 2].tolist())
     result: dict = {"train": info, "digit_accuracy": {}, "colour_accuracy": {}, "fid_within_style": {},
                     "fid_plain_vs": {}}
     halves = {}
     for style in STYLES:
-        toy = render_set("held_out", style, seed, resolution, copies=2)
+        toy, in_a = held_out_halves(style, seed, resolution)
         x = toy.tensor()
         result["digit_accuracy"][style] = classifier_accuracy(model, x, torch.from_numpy(toy.digits))
         predicted = colour.classify_arrays(x)
         result["colour_accuracy"][style] = float(np.mean([p == c for p, c in zip(predicted, toy.colours)]))
         features = extract_features(extractor, x)
-        in_a = torch.tensor([int(s) in first for s in toy.sources])
         halves[style] = (FeatureStats.from_features(features[in_a]), FeatureStats.from_features(features[~in_a]))
         result["fid_within_style"][style] = frechet_distance(*halves[style])
     for style in STYLES[1:]:

@@ -3,7 +3,7 @@
     python experiments/toy/vae_ceiling.py outputs/toy/prior outputs/reproduce/toy/digit_classifier.safetensors
 
 The held-out digits, rendered twice (two random colours) per style, are cut into halves A and B of
-disjoint digits, as `ccp.toy.instruments.measure_instruments` does; FID(A, B) is the floor of the
+disjoint digits (`ccp.toy.instruments.held_out_halves`, as the instruments' FID check); FID(A, B) is the floor of the
 finite sample, FID(A, decode(encode(B))) adds what the 8x8x4 latent space loses. No method that
 samples through this VAE can beat the second number by much.
 """
@@ -21,19 +21,16 @@ def vae_ceiling(prior_dir: str, classifier: str, seed: int = 0, resolution: int 
     from diffusers import AutoencoderKL
 
     from ccp.evaluation.fid import FeatureStats, extract_features, frechet_distance
-    from ccp.toy.digits import STYLES, render_set, split_indices
-    from ccp.toy.instruments import load_classifier
+    from ccp.toy.digits import STYLES
+    from ccp.toy.instruments import held_out_halves, load_classifier
     from ccp.toy.vae import reconstruction_l1, to_model_range
 
     vae = AutoencoderKL.from_pretrained(f"{prior_dir}/vae").eval()
     extractor = load_classifier(classifier).feature_extractor()
-    held = split_indices("held_out", seed)
-    first = set(held[: len(held) // 2].tolist())
     out = {}
     for style in STYLES:
-        toy = render_set("held_out", style, seed, resolution, copies=2)
+        toy, in_a = held_out_halves(style, seed, resolution)
         images = toy.tensor()
-        in_a = torch.tensor([int(s) in first for s in toy.sources])
         x = to_model_range(images[~in_a])
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
         recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
