@@ -52,12 +52,12 @@ bench-sampling: setup
 bench-training: setup
 	$(BIN)/python benchmarks/training.py --out benchmarks/results $(ARGS)
 
-# Tables 1-2 and Figs. 8-10 (conf/reproduce/$(SCALE).yaml): tiny = offline CPU smoke run (< 3 min),
+# Tables 1-2 and Figs. 8-10 (ccp-reproduce, ccp/conf/scale/$(SCALE).yaml): tiny = offline CPU smoke run (< 3 min),
 # toy = the digits reproduction into experiments/toy/results (docs/toy.md; 23 min with the toy prior cached),
 # full = the paper's evaluation on trained SD v1.5 models (docs/evaluation.md). Extra settings: ARGS="key=value ...".
 SCALE ?= tiny
 reproduce-tables: setup
-	$(BIN)/python -m ccp.cli.reproduce scale=$(SCALE) $(ARGS)
+	$(BIN)/ccp-reproduce scale=$(SCALE) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

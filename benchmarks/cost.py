@@ -4,8 +4,8 @@
         --sampling benchmarks/results/sampling_sd15_cuda_float16_512px.json
 
 The recipe's sizes come from the configs, not from this file: ten trainings (methods x datasets of
-conf/reproduce/full.yaml) of `trainer.max_steps` x `trainer.global_batch_size` images
-(conf/experiment/table1/face_ours.yaml), FID over `fid.num_samples` per cell, text alignment
+ccp/conf/scale/full.yaml) of `trainer.max_steps` x `trainer.global_batch_size` images
+(ccp/conf/experiment/table1/face_ours.yaml), FID over `fid.num_samples` per cell, text alignment
 (prompts x images_per_prompt) and spatial alignment (conditions x samples) for every method on
 the Table 2 dataset, all at `sampling.steps` denoising steps.
 
@@ -26,15 +26,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+from ccp.config import CONF_DIR
+
 
 
 class BenchmarkMismatch(ValueError):
     """A benchmark JSON that cannot price the SD v1.5 recipe."""
 
 
-def recipe(conf_dir: Path = ROOT / "conf") -> dict:
-    full = OmegaConf.load(conf_dir / "reproduce" / "full.yaml")
+def recipe(conf_dir: Path = Path(CONF_DIR)) -> dict:
+    full = OmegaConf.load(conf_dir / "scale" / "full.yaml")
     train = OmegaConf.load(conf_dir / "experiment" / "table1" / "face_ours.yaml")
     return {
         "methods": list(full.methods),

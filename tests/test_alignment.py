@@ -33,6 +33,7 @@ from ccp.evaluation.attributes import (
 from ccp.evaluation.canny import canny_edges, disk, edge_f1, edge_map_image
 from ccp.methods.base import PromptTemplate
 from ccp.methods.dreambooth import DreamBooth
+from ccp.methods.export import TrainedModel
 from ccp.methods.ours import NullTextConcept
 
 TEMPLATE = PromptTemplate()
@@ -211,7 +212,7 @@ class FakePipe:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, guidance, num_images, height, width, num_inference_steps, generator, output_type):
+    def __call__(self, guidance, num_images, height, width, num_inference_steps, generator, output_type, eta=0.0):
         seeds = [g.initial_seed() for g in generator]
         self.calls.append({"spec": guidance, "num_images": num_images, "seeds": seeds,
                            "size": (height, width), "steps": num_inference_steps, "output_type": output_type})
@@ -233,8 +234,8 @@ def test_text_alignment_per_prompt_and_mean(method_cls, tmp_path):
     config = TextAlignmentConfig(prompts=("red", "blue"), images_per_prompt=8, batch_size=3, steps=2,
                                  height=16, width=16, seed=100, concept_weight=1.25, control_weight=4.0)
     out = tmp_path / "results" / "text.json"
-    result = text_alignment(pipe, denoiser, method_cls, TEMPLATE, ColourPredictor(COLOUR_QUESTIONS), config,
-                            out=out, image_dir=tmp_path / "images", progress=False)
+    result = text_alignment(TrainedModel(pipe, denoiser, method_cls, TEMPLATE), ColourPredictor(COLOUR_QUESTIONS),
+                            config, out=out, image_dir=tmp_path / "images", progress=False)
     # seeds 100..107: red is right for 6 of 8 (seeds 100 and 104 are wrong), blue for 4 of 8
     assert result["per_prompt"] == {
         "red": {"alignment": 0.75, "found": 6, "total": 8},
@@ -265,13 +266,14 @@ def test_alignment_table_arithmetic():
 
 def test_text_alignment_fails_before_sampling(tmp_path):
     pipe = FakePipe()
+    model = TrainedModel(pipe, "concept", NullTextConcept, TEMPLATE)
     missing = tmp_path / "nowhere" / "ViT-L-14.pt"
     with pytest.raises(FileNotFoundError, match="ViT-L-14.pt") as err:
-        text_alignment(pipe, "concept", NullTextConcept, TEMPLATE, config=TextAlignmentConfig(clip_weights=str(missing)))
+        text_alignment(model, config=TextAlignmentConfig(clip_weights=str(missing)))
     assert str(missing) in str(err.value) and "clip_weights" in str(err.value)
     with pytest.raises(ValueError, match="cannot decide"):
-        text_alignment(pipe, "concept", NullTextConcept, TEMPLATE, ColourPredictor(COLOUR_QUESTIONS),
-                       TextAlignmentConfig(prompts=("red", "wearing hat")), progress=False)
+        text_alignment(model, ColourPredictor(COLOUR_QUESTIONS), TextAlignmentConfig(prompts=("red", "wearing hat")),
+                       progress=False)
     assert pipe.calls == []
 
 
@@ -293,14 +295,16 @@ def test_select_conditions_and_fit(tmp_path):
 def test_spatial_guidance_per_method():
     edges = object()
     config = SpatialAlignmentConfig(concept_weight=1.5, control_weight=6.0, control_scale=0.8)
-    ours = spatial_guidance(NullTextConcept, "concept", TEMPLATE, "prior+controlnet", edges, False, config)
+    ours = spatial_guidance(TrainedModel(None, "concept", NullTextConcept, TEMPLATE), "prior+controlnet", edges, False,
+                            config)
     assert [(t.name, t.source.denoiser, t.weight) for t in ours.terms] == [
         ("concept", "concept", 1.5), ("spatial", "prior+controlnet", 6.0)]
     spatial = ours.terms[1].source.condition
     assert spatial.control_image is edges and spatial.control_scale == 0.8 and spatial.prompt == ""
     assert ours.unconditional.denoiser == "prior" and ours.unconditional.condition.control_image is None
     # baselines: unconditional and CFG term both on the method's UNet + ControlNet
-    base = spatial_guidance(DreamBooth, "dreambooth", TEMPLATE, "dreambooth+controlnet", edges, True, config)
+    base = spatial_guidance(TrainedModel(None, "dreambooth", DreamBooth, TEMPLATE), "dreambooth+controlnet", edges,
+                            True, config)
     for source, prompt in ((base.unconditional, ""), (base.terms[0].source, "a photo of face")):
         assert source.denoiser == "dreambooth+controlnet"
         assert source.condition.prompt == prompt and source.condition.control_image is edges
@@ -346,8 +350,8 @@ def test_spatial_alignment_end_to_end_on_the_tiny_prior(tiny_prior, tiny_prior_d
     controlnet.controlnet_cond_embedding.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     config = SpatialAlignmentConfig(num_conditions=2, samples_per_condition=1, steps=2, height=64, width=64)
     out = tmp_path / "spatial.json"
-    result = spatial_alignment(spy, "concept", NullTextConcept, TEMPLATE, condition_dir, controlnet, config,
-                               out=out, image_dir=tmp_path / "images", progress=False)
+    result = spatial_alignment(TrainedModel(spy, "concept", NullTextConcept, TEMPLATE), condition_dir, controlnet,
+                               config, out=out, image_dir=tmp_path / "images", progress=False)
 
     assert result["count"] == 2 and [c["condition"] for c in result["per_condition"]] == ["a_square.png", "b_disc.jpg"]
     scores = [s for c in result["per_condition"] for key in ("f1", "precision", "recall") for s in c[key]]
@@ -380,7 +384,7 @@ def test_spatial_alignment_baseline_puts_the_controlnet_on_its_own_unet(tiny_pri
     spy = Spy(pipe)
     config = SpatialAlignmentConfig(num_conditions=1, samples_per_condition=2, steps=2, height=64, width=64,
                                     seed=3, batch_size=1)
-    result = spatial_alignment(spy, denoiser, DreamBooth, TEMPLATE, condition_dir,
+    result = spatial_alignment(TrainedModel(spy, denoiser, DreamBooth, TEMPLATE), condition_dir,
                                load_controlnet(tiny_prior_dir / "controlnet"), config, progress=False)
     assert result["count"] == 2 and len(result["per_condition"][0]["f1"]) == 2
     added = pipe.denoisers["dreambooth+controlnet"]

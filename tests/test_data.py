@@ -451,12 +451,11 @@ def test_lightning_fit_takes_the_vae_from_the_module_and_sees_only_latents(image
 
 @pytest.mark.parametrize("name, resolution, cached", [("folder", 512, False), ("ffhq", 512, True), ("afhqv2", 512, True), ("tiny", 64, False)])
 def test_data_configs_instantiate_the_datamodule(name, resolution, cached, tmp_path):
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name=None, overrides=[f"+data={name}", f"data.path={tmp_path}"])
+    from ccp.config import compose
+
+    cfg = compose(None, overrides=[f"+data={name}", f"data.path={tmp_path}"])
     dm = instantiate(cfg.data)
     assert isinstance(dm, ConceptDataModule) and dm.path == tmp_path
     assert dm.resolution == resolution and dm.latent_cache.enabled is cached and dm.center_crop is False

@@ -8,22 +8,14 @@ import copy
 import pytest
 import torch
 
-from ccp.evaluation.drift import (
-    DriftConfig,
-    UnconditionalSamples,
-    digit_judge,
-    drift,
-    method_unconditional,
-    prior_unconditional,
-    sample_unconditional,
-    style_index,
-)
+from ccp.evaluation.drift import DriftConfig, UnconditionalSamples, drift, prior_unconditional, sample_unconditional
 from ccp.guidance import Condition, GuidanceSpec, Source
 from ccp.methods import method_class
 from ccp.methods.base import PromptTemplate
+from ccp.methods.export import TrainedModel
 from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.toy.digits import STYLES
-from ccp.toy.instruments import DigitClassifier, train_digit_classifier
+from ccp.toy.instruments import DigitClassifier, digit_judge, style_index, train_digit_classifier
 
 CONFIG = DriftConfig(num_samples=8, steps=2, height=64, width=64, batch_size=4, seed=3)
 
@@ -72,8 +64,8 @@ def test_unchanged_unet_has_no_drift_and_a_perturbed_one_does(pipe, judge):
 
 def test_ours_falls_back_to_the_prior_and_a_baseline_to_its_own_model(pipe, judge):
     template = PromptTemplate()
-    ours = method_unconditional(method_class("ours"), "concept", template)
-    dreambooth = method_unconditional(method_class("dreambooth"), "dreambooth", template)
+    ours = TrainedModel(pipe, "concept", method_class("ours"), template).unconditional()
+    dreambooth = TrainedModel(pipe, "dreambooth", method_class("dreambooth"), template).unconditional()
     assert ours.terms == () and ours.unconditional == Source("prior", Condition(prompt=""))
     assert dreambooth.terms == () and dreambooth.unconditional == Source("dreambooth", Condition(prompt=""))
     # ours is not special-cased: its unconditional is sampled, and equals the prior's

@@ -13,11 +13,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 import ccp.cli.eval as eval_cli
-from ccp.cli.eval import CONF_DIR, EvalConfigError, RandomConvFeatures, check_eval_config, run_eval
-from ccp.evaluation.fid import InceptionWeightsError
+import ccp.evaluation.run as eval_run
+from ccp.config import compose
+from ccp.evaluation.fid import InceptionWeightsError, RandomConvFeatures
+from ccp.evaluation.run import EvalConfigError, check_eval_config, run_eval
 
 
 def _images(folder, n, seed):
@@ -30,15 +30,14 @@ def _images(folder, n, seed):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from ccp.cli.train import CONF_DIR as TRAIN_CONF, run_training
     from ccp.priors.tiny import save_tiny_prior
+    from ccp.training.run import run_training
 
     root = tmp_path_factory.mktemp("eval")
     prior = save_tiny_prior(root / "prior", seed=0, with_controlnet=True)
     images = _images(root / "images", 6, seed=0)
-    with initialize_config_dir(config_dir=TRAIN_CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=tiny/ours", f"prior.path={prior}", f"data.path={images}",
-                                          f"data.cache_dir={root / 'cache'}", "validation.every_n_steps=0"])
+    cfg = compose("train", overrides=["experiment=tiny/ours", f"prior.path={prior}", f"data.path={images}",
+                                      f"data.cache_dir={root / 'cache'}", "validation.every_n_steps=0"])
     export = run_training(cfg, root / "train" / "tiny_ours")
 
     from clip.model import CLIP
@@ -51,8 +50,7 @@ def setup(tmp_path_factory):
 
 
 def _cfg(setup, *overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("eval", overrides=_cfg_overrides(setup) + list(overrides))
+    return compose("eval", overrides=_cfg_overrides(setup) + list(overrides))
 
 
 def _fid(setup):
@@ -81,7 +79,7 @@ def test_fid_of_an_export(setup, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("loaded a model for a finished point")
 
-    monkeypatch.setattr(eval_cli, "load_prior", refuse)
+    monkeypatch.setattr(eval_run, "load_prior", refuse)
     assert run_eval(_cfg(setup, *_fid(setup), "guidance.concept_weight=1.5"), tmp_path) == on_disk
     with pytest.raises(AssertionError, match="finished point"):  # another setting in that folder is recomputed
         run_eval(_cfg(setup, *_fid(setup), "guidance.concept_weight=2.0"), tmp_path)
@@ -137,8 +135,8 @@ def no_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the checks failed")
 
-    monkeypatch.setattr(eval_cli, "load_prior", fail)
-    monkeypatch.setattr(eval_cli, "load_trained", fail)
+    monkeypatch.setattr(eval_run, "load_prior", fail)
+    monkeypatch.setattr(eval_run, "load_trained", fail)
 
 
 def test_bad_inputs_fail_before_loading(setup, tmp_path, no_loading, monkeypatch):
@@ -173,7 +171,7 @@ def test_bad_inputs_fail_before_loading(setup, tmp_path, no_loading, monkeypatch
         check_eval_config(_cfg(setup, *_text(setup), "text.prompts=[wearing a cape]"))
     with pytest.raises(EvalConfigError, match="template: .*unexpected keyword"):
         check_eval_config(_cfg(setup, *_fid(setup), "template={prompt: x}"))
-    assert eval_cli.text_prompts(_cfg(setup, *_text(setup), "text.prompts=smiling")) == ("smiling",)
+    assert eval_run.text_prompts(_cfg(setup, *_text(setup), "text.prompts=smiling")) == ("smiling",)
     plan = check_eval_config(_cfg(setup, "metric=spatial", f"spatial.condition_path={setup['real']}",
                                   "spatial.num_conditions=2", f"spatial.controlnet_path={setup['prior'] / 'controlnet'}"))
     assert plan.method == "ours" and plan.prior_path == str(setup["prior"])
@@ -222,11 +220,11 @@ def test_sample_metrics_callback_logs_fid_and_alignment_with_the_ema_weights(set
     extractor = RandomConvFeatures()
     real = FeatureStats.from_features(extractor(torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)))
     template = PromptTemplate()
-    metrics = Spy(tiny_prior, template, real, extractor, every_n_steps=1, num_samples=4, steps=2, batch_size=4,
+    metrics = Spy(every_n_steps=1, num_samples=4, real_stats=real, feature_extractor=extractor, steps=2, batch_size=4,
                   predictor=CLIPAttributePredictor(setup["clip"], device="cpu"), prompts=("smiling",), images_per_prompt=2)
     method = NullTextConcept(tiny_prior, template, definition="value_mean")
     module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
-                                   lr=1e-3, seed=0)
+                                   lr=1e-3, seed=0, prior=tiny_prior)
     loader = torch.utils.data.DataLoader(_Pixels(), batch_size=2)
     logger = L.pytorch.loggers.CSVLogger(str(tmp_path), name="csv")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=logger, log_every_n_steps=1, enable_progress_bar=False,

@@ -18,6 +18,7 @@ from ccp.evaluation.fid import (
     INCEPTION_WEIGHTS_URL,
     FeatureStats,
     InceptionWeightsError,
+    RandomConvFeatures,
     fid_from_shards,
     fid_over_samples,
     fill_metric_state,
@@ -26,8 +27,8 @@ from ccp.evaluation.fid import (
     real_statistics,
     run_fid,
 )
-from ccp.cli.eval import RandomConvFeatures
 from ccp.evaluation.generation import MissingShardsError, PipelineSampler, ShardDirMismatchError
+from ccp.pipelines.sampling import noise_generators
 
 
 class SmallExtractor(RandomConvFeatures):
@@ -44,16 +45,17 @@ class SmallExtractor(RandomConvFeatures):
 
 
 class FakeGenerator:
-    """generate_fn: image i is uniform noise from generator i (brightness shifted), float [0, 1]."""
+    """generate_fn: image i of seed s is uniform noise from image i's generator (brightness shifted), float [0, 1]."""
 
     def __init__(self, fail_at: int | None = None, shift: float = 0.2):
         self.fail_at, self.shift = fail_at, shift
         self.calls: list[list[int]] = []
 
-    def __call__(self, indices, generators):
+    def __call__(self, indices, seed):
         if self.fail_at is not None and self.fail_at in indices:
             raise KeyboardInterrupt("cut short")
         self.calls.append(list(indices))
+        generators = noise_generators(seed, indices)
         return torch.stack([(torch.rand(3, 12, 12, generator=g) * 0.8 + self.shift).clamp(0, 1) for g in generators])
 
     @property
@@ -146,8 +148,7 @@ def test_real_statistics_are_cached_per_folder_and_resolution(tmp_path, extracto
 
 def test_sharded_fid_does_not_depend_on_shard_size_batch_or_ranks(tmp_path, extractor, real):
     n = 20
-    generators = [torch.Generator().manual_seed(5 + i) for i in range(n)]
-    images = (FakeGenerator()(list(range(n)), generators) * 255).round().to(torch.uint8)
+    images = (FakeGenerator()(list(range(n)), 5) * 255).round().to(torch.uint8)
     direct = frechet_distance(real, FeatureStats.from_features(extractor(images)))
 
     def run(folder, shard_size, batch_size=1, rank=0, world_size=1, gen=None):

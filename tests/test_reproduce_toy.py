@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ccp.cli.reproduce import (
-    ReproduceConfigError,
-    check_inputs,
-    export_dir,
-    load_config,
-    reproduce,
-    train_config,
-)
+from ccp.reproduce import ReproduceConfigError, compose_reproduce, reproduce
+from ccp.reproduce.config import check_inputs, export_dir
+from ccp.reproduce.exports import train_config
 from ccp.toy.digits import split_indices
 
 ROWS = ["textual_inversion", "dreambooth", "dreambooth_long", "ours"]
@@ -32,15 +27,15 @@ PROMPTS = list(ATTRIBUTES)
 
 def toy_config(out: Path, *extra: str):
     """scale=toy with every count shrunk; the tiny prior's 64 px and the tiny experiments."""
-    cfg = load_config([
+    cfg = compose_reproduce([
         "scale=toy", f"out_dir={out}", f"results_dir={out}/results", f"prior.path={out}/toy-prior", "resolution=64",
-        "data.bold.experiment=tiny/{method}", "data.outlined.experiment=tiny/{method}",
-        "train_settings.trainer.max_steps=2", "train_settings.checkpoint.every_n_steps=2",
+        "data.bold.experiment='tiny/{method}'", "data.outlined.experiment='tiny/{method}'",
+        "train_settings.trainer.max_steps=2", "+train_settings.checkpoint.every_n_steps=2",
         "classifier.settings.epochs=1", "fid.num_samples=8", "fid.shard_size=8", "sampling.steps=2",
         "sampling.batch_size=8", "text_alignment.images_per_prompt=2", "drift.num_samples=4",
         "figures.weight_grid.concept_weights=[0.5,1.5]", "figures.weight_grid.control_weights=[1.0,5.0]",
         "figures.rectification.methods=[dreambooth,dreambooth_long]", "figures.rectification.seeds=[0,1]",
-        "prior.toy_settings={steps: 3}", "long_factor=4", "datasets=[bold,outlined]", "weight_search.datasets=[bold]",
+        "++prior.toy_settings={steps: 3}", "long_factor=4", "datasets=[bold,outlined]", "weight_search.datasets=[bold]",
         "weight_search.grid.default={control_weight: [1.0, 5.0]}", "weight_search.grid.ours={concept_weight: [1.0, 2.0]}",
         *extra,
     ])
@@ -199,8 +194,8 @@ def test_toy_run_weight_search(toy_run):
 
 def test_toy_rerun_trains_and_samples_nothing(toy_run, monkeypatch):
     out, cfg, first, fake = toy_run
-    import ccp.cli.train
     import ccp.pipelines.gcfg
+    import ccp.reproduce.exports
     import ccp.toy.digits
     import ccp.toy.instruments
 
@@ -209,7 +204,7 @@ def test_toy_rerun_trains_and_samples_nothing(toy_run, monkeypatch):
             raise AssertionError(f"the rerun {what}")
         return fail
 
-    monkeypatch.setattr(ccp.cli.train, "run_training", forbidden("trained a method"))
+    monkeypatch.setattr(ccp.reproduce.exports, "run_training", forbidden("trained a method"))
     monkeypatch.setattr(ccp.pipelines.gcfg.GCFGPipeline, "__call__", forbidden("sampled"))
     monkeypatch.setattr(ccp.toy.instruments, "train_digit_classifier", forbidden("trained the classifier"))
     monkeypatch.setattr(ccp.toy.digits, "write_concept_dataset", forbidden("rewrote a concept folder"))
@@ -253,7 +248,7 @@ def test_retrained_prior_or_changed_settings_retrain_the_methods(tmp_path, monke
     assert run("train_settings.trainer.max_steps=3")["trained"] == ["bold/ours"]
     assert json.loads((export / "ccp_export.json").read_text())["step"] == 3
     # an export given explicitly is used as it is
-    assert run(f"exports.bold.ours={tmp_path / 'train' / 'bold_ours.old' / 'export'}")["trained"] == []
+    assert run(f"+exports.bold.ours={tmp_path / 'train' / 'bold_ours.old' / 'export'}")["trained"] == []
 
 
 def test_variant_row_trains_more_steps_in_its_own_folder(tmp_path):
@@ -265,27 +260,22 @@ def test_variant_row_trains_more_steps_in_its_own_folder(tmp_path):
     assert OmegaConf.to_container(short.template) == OmegaConf.to_container(long.template)
     assert export_dir(cfg, "bold", "dreambooth_long") == tmp_path / "train" / "bold_dreambooth_long" / "export"
     # tiny keeps its five plain rows
-    tiny = load_config(["scale=tiny", f"out_dir={tmp_path}"])
+    tiny = compose_reproduce(["scale=tiny", f"out_dir={tmp_path}"])
     assert list(tiny.methods) == ["textual_inversion", "dreambooth", "custom_diffusion", "oft", "ours"]
     assert tiny.get("rows") is None
 
 
-def test_toy_config_problems_are_listed_before_anything_runs(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ccp.toy.prior", None)  # as if ccp/toy/prior.py did not exist
+def test_toy_config_problems_are_listed_before_anything_runs(tmp_path):
     cfg = toy_config(tmp_path / "run", "rows.dreambooth_long.method=dreambooh", "rows.dreambooth_long.step_factor=0",
-                     "weight_search.grid.oft={guidance_scale: [1.5]}", "weight_search.datasets=[bold,striped]")
+                     "+weight_search.grid.oft={guidance_scale: [1.5]}", "weight_search.datasets=[bold,striped]")
     cfg.text_alignment.prompts = ["a red digit 3", "a purple digit 3"]
     cfg.text_alignment.attributes["a red digit 3"] = "red digit 33"
     with pytest.raises(ReproduceConfigError) as err:
         reproduce(cfg, progress=False)
     message = str(err.value)
-    for needle in ("prior.train_toy=true but ccp.toy.prior.ensure_toy_prior cannot be imported",
-                   "rows.dreambooth_long.method=dreambooh", "step_factor=0", "['a purple digit 3'] have no entry",
+    for needle in ("rows.dreambooth_long.method=dreambooh", "step_factor=0", "['a purple digit 3'] have no entry",
                    "'red digit 33'", "weight_search.grid.oft={'guidance_scale': [1.5]}: give one of",
                    "weight_search.datasets: ['striped'] not in datasets"):
         assert needle in message, needle
     assert not (tmp_path / "run").exists()  # nothing was written
-    # the full list of toy settings is valid as shipped (only the prior's trainer is missing here)
-    with pytest.raises(ReproduceConfigError) as err:
-        check_inputs(load_config(["scale=toy", f"out_dir={tmp_path}"]))
-    assert str(err.value).count("\n  - ") == 1 and "ccp.toy.prior" in str(err.value)
+    check_inputs(compose_reproduce(["scale=toy", f"out_dir={tmp_path}"]))  # the toy settings are valid as shipped

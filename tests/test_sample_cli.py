@@ -12,10 +12,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ccp.cli import sample as sample_cli
+from ccp.config import compose
+from ccp.pipelines import run as sample_cli
 from ccp.guidance import Condition, GuidanceConfigError, GuidanceSpec, GuidanceTerm, Source
 from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.priors import PriorNotFoundError, build_clip_tokenizer, load_controlnet
@@ -25,8 +25,7 @@ SMALL = ["sampling.height=64", "sampling.width=64", "sampling.steps=2"]
 
 
 def config(prior_dir, *overrides):
-    with initialize_config_dir(config_dir=sample_cli.CONF_DIR, version_base="1.3"):
-        return compose("sample", overrides=[f"prior.path={prior_dir}", *SMALL, *overrides])
+    return compose("sample", overrides=[f"prior.path={prior_dir}", *SMALL, *overrides])
 
 
 def read_images(folder: Path) -> list[np.ndarray]:
@@ -275,8 +274,7 @@ def test_missing_prior_folder_is_the_loaders_error(tmp_path):
 
 
 def test_prior_path_is_required(tmp_path):
-    with initialize_config_dir(config_dir=sample_cli.CONF_DIR, version_base="1.3"):
-        cfg = compose("sample", overrides=SMALL)
+    cfg = compose("sample", overrides=SMALL)
     with pytest.raises(sample_cli.SampleConfigError, match=r"prior\.path=/path/to/sd-v1-5"):
         sample_cli.run_sampling(cfg, tmp_path)
 

@@ -7,18 +7,18 @@ from __future__ import annotations
 import json
 import math
 
-from ccp.cli.reproduce import load_config, reproduce
+from ccp.reproduce import compose_reproduce, reproduce
 from ccp.priors.loading import load_prior
 
 ROWS = ["textual_inversion", "dreambooth", "dreambooth_long", "custom_diffusion", "oft", "ours"]
 
 
 def test_toy_scale_runs_every_stage(tmp_path):
-    cfg = load_config([
+    cfg = compose_reproduce([
         "scale=toy", f"out_dir={tmp_path}", f"results_dir={tmp_path}/results", f"prior.path={tmp_path}/prior",
-        "prior.toy_settings={copies: 1, vae_steps: 2, vae_batch_size: 8, steps: 2, batch_size: 8, warmup_steps: 0}",
-        "train_settings.trainer.max_steps=2", "train_settings.trainer.global_batch_size=4",
-        "train_settings.data.batch_size=4", "train_settings.checkpoint.every_n_steps=2", "long_factor=2",
+        "++prior.toy_settings={copies: 1, vae_steps: 2, vae_batch_size: 8, steps: 2, batch_size: 8, warmup_steps: 0}",
+        "train_settings.trainer.max_steps=2", "+train_settings.trainer.global_batch_size=4",
+        "+train_settings.data.batch_size=4", "+train_settings.checkpoint.every_n_steps=2", "long_factor=2",
         "classifier.settings.epochs=1", "fid.num_samples=8", "fid.shard_size=8", "sampling.steps=2",
         "sampling.batch_size=8", "text_alignment.images_per_prompt=1", "drift.num_samples=4",
         "figures.weight_grid.concept_weights=[1.0,2.0]", "figures.weight_grid.control_weights=[1.0,5.0]",

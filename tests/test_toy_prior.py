@@ -125,7 +125,7 @@ def test_ensure_toy_prior_trains_every_stage_then_reuses(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished toy prior must be reused")
 
-    monkeypatch.setattr("ccp.cli.train.run_training", no_training)
+    monkeypatch.setattr(toy_prior, "run_training", no_training)
     monkeypatch.setattr(toy_prior, "train_toy_vae", no_training)
     assert toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, **TINY_SETTINGS) == out
     # another training recipe (here an override; an edited experiment yaml alike) is another prior,
@@ -159,7 +159,8 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished demo stage must be reused")
 
-    monkeypatch.setattr("ccp.cli.train.run_training", no_training)
+    monkeypatch.setattr(toy_prior, "run_training", no_training)
+    monkeypatch.setattr(demo, "run_training", no_training)
     monkeypatch.setattr(toy_prior, "train_toy_vae", no_training)
     assert demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
                          prior_settings=TINY_SETTINGS) == grid

@@ -7,11 +7,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from ccp.cli.train import CONF_DIR, TrainConfigError, check_config, load_trained, run_training
+from ccp.config import compose
 from ccp.methods import METHODS
+from ccp.methods.export import load_trained
+from ccp.training.run import TrainConfigError, check_config, run_training
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +25,8 @@ def image_dir(tmp_path_factory):
 
 
 def _cfg(method, prior_dir, image_dir, *extra):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[f"experiment=tiny/{method}", f"prior.path={prior_dir}", f"data.path={image_dir}",
-                       f"data.cache_dir={image_dir.parent / 'cache'}", *extra],
-        )
+    return compose("train", overrides=[f"experiment=tiny/{method}", f"prior.path={prior_dir}", f"data.path={image_dir}",
+                                       f"data.cache_dir={image_dir.parent / 'cache'}", *extra])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -40,18 +37,13 @@ def test_each_method_trains_exports_and_samples(method, tiny_prior_dir, image_di
     assert ckpt["global_step"] == cfg.trainer.max_steps
     assert (tmp_path / "validation" / f"step_{cfg.trainer.max_steps:07d}.png").is_file()
     assert (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().count("train/loss") == 1
-    pipe, denoiser, cls = load_trained(export)
-    assert cls is METHODS[method]
-    pipe.set_progress_bar_config(disable=True)
-    spec = cls.default_guidance(denoiser, _template(cfg), "wearing glasses")
-    images = pipe(spec, num_images=2, height=64, width=64, num_inference_steps=2, output_type="np").images
+    model = load_trained(export)
+    assert model.method is METHODS[method] and model.export_dir == export
+    assert model.template.placeholder == cfg.template.placeholder  # the export names its template
+    model.pipe.set_progress_bar_config(disable=True)
+    spec = model.guidance("wearing glasses")
+    images = model.pipe(spec, num_images=2, height=64, width=64, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
-
-
-def _template(cfg):
-    from ccp.cli.train import template_from
-
-    return template_from(cfg)
 
 
 def test_ours_exports_the_ema_weights(tiny_prior_dir, image_dir, tmp_path):
@@ -89,6 +81,10 @@ def test_bad_configs_fail_before_loading(tiny_prior_dir, image_dir, tmp_path):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=5"))
     with pytest.raises(TrainConfigError, match="method='lora' is unknown"):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.name=lora"))
+    with pytest.raises(TrainConfigError, match="does not build method 'ours'.*NullTextConcept"):
+        check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.module._target_=ccp.methods.oft.OFT"))
+    with pytest.raises(TrainConfigError, match="method.module._target_=ccp.methods.lora.LoRA: cannot be imported"):
+        check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.module._target_=ccp.methods.lora.LoRA"))
     assert check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=8")) == 4
 
 

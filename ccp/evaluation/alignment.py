@@ -1,9 +1,9 @@
 """Text-guided and spatial-guided alignment of a personalization method (Table 2, Appendix D.3).
 
-Both evaluations take a method as ccp-train exports it, ``(pipe, denoiser, method_cls)`` from
-``ccp.cli.train.load_trained``, plus the prompt template, and sample with per-image seeds
-(image ``i`` uses ``torch.Generator().manual_seed(seed + i)``), so results do not depend on the
-batch size and every method sees the same noise.
+Both evaluations take a method as ccp-train exports it, a `TrainedModel` from
+``ccp.methods.export.load_trained`` (pipeline, denoiser, method, template), and sample image ``i``
+of seed ``config.seed`` (`ccp.pipelines.sampling`), so results do not depend on the batch size or
+the device and every method sees the same noise.
 
 * Text-guided: for each prompt of Table 3, `images_per_prompt` images sampled with the method's
   own `default_guidance(..., control_prompt=prompt)` (baselines: the prompt joined to the
@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import PIL.Image
@@ -40,10 +40,9 @@ from ccp.evaluation.canny import (
     edge_map_image,
 )
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
-from ccp.methods.base import Method, PromptTemplate
-from ccp.models.denoisers import ControlNetDenoiser
-from ccp.training.data import list_image_files, load_rgb8
-from ccp.training.latent_cache import write_json_atomic
+from ccp.methods.export import TrainedModel
+from ccp.pipelines.sampling import sample_images
+from ccp.io import list_image_files, load_rgb8, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +81,10 @@ class SpatialAlignmentConfig(SamplingConfig):
 
 
 # --- sampling ----------------------------------------------------------------------------------
-def generate(pipe: Callable, spec: GuidanceSpec, indices: Sequence[int], config: SamplingConfig) -> list[PIL.Image.Image]:
-    """Images ``indices`` of an evaluation: one pipeline call, image ``i`` from its own generator
-    seeded ``config.seed + i``."""
-    generators = [torch.Generator().manual_seed(config.seed + int(i)) for i in indices]
-    out = pipe(
-        guidance=spec,
-        num_images=len(generators),
-        height=config.height,
-        width=config.width,
-        num_inference_steps=config.steps,
-        generator=generators,
-        output_type="pil",
-    )
-    return list(out.images)
+def generate(pipe: Any, spec: GuidanceSpec, indices: Sequence[int], config: SamplingConfig) -> list[PIL.Image.Image]:
+    """Images ``indices`` of seed ``config.seed`` in one pipeline call."""
+    return sample_images(pipe, spec, indices, seed=config.seed, batch_size=max(1, len(indices)),
+                         num_inference_steps=config.steps, height=config.height, width=config.width)
 
 
 def _quiet_pipeline_bar(pipe: Any, progress: bool) -> None:
@@ -124,11 +113,11 @@ def _write(out: str | Path | None, result: dict) -> None:
     write_json_atomic(out, result)
 
 
-def _describe(method_cls: type[Method], denoiser: str, template: PromptTemplate, config: SamplingConfig) -> dict:
+def _describe(model: TrainedModel, config: SamplingConfig) -> dict:
     return {
-        "method": method_cls.name,
-        "denoiser": denoiser,
-        "template": template.prompt(with_token=method_cls.trains_token),
+        "method": model.method.name,
+        "denoiser": model.denoiser,
+        "template": model.template.prompt(with_token=model.method.trains_token),
         "config": asdict(config),
     }
 
@@ -149,20 +138,8 @@ def alignment_table(found: dict[str, torch.Tensor | Sequence[bool]]) -> dict:
     return {"per_prompt": per_prompt, "mean": mean}
 
 
-def text_guidance(method_cls: type[Method], denoiser: str, template: PromptTemplate, prompt: str,
-                  config: SamplingConfig) -> GuidanceSpec:
-    """How a method is sampled for a text-guided prompt: the method's own `default_guidance`."""
-    return method_cls.default_guidance(
-        denoiser, template, control_prompt=prompt,
-        concept_weight=config.concept_weight, control_weight=config.control_weight,
-    )
-
-
 def text_alignment(
-    pipe: Callable,
-    denoiser: str,
-    method_cls: type[Method],
-    template: PromptTemplate,
+    model: TrainedModel,
     predictor: AttributePredictor | None = None,
     config: TextAlignmentConfig = TextAlignmentConfig(),
     out: str | Path | None = None,
@@ -181,12 +158,14 @@ def text_alignment(
     if predictor is None:
         predictor = CLIPAttributePredictor(config.clip_weights)
     predictor.check(config.prompts)
-    specs = {prompt: text_guidance(method_cls, denoiser, template, prompt, config) for prompt in config.prompts}
+    # how a method is sampled for a text-guided prompt: its own default guidance
+    specs = {prompt: model.guidance(prompt, config.concept_weight, config.control_weight) for prompt in config.prompts}
+    pipe = model.pipe
     _quiet_pipeline_bar(pipe, progress)
 
     found: dict[str, torch.Tensor] = {}
     n = config.images_per_prompt
-    for prompt in tqdm(config.prompts, desc=f"{method_cls.name}: prompts", disable=not progress):
+    for prompt in tqdm(config.prompts, desc=f"{model.name}: prompts", disable=not progress):
         flags = []
         folder = Path(image_dir) / _slug(prompt) if image_dir is not None else None
         with tqdm(total=n, desc=prompt, leave=False, disable=not progress) as bar:
@@ -197,11 +176,11 @@ def text_alignment(
                 flags.append(torch.as_tensor(predictor.predict(images, prompt), dtype=torch.bool).cpu().flatten())
                 bar.update(len(indices))
         found[prompt] = torch.cat(flags)
-        log.info("%s %r: alignment %.3f", method_cls.name, prompt, float(found[prompt].float().mean()))
+        log.info("%s %r: alignment %.3f", model.name, prompt, float(found[prompt].float().mean()))
 
     result = {
         "kind": "text",
-        **_describe(method_cls, denoiser, template, config),
+        **_describe(model, config),
         "predictor": type(predictor).__name__,
         **alignment_table(found),
         "num_images": n * len(config.prompts),
@@ -270,13 +249,16 @@ def attach_controlnet(pipe: Any, denoiser: str, controlnet: torch.nn.Module) -> 
         unet, name = pipe.unet, "prior+controlnet"
     else:
         raise ValueError(f"denoiser {denoiser!r} is of kind {base.kind!r}; expected a text UNet or a concept model")
-    controlnet = controlnet.to(device=unet.device, dtype=unet.dtype).eval()
-    pipe.add_denoiser(name, ControlNetDenoiser(unet, controlnet))
+    existing = pipe.denoisers.get(name)
+    if existing is None:
+        pipe.add_denoiser(name, unet, controlnet=controlnet.to(device=unet.device, dtype=unet.dtype).eval())
+    elif existing.controlnet is not controlnet:
+        raise ValueError(f"the pipeline already has another ControlNet as {name!r}; load the model afresh")
     return name
 
 
-def spatial_guidance(method_cls: type[Method], denoiser: str, template: PromptTemplate, control_denoiser: str,
-                     control_image: Any, takes_prompt: bool, config: SpatialAlignmentConfig) -> GuidanceSpec:
+def spatial_guidance(model: TrainedModel, control_denoiser: str, control_image: Any, takes_prompt: bool,
+                     config: SpatialAlignmentConfig) -> GuidanceSpec:
     """The method's `default_guidance` (no control prompt) with the canny ControlNet added.
 
     `takes_prompt` (baselines): every source on the method's denoiser moves to its ControlNet
@@ -285,10 +267,8 @@ def spatial_guidance(method_cls: type[Method], denoiser: str, template: PromptTe
     prior + ControlNet on ``config.control_prompt``, weight ``config.control_weight``, next to
     the concept term (control guidance, Fig. 4b).
     """
-    spec = method_cls.default_guidance(
-        denoiser, template, control_prompt=None,
-        concept_weight=config.concept_weight, control_weight=config.control_weight,
-    )
+    spec = model.guidance(None, config.concept_weight, config.control_weight)
+    denoiser = model.denoiser
 
     def controlled(prompt: str | None) -> Source:
         return Source(control_denoiser, Condition(prompt=prompt or "", control_image=control_image,
@@ -305,10 +285,7 @@ def spatial_guidance(method_cls: type[Method], denoiser: str, template: PromptTe
 
 
 def spatial_alignment(
-    pipe: Any,
-    denoiser: str,
-    method_cls: type[Method],
-    template: PromptTemplate,
+    model: TrainedModel,
     condition_dir: str | Path,
     controlnet: torch.nn.Module | None = None,
     config: SpatialAlignmentConfig = SpatialAlignmentConfig(),
@@ -325,6 +302,7 @@ def spatial_alignment(
     recall}], method, ...}``; written to `out` as JSON (atomically) when given, images and the
     condition edge maps under ``image_dir/<condition>/`` when given.
     """
+    pipe, denoiser = model.pipe, model.denoiser
     controlnet = controlnet if controlnet is not None else getattr(pipe, "controlnet", None)
     if controlnet is None:
         raise ValueError("spatial alignment needs a canny ControlNet: pass controlnet=load_controlnet(path)")
@@ -337,10 +315,9 @@ def spatial_alignment(
 
     per_condition, scores = [], []
     k = config.samples_per_condition
-    bar = tqdm(total=len(conditions) * k, desc=f"{method_cls.name}: spatial", unit="img", disable=not progress)
+    bar = tqdm(total=len(conditions) * k, desc=f"{model.name}: spatial", unit="img", disable=not progress)
     for j, condition in enumerate(conditions):
-        spec = spatial_guidance(method_cls, denoiser, template, control_denoiser, condition.control_image,
-                                takes_prompt, config)
+        spec = spatial_guidance(model, control_denoiser, condition.control_image, takes_prompt, config)
         folder = Path(image_dir) / _slug(condition.name) if image_dir is not None else None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -363,7 +340,7 @@ def spatial_alignment(
 
     result = {
         "kind": "spatial",
-        **_describe(method_cls, denoiser, template, config),
+        **_describe(model, config),
         "condition_dir": str(condition_dir),
         "mean_f1": float(np.mean([s.f1 for s in scores])),
         "mean_precision": float(np.mean([s.precision for s in scores])),

@@ -19,14 +19,14 @@ Inversion) gets ~0 because its samples are the prior's, not because it is skippe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from ccp.evaluation.fid import FeatureStats, frechet_distance
-from ccp.evaluation.generation import PipelineSampler
+from ccp.evaluation.generation import to_uint8_images
 from ccp.guidance import GuidanceSpec
-from ccp.methods.base import Method, PromptTemplate
+from ccp.pipelines.sampling import sample_batches
 
 # uint8 images [n, 3, H, W] -> (features [n, D], style index [n])
 Judge = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -49,12 +49,6 @@ class DriftConfig:
             raise ValueError("drift.num_samples must be at least 2 (FID needs a covariance)")
 
 
-def method_unconditional(method_cls: type[Method], denoiser: str, template: PromptTemplate) -> GuidanceSpec:
-    """The method's own unconditional source alone: what its sampling falls back to."""
-    spec = method_cls.default_guidance(denoiser, template, control_prompt=None)
-    return GuidanceSpec(terms=(), unconditional=spec.unconditional)
-
-
 def prior_unconditional() -> GuidanceSpec:
     """The prior on the empty prompt (GuidanceSpec's default unconditional), alone."""
     return GuidanceSpec(terms=())
@@ -73,16 +67,15 @@ class UnconditionalSamples:
 
 
 def sample_unconditional(pipe, spec: GuidanceSpec, judge: Judge, config: DriftConfig) -> UnconditionalSamples:
-    """`config.num_samples` images of `spec`, image i from ``torch.Generator().manual_seed(seed + i)``,
-    judged batch by batch (features and style), images not kept."""
+    """Images ``0 .. num_samples - 1`` of seed ``config.seed`` under `spec`, judged batch by batch
+    (features and style), images not kept."""
     config.check()
-    sampler = PipelineSampler(pipe, spec, num_inference_steps=config.steps, height=config.height,
-                              width=config.width, batch_size=config.batch_size, generator_device="cpu")
+    pipe.check_guidance(spec)
     features, styles = [], []
-    for start in range(0, config.num_samples, config.batch_size):
-        indices = list(range(start, min(start + config.batch_size, config.num_samples)))
-        generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
-        f, s = judge(sampler(indices, generators))
+    for _, images in sample_batches(pipe, spec, range(config.num_samples), seed=config.seed,
+                                    batch_size=config.batch_size, num_inference_steps=config.steps,
+                                    height=config.height, width=config.width, output_type="pt"):
+        f, s = judge(to_uint8_images(images))
         features.append(f.detach().cpu().double())
         styles.append(s.detach().cpu().long())
     return UnconditionalSamples(torch.cat(features), torch.cat(styles))
@@ -101,25 +94,3 @@ def drift(method: UnconditionalSamples, prior: UnconditionalSamples, style: int)
         "prior_style_share": prior.style_share(style),
         "num_samples": int(method.features.shape[0]),
     }
-
-
-def digit_judge(classifier, batch_size: int = 512) -> Judge:
-    """Judge with the toy `DigitClassifier`: its FID features (penultimate layer) and its style
-    head's argmax (an index into `ccp.toy.digits.STYLES`)."""
-
-    @torch.no_grad()
-    def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        classifier.eval()
-        features = torch.cat([classifier.features(images[i : i + batch_size])
-                              for i in range(0, len(images), batch_size)])
-        return features, classifier.style_head(features).argmax(dim=1)
-
-    return judge
-
-
-def style_index(style: str, styles: Sequence[str] | None = None) -> int:
-    if styles is None:
-        from ccp.toy.digits import STYLES as styles
-    if style not in styles:
-        raise ValueError(f"style {style!r} is not one the classifier's style head knows ({list(styles)})")
-    return list(styles).index(style)

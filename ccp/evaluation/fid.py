@@ -34,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ccp.config import ConfigError
 from ccp.evaluation.generation import (
     GenerateFn,
     default_rank_world,
@@ -49,8 +51,7 @@ from ccp.evaluation.generation import (
     run_meta,
     to_uint8_images,
 )
-from ccp.training.data import BadImageWarning, list_image_files, load_rgb8, resize_to_square
-from ccp.training.latent_cache import default_cache_root, write_atomic
+from ccp.io import BadImageWarning, content_hash, default_cache_root, list_image_files, load_rgb8, resize_to_square, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,11 @@ STATS_FORMAT_VERSION = 1
 REAL_PREPROCESS = "pil-rgb8-bicubic-resize-uint8"
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(ConfigError, FileNotFoundError):
     """The Inception weights file is missing or unusable; the message says what to put where."""
 
 
-class FIDConfigError(ValueError):
+class FIDConfigError(ConfigError, ValueError):
     """An FID setting that cannot run; the message says how to fix it."""
 
 
@@ -139,6 +140,28 @@ def inception_feature_extractor(
         ) from err
     net.num_features = INCEPTION_FEATURES
     return net.to(device) if device is not None else net
+
+
+class RandomConvFeatures(nn.Module):
+    """FOR TESTS ONLY (``fid.feature_extractor=random_conv``): a fixed, seeded random conv net,
+    uint8 [n, 3, H, W] -> 8-d features, so the FID pipeline runs without the Inception weights.
+    Its numbers are not FID and are not comparable with anything."""
+
+    num_features = 8
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = nn.Linear(6 * 4, self.num_features)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        self.requires_grad_(False).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float() / 127.5 - 1, size=(16, 16), mode="bilinear", align_corners=False)
+        return self.fc(F.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 2).flatten(1))
 
 
 def extractor_fingerprint(module: nn.Module) -> str:
@@ -322,10 +345,6 @@ def _collate(items):
     return (torch.stack(good) if good else None), bad
 
 
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def real_stats_key(source: str | Path | Dataset, feature_extractor: nn.Module, resolution: int | None,
                    center_crop: bool = False, max_images: int | None = None, cache_key: str | None = None,
                    fingerprint: str | None = None) -> tuple[dict[str, Any], str] | None:
@@ -341,12 +360,12 @@ def real_stats_key(source: str | Path | Dataset, feature_extractor: nn.Module, r
         root = Path(source).expanduser().resolve()
         files = list_image_files(root)[:max_images]
         listing = [[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-        parts.update(source=str(root), listing=_sha(listing), num_files=len(files), preprocess=REAL_PREPROCESS)
+        parts.update(source=str(root), listing=content_hash(listing), num_files=len(files), preprocess=REAL_PREPROCESS)
     elif cache_key is not None:
         parts.update(source=f"dataset:{cache_key}", num_files=len(source), preprocess="dataset-items-as-uint8")
     else:
         return None
-    return parts, _sha(parts)[:16]
+    return parts, content_hash(parts)[:16]
 
 
 def real_statistics(
@@ -490,18 +509,17 @@ def fid_over_samples(
     batch_size: int | None = None,
     base_seed: int = 0,
     keep_images: bool = False,
-    generator_device: str | torch.device | None = None,
     run_key: Any = None,
     progress: bool = True,
 ) -> float:
     """FID of `num_samples` generated images against `real_stats`.
 
-    Image i comes from ``generate_fn([.., i, ..], [.., torch.Generator(generator_device).manual_seed(base_seed + i), ..])``
-    in calls of `batch_size` indices; this rank (default: torch.distributed's, or RANK/WORLD_SIZE)
+    Image i is image i of seed `base_seed`: ``generate_fn([.., i, ..], base_seed)`` in calls of
+    `batch_size` indices; this rank (default: torch.distributed's, or RANK/WORLD_SIZE)
     generates its unfinished shards, then, after a barrier when torch.distributed is initialised,
     the statistics of all shards are combined; a shard another rank has not written yet raises
     `MissingShardsError` (run that rank, then `fid_from_shards`). Defaults read from `generate_fn`
-    when it has them (`PipelineSampler` does): ``batch_size``, ``generator_device`` (else cpu), ``run_key``.
+    when it has them (`PipelineSampler` does): ``batch_size``, ``run_key``.
     """
     default_rank, default_world = default_rank_world()
     rank = default_rank if rank is None else rank
@@ -510,10 +528,9 @@ def fid_over_samples(
     dim = num_features_of(feature_extractor)
     _check_real_stats(real_stats, fingerprint, dim)
     batch_size = int(batch_size or getattr(generate_fn, "batch_size", 16))
-    generator_device = generator_device or getattr(generate_fn, "generator_device", "cpu")
     run_key = run_key if run_key is not None else getattr(generate_fn, "run_key", None)
 
-    meta = run_meta(shard_size, base_seed, generator_device, fingerprint, run_key)
+    meta = run_meta(shard_size, base_seed, fingerprint, run_key)
     run_hash = prepare_shard_dir(shard_dir, meta)
     generate_shards(
         generate_fn,
@@ -527,7 +544,6 @@ def fid_over_samples(
         rank=rank,
         world_size=world_size,
         keep_images=keep_images,
-        generator_device=generator_device,
         progress=progress,
     )
     import torch.distributed as dist
@@ -548,7 +564,7 @@ class FIDConfig:
     num_samples: int = 50_000
     shard_size: int = 1000
     batch_size: int = 16  # images per generate_fn call
-    seed: int = 0  # image i uses seed + i
+    seed: int = 0  # image i of this seed (ccp.pipelines.sampling)
     keep_images: bool = False  # also write shard_dir/images/<i>.png
     inception_weights: str | None = None  # local weights-inception-2015-12-05-6726825d.pth (else the torch hub cache)
     antialias: bool = False  # False: TF-compatible resize to 299, as torchmetrics < 1.8 (the paper's numbers)

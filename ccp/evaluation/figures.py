@@ -20,18 +20,18 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import PIL.Image
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ccp.evaluation.tables import METHOD_ORDER, PAPER, method_label, ordered_methods, row_labels
 from ccp.guidance import Condition, GuidanceSpec, Source
-from ccp.methods.base import Method, PromptTemplate
-from ccp.training.latent_cache import write_atomic
+from ccp.io import write_atomic
+from ccp.methods.export import TrainedModel
+from ccp.pipelines.sampling import sample_images
 
 # Numeric #param of the paper's Table 1 (its "<1K" drawn as 1,000), for the reference points.
 PAPER_PARAMS: dict[str, float] = {"textual_inversion": 1e3, "dreambooth": 859e6, "custom_diffusion": 44e6,
@@ -199,16 +199,16 @@ def grid_figure(images: Sequence[Sequence[PIL.Image.Image]], out_path: str | Pat
     return GridResult(out_path, grid_path, rows, cols, (w, h), grid.size, size)
 
 
-def _sample(pipe: Callable, spec: GuidanceSpec, seeds: Sequence[int], steps: int, height: int, width: int
+def _sample(pipe: Any, spec: GuidanceSpec, seeds: Sequence[int], steps: int, height: int, width: int
             ) -> list[PIL.Image.Image]:
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return list(pipe(guidance=spec, num_images=len(generators), height=height, width=width,
-                     num_inference_steps=steps, generator=generators, output_type="pil").images)
+    # seed s of a figure = image s of seed 0: the noise diffusers gives for Generator().manual_seed(s)
+    return sample_images(pipe, spec, seeds, seed=0, batch_size=max(1, len(seeds)), num_inference_steps=steps,
+                         height=height, width=width)
 
 
 # --- Fig. 8a -----------------------------------------------------------------------------------
-def sample_weight_grid(pipe: Callable, denoiser: str, method_cls: type[Method], template: PromptTemplate,
-                       control_prompt: str, concept_weights: Sequence[float], control_weights: Sequence[float],
+def sample_weight_grid(model: TrainedModel, control_prompt: str, concept_weights: Sequence[float],
+                       control_weights: Sequence[float],
                        seed: int = 0, steps: int = 100, height: int = 512, width: int = 512
                        ) -> list[list[PIL.Image.Image]]:
     """Fig. 8a's images: cell (i, j) = the method's guidance with concept weight
@@ -217,9 +217,8 @@ def sample_weight_grid(pipe: Callable, denoiser: str, method_cls: type[Method], 
     for concept in concept_weights:
         row = []
         for control in control_weights:
-            spec = method_cls.default_guidance(denoiser, template, control_prompt=control_prompt,
-                                               concept_weight=float(concept), control_weight=float(control))
-            row += _sample(pipe, spec, [seed], steps, height, width)
+            spec = model.guidance(control_prompt, float(concept), float(control))
+            row += _sample(model.pipe, spec, [seed], steps, height, width)
         grid.append(row)
     return grid
 
@@ -242,14 +241,14 @@ def rectified_guidance(spec: GuidanceSpec, prior: str = "prior") -> GuidanceSpec
     return replace(spec, unconditional=Source(prior, Condition(prompt="")))
 
 
-def sample_rectification(pipe: Callable, denoiser: str, method_cls: type[Method], template: PromptTemplate,
-                         seeds: Sequence[int], control_prompt: str | None = None, control_weight: float = 5.0,
+def sample_rectification(model: TrainedModel, seeds: Sequence[int], control_prompt: str | None = None,
+                         control_weight: float = 5.0,
                          steps: int = 100, height: int = 512, width: int = 512
                          ) -> tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     """(own-unconditional images, prior-unconditional images) of one method, same seeds."""
-    own = method_cls.default_guidance(denoiser, template, control_prompt=control_prompt, control_weight=control_weight)
-    return (_sample(pipe, own, seeds, steps, height, width),
-            _sample(pipe, rectified_guidance(own), seeds, steps, height, width))
+    own = model.guidance(control_prompt, control_weight=control_weight)
+    return (_sample(model.pipe, own, seeds, steps, height, width),
+            _sample(model.pipe, rectified_guidance(own), seeds, steps, height, width))
 
 
 def rectification_figure(samples: Mapping[str, tuple[Sequence[PIL.Image.Image], Sequence[PIL.Image.Image]]],

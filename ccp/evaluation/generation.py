@@ -1,20 +1,20 @@
 """Sharded, resumable sample generation for sample-based metrics (FID over 50,000 images).
 
-A metric run is a function of global sample indices ``0 .. N-1``: image ``i`` is drawn from
-``torch.Generator(device).manual_seed(base_seed + i)``, so which process, batch or shard makes it
-does not change it. The indices are cut into shards of ``shard_size`` (the last may be shorter);
+A metric run is a function of global sample indices ``0 .. N-1``: image ``i`` is image ``i`` of
+seed ``base_seed`` as `ccp.pipelines.sampling` defines it (a CPU generator seeded ``base_seed + i``),
+so which device, process, batch or shard makes it does not change it. The indices are cut into shards of ``shard_size`` (the last may be shorter);
 rank ``r`` of ``W`` takes shards ``r, r + W, r + 2W, ...`` (ranks on every node together: W is the
 total number of processes). Per shard, the features of its images are written in one file,
 atomically (temporary file, then `os.replace`), so a rerun skips finished shards and an
 interrupted run resumes at the shard it was in. Layout of a shard folder::
 
-    meta.json                      what is generated: shard size, seed, generator device, run key,
+    meta.json                      what is generated: shard size, seed, noise, run key,
                                    feature extractor; a different run is refused, not mixed in
     features/shard-00000.safetensors  "features": [n, D] for indices start .. start + n - 1
     images/000000.png ...          only with keep_images=True
 
-`generate_fn(indices, generators)` is the only thing a method provides: it returns the images for
-those indices (uint8 [n, 3, H, W], float in [0, 1], a list of PIL images or an [n, H, W, 3] array).
+`generate_fn(indices, seed)` is the only thing a method provides: it returns images ``indices`` of
+seed `seed` (uint8 [n, 3, H, W], float in [0, 1], a list of PIL images or an [n, H, W, 3] array).
 `PipelineSampler` builds one from a `GCFGPipeline` and a `GuidanceSpec`.
 """
 
@@ -36,7 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ccp.training.latent_cache import write_atomic, write_json_atomic
+from ccp.io import write_atomic, write_json_atomic
+from ccp.pipelines.sampling import sample_images
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ META = "meta.json"
 
 
 class GenerateFn(Protocol):
-    """``images = generate_fn(indices, generators)``: one image per global index, drawn with the
-    matching generator (``generators[k]`` is seeded with ``base_seed + indices[k]``)."""
+    """``images = generate_fn(indices, seed)``: image ``i`` of seed `seed` for every global index
+    ``i`` (its noise from ``ccp.pipelines.sampling.noise_generators(seed, indices)``)."""
 
-    def __call__(self, indices: list[int], generators: list[torch.Generator]) -> Any: ...
+    def __call__(self, indices: list[int], seed: int) -> Any: ...
 
 
 class ShardDirMismatchError(ValueError):
@@ -153,13 +154,13 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def run_meta(shard_size: int, base_seed: int, generator_device: str, features: str, run_key: Any) -> dict[str, Any]:
+def run_meta(shard_size: int, base_seed: int, features: str, run_key: Any) -> dict[str, Any]:
     """What must be equal for two processes to write into one shard folder."""
     return {
         "format": SHARD_FORMAT_VERSION,
         "shard_size": int(shard_size),
         "base_seed": int(base_seed),
-        "generator_device": str(torch.device(generator_device).type),
+        "generator_device": "cpu",  # image i's noise: ccp.pipelines.sampling (earlier runs could differ)
         "features": features,
         "run_key": _jsonable(run_key),
     }
@@ -252,7 +253,6 @@ def generate_shards(
     rank: int = 0,
     world_size: int = 1,
     keep_images: bool = False,
-    generator_device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> ShardRun:
     """Generate this rank's unfinished shards and write their features.
@@ -288,8 +288,7 @@ def generate_shards(
             features = []
             for start in range(ranges[k].start, ranges[k].stop, batch_size):
                 indices = list(range(start, min(start + batch_size, ranges[k].stop)))
-                generators = [torch.Generator(generator_device).manual_seed(base_seed + i) for i in indices]
-                images = to_uint8_images(generate_fn(indices, generators), len(indices))
+                images = to_uint8_images(generate_fn(indices, base_seed), len(indices))
                 if keep_images:
                     for i, image in zip(indices, images):
                         save_png(image, image_path(shard_dir, i))
@@ -335,17 +334,14 @@ def iter_shard_features(shard_dir: str | Path, num_samples: int, shard_size: int
 
 # --- a GenerateFn from a GCFG pipeline -----------------------------------------------------------
 class PipelineSampler:
-    """`GenerateFn` for a `GCFGPipeline` and a `GuidanceSpec`: uint8 images, `batch_size` per call.
-
-    ``generator_device`` (default: the pipeline's device, as ``ccp-sample`` seeds) is where
-    `fid_over_samples` creates the seeded generators.
+    """`GenerateFn` for a `GCFGPipeline` and a `GuidanceSpec`: uint8 images through the one
+    sampling primitive (`ccp.pipelines.sampling.sample_batches`), `batch_size` per pipeline call.
     ``run_key`` describes the sampling (guidance, steps, size, scheduler, dtype) so that shards of
     another setting are never mixed into the same folder.
     """
 
     def __init__(self, pipe, guidance, num_inference_steps: int = 50, height: int | None = None,
-                 width: int | None = None, batch_size: int = 16, eta: float = 0.0, step_progress: bool = False,
-                 generator_device: str | torch.device | None = None):
+                 width: int | None = None, batch_size: int = 16, eta: float = 0.0, step_progress: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         pipe.check_guidance(guidance)
@@ -357,7 +353,6 @@ class PipelineSampler:
         self.width = int(width or pipe.unet.config.sample_size * scale)
         self.batch_size = int(batch_size)
         self.eta = float(eta)
-        self.generator_device = torch.device(generator_device) if generator_device is not None else pipe.device
         if not step_progress:
             pipe.set_progress_bar_config(disable=True)
 
@@ -376,19 +371,8 @@ class PipelineSampler:
             "dtype": str(self.pipe.unet.dtype),
         }
 
-    def __call__(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(indices), self.batch_size):
-            batch = generators[start : start + self.batch_size]
-            images = self.pipe(
-                guidance=self.guidance,
-                num_images=len(batch),
-                height=self.height,
-                width=self.width,
-                num_inference_steps=self.num_inference_steps,
-                generator=batch,
-                eta=self.eta,
-                output_type="pt",
-            ).images
-            out.append(to_uint8_images(images, len(batch)))
-        return torch.cat(out)
+    def __call__(self, indices: list[int], seed: int) -> torch.Tensor:
+        return to_uint8_images(sample_images(
+            self.pipe, self.guidance, indices, seed=seed, batch_size=self.batch_size,
+            num_inference_steps=self.num_inference_steps, height=self.height, width=self.width, eta=self.eta,
+            output_type="pt"), len(indices))

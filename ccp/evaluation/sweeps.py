@@ -31,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ccp.training.latent_cache import write_atomic, write_json_atomic
+from ccp.io import write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 

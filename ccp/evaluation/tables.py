@@ -19,12 +19,11 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ccp.training.latent_cache import write_atomic
+from ccp.io import write_text_atomic
 
 # The paper's row order and labels.
 METHOD_ORDER: tuple[str, ...] = ("textual_inversion", "dreambooth", "custom_diffusion", "oft", "ours")
@@ -226,13 +225,6 @@ def rows_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return buffer.getvalue()
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: (Path(tmp).write_text(text), os.chmod(tmp, 0o644)))
-    return path
 
 
 def drift_rows(records: Sequence[Mapping[str, Any]], datasets: Sequence[str] = DATASETS) -> list[dict[str, Any]]:

@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ccp.config import ConfigError
 
-class GuidanceConfigError(ValueError):
+
+class GuidanceConfigError(ConfigError, ValueError):
     """A guidance specification that cannot be sampled; the message says how to fix it."""
 
 

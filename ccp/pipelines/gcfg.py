@@ -7,8 +7,14 @@ that use it, combine the predictions with the guidance weights, and step the sch
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
+import json
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +42,7 @@ from ccp.guidance import Condition, GuidanceConfigError, GuidancePlan, GuidanceS
 from ccp.models.denoisers import BatchedCondition, ConceptDenoiser, ControlNetDenoiser, Denoiser, TextUNetDenoiser
 
 logger = logging.getLogger(__name__)
+EXTRA_DENOISERS = "ccp_extra_denoisers.json"  # beside model_index.json: denoiser name -> its components
 
 
 @dataclass
@@ -47,7 +54,8 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     """Text-to-image sampling where every guidance term may come from a different denoiser.
 
     Registered denoisers: ``prior`` (the SD UNet), ``concept`` (a null-text concept UNet, if
-    given), ``controlnet`` (the prior UNet + ControlNet, if given); more with `add_denoiser`.
+    given), ``controlnet`` (the prior UNet + ControlNet, if given); more with `add_denoiser`, whose
+    modules become components like the others.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -78,7 +86,9 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         self.control_image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
-        self.extra_denoisers: dict[str, Denoiser] = {}
+        # Denoisers beyond the built-in three: name -> (UNet component, ControlNet component or None).
+        # Their modules are registered components, so .to(), offload and save_pretrained see them.
+        self._extra_denoisers: dict[str, tuple[str, str | None]] = {}
         self._device_for_call: torch.device | None = None
 
     @property
@@ -119,15 +129,78 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             found["concept"] = ConceptDenoiser(self.concept_unet)
         if self.controlnet is not None:
             found["controlnet"] = ControlNetDenoiser(self.unet, self.controlnet)
-        found.update(self.extra_denoisers)
+        for name, (unet, controlnet) in self._extra_denoisers.items():
+            found[name] = (ControlNetDenoiser(getattr(self, unet), getattr(self, controlnet)) if controlnet
+                           else TextUNetDenoiser(getattr(self, unet)))
         return found
 
-    def add_denoiser(self, name: str, denoiser: Denoiser | UNet2DConditionModel) -> None:
-        """Register another denoiser, e.g. any SD-family UNet checkpoint (it shares the prior's
-        text encoder, as SD v1.x fine-tunes do)."""
-        if isinstance(denoiser, UNet2DConditionModel):
-            denoiser = TextUNetDenoiser(denoiser)
-        self.extra_denoisers[name] = denoiser
+    def add_denoiser(self, name: str, unet: UNet2DConditionModel, controlnet: ControlNetModel | None = None) -> None:
+        """Register another denoiser: any SD-family UNet checkpoint (it shares the prior's text
+        encoder, as SD v1.x fine-tunes do), optionally steered by a ControlNet. New modules become
+        pipeline components, so `.to()`, CPU offload and `save_pretrained` treat them like the prior's."""
+        if not isinstance(unet, UNet2DConditionModel):
+            raise TypeError(f"add_denoiser({name!r}): expected a UNet2DConditionModel, got {type(unet).__name__}")
+        if name in self._extra_denoisers:
+            unet_key, controlnet_key = self._extra_denoisers[name]
+            if getattr(self, unet_key) is unet and (controlnet_key and getattr(self, controlnet_key)) is controlnet:
+                return  # the same models again
+        if name in self.denoisers:
+            raise ValueError(f"a denoiser named {name!r} is already registered; pick another name")
+        unet_component = self._register_component(unet, name)
+        controlnet_name = name if "controlnet" in name else f"{name}_controlnet"
+        controlnet_component = None if controlnet is None else self._register_component(controlnet, controlnet_name)
+        self._extra_denoisers[name] = (unet_component, controlnet_component)
+
+    def _register_component(self, module: torch.nn.Module, wanted: str) -> str:
+        """The component name of `module`: its existing one, or a new identifier made from `wanted`."""
+        for key, value in self.components.items():
+            if value is module:
+                return key
+        base = re.sub(r"\W", "_", wanted)
+        key, n = base, 1
+        while hasattr(self, key):
+            n += 1
+            key = f"{base}_{n}"
+        self.register_modules(**{key: module})
+        return key
+
+    @classmethod
+    def _get_signature_keys(cls, obj):
+        # diffusers derives a pipeline's components from __init__; add the registered extra denoisers'.
+        expected, optional = super()._get_signature_keys(obj)
+        table = getattr(obj, "_extra_denoisers", None) if not isinstance(obj, type) else None
+        extra = {key for pair in (table or {}).values() for key in pair if key}
+        return sorted(set(expected) | extra), optional
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """diffusers' layout, plus `EXTRA_DENOISERS` naming each extra denoiser's components."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self._extra_denoisers:
+            table = {name: {"unet": unet, "controlnet": cn} for name, (unet, cn) in self._extra_denoisers.items()}
+            (Path(save_directory) / EXTRA_DENOISERS).write_text(json.dumps(table, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GCFGPipeline":
+        """diffusers' loading, plus the extra denoisers a local folder's `EXTRA_DENOISERS` names."""
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / EXTRA_DENOISERS).is_file():
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        index = json.loads((folder / "model_index.json").read_text())
+        extra = set(index) - set(inspect.signature(cls.__init__).parameters) - {"_class_name", "_diffusers_version"}
+        with _dropping_warnings_about(extra):  # diffusers warns that it ignores them; loaded below
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        dtype = kwargs.get("torch_dtype")
+        for name, parts in json.loads((folder / EXTRA_DENOISERS).read_text()).items():
+            modules = []
+            for key in (parts["unet"], parts["controlnet"]):
+                if key is None or hasattr(pipe, key):
+                    modules.append(getattr(pipe, key) if key else None)
+                    continue
+                library, class_name = index[key]
+                model_cls = getattr(importlib.import_module(library), class_name)
+                modules.append(model_cls.from_pretrained(folder / key, torch_dtype=dtype).to(pipe.device))
+            pipe.add_denoiser(name, modules[0], controlnet=modules[1])
+        return pipe
 
     # --- checks, all before any denoising --------------------------------------------------------
     def check_guidance(self, spec: GuidanceSpec) -> None:
@@ -278,6 +351,24 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
     # Same as diffusers' StableDiffusionPipeline: pass eta/generator only to schedulers that take them.
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
+
+
+@contextlib.contextmanager
+def _dropping_warnings_about(keys: set[str]):
+    """Silence diffusers' "not expected and will be ignored" warnings that name any of `keys`."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("not expected" in message and any(repr(k) in message for k in keys))
+
+    loggers = [logging.getLogger(n) for n in ("diffusers.configuration_utils", "diffusers.pipelines.pipeline_utils")]
+    for lg in loggers:
+        lg.addFilter(keep)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(keep)
 
 
 def check_guidance_against(spec: GuidanceSpec, denoiser_kinds: dict[str, str]) -> None:

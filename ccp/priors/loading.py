@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 
+from ccp.config import ConfigError
+
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 HOW_TO_GET_SD15 = (
@@ -17,7 +19,7 @@ HOW_TO_GET_SD15 = (
 )
 
 
-class PriorNotFoundError(FileNotFoundError):
+class PriorNotFoundError(ConfigError, FileNotFoundError):
     """A prior folder or hub id that cannot be loaded; the message says how to get one."""
 
 

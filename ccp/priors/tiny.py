@@ -153,6 +153,20 @@ def build_sd15_shaped_text_encoder(seed: int = 0) -> CLIPTextModel:
     return _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)))
 
 
+def build_sd15_shaped_prior(seed: int = 0) -> StableDiffusionPipeline:
+    """SD v1.5's UNet, text encoder and tokenizer (random weights) with the tiny VAE."""
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**TINY_VAE_CONFIG).eval(),
+        text_encoder=build_sd15_shaped_text_encoder(seed + 2).eval(),
+        tokenizer=build_clip_tokenizer(),
+        unet=build_sd15_shaped_unet(seed).eval(),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def save_tiny_prior(out_dir: str | Path, seed: int = 0, with_controlnet: bool = False) -> Path:
     """Write a tiny prior folder laid out like SD v1.5 (plus `controlnet/` when asked)."""
     out_dir = Path(out_dir)

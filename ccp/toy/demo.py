@@ -14,17 +14,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
-import torch
-
+from ccp.config import compose
 from ccp.guidance import GuidanceSpec
+from ccp.io import write_dir_atomic
+from ccp.methods.export import is_export, read_export_info
 from ccp.toy.digits import write_concept_dataset
-from ccp.training.latent_cache import write_dir_atomic
-from ccp.toy.prior import CONF_DIR, ensure_toy_prior, set_threads
+from ccp.toy.prior import ensure_toy_prior, set_threads
+from ccp.training.run import run_training
+from ccp.training.runs import set_aside, trained_with
 
 log = logging.getLogger(__name__)
 DEMO_PROMPTS = ("a red digit 0", "a green digit 2", "a blue digit 3", "a yellow digit 5", "a white digit 7", "a red digit 9")
@@ -40,18 +41,13 @@ def ensure_concept_data(root: Path, style: str, split: str = "train", seed: int 
 
 def train_concept(prior_dir: Path, data_dir: Path, run_dir: Path, style: str, overrides: list[str] = ()) -> Path:
     """ccp-train experiment=toy/ours on `data_dir`; an export of the same step count is reused."""
-    from hydra import compose, initialize_config_dir
-
-    from ccp.cli.train import EXPORT_INFO, run_training, set_aside, trained_with
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=toy/ours", f"prior.path={prior_dir}", f"data.path={data_dir}",
-                                          f"data.cache_dir={run_dir / 'cache'}", f"dataset_name={style}",
-                                          f"template.placeholder='<{style}>'", *overrides])
-    info = run_dir / "export" / EXPORT_INFO
+    cfg = compose("train", overrides=["experiment=toy/ours", f"prior.path={prior_dir}", f"data.path={data_dir}",
+                                      f"data.cache_dir={run_dir / 'cache'}", f"dataset_name={style}",
+                                      f"template.placeholder='<{style}>'", *overrides])
+    export = run_dir / "export"
     if trained_with(run_dir, cfg):
-        if info.is_file() and json.loads(info.read_text()).get("step") == cfg.trainer.max_steps:
-            return run_dir / "export"
+        if is_export(export) and read_export_info(export).get("step") == cfg.trainer.max_steps:
+            return export
     else:
         set_aside(run_dir)  # another config, or the prior was retrained at the same path
     return run_training(cfg, run_dir=run_dir)  # resumes an interrupted run of the same config
@@ -61,26 +57,23 @@ def demo_grid(prior_dir: Path, export_dir: Path, out_path: Path, prompts=DEMO_PR
               weights: tuple[tuple[float, float], ...] = ((1.0, 5.0), (3.0, 3.0)), cfg_weight: float = 5.0,
               seed: int = 0, resolution: int = 32):
     """Rows: prior alone (CFG), GCFG at each (concept, control) weight pair, the concept alone."""
-    from ccp.cli.train import load_trained
     from ccp.evaluation.figures import grid_figure
+    from ccp.methods.export import load_trained
+    from ccp.pipelines.sampling import sample_images
     from ccp.priors.loading import load_prior
 
-    prior = load_prior(str(prior_dir))
-    pipe, denoiser, method_cls = load_trained(export_dir, prior)
-    pipe.set_progress_bar_config(disable=True)
-    template = None  # ours needs no template in its guidance
+    model = load_trained(export_dir, load_prior(str(prior_dir)))
+    model.pipe.set_progress_bar_config(disable=True)
     rows = {f"prior alone\n(CFG {cfg_weight:g})": [GuidanceSpec.cfg(p, cfg_weight) for p in prompts]}
     for concept, control in weights:
-        rows[f"GCFG: concept {concept:g}\n+ prompt {control:g}"] = [
-            method_cls.default_guidance(denoiser, template, p, concept, control) for p in prompts]
-    rows["concept alone"] = [method_cls.default_guidance(denoiser, template, None, 1.0, 0.0)] * len(prompts)
+        rows[f"GCFG: concept {concept:g}\n+ prompt {control:g}"] = [model.guidance(p, concept, control) for p in prompts]
+    rows["concept alone"] = [model.guidance(None, 1.0, 0.0)] * len(prompts)
     images = []
     for specs in rows.values():
         row = []
-        for column, spec in enumerate(specs):
-            generator = torch.Generator().manual_seed(seed + column)
-            row += pipe(spec, num_images=1, height=resolution, width=resolution, num_inference_steps=steps,
-                        generator=[generator]).images
+        for column, spec in enumerate(specs):  # column k: image k of `seed`, whatever the row
+            row += sample_images(model.pipe, spec, [column], seed=seed, num_inference_steps=steps,
+                                 height=resolution, width=resolution)
         images.append([im.resize((96, 96), 0) for im in row])  # nearest: 32 px tiles stay crisp
     return grid_figure(images, out_path, list(rows), [p.replace("a ", "", 1) for p in prompts], ylabel="", xlabel="prompt (same seed per column)",
                        title="toy GCFG: prior trained on plain digits, concept = unlabeled bold digits", cell_inches=1.1)

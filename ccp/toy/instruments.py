@@ -8,12 +8,16 @@
 * Attribute predictors for text-guided alignment (`ccp.evaluation.attributes.AttributePredictor`):
   `ColourPredictor` (the stroke pixels' mean chromaticity, nearest palette colour),
   `DigitClassPredictor` (the CNN) and `ToyAttributePredictor`, which also decides combined
-  attributes such as "red digit 3" (both must hold).
+  attributes such as "red digit 3" (both must hold); `PromptAttributePredictor` judges caption
+  prompts by the attribute each asks for.
+* `digit_judge`, `style_index`: the classifier as the judge of unconditional drift
+  (`ccp.evaluation.drift`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -25,9 +29,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ccp.evaluation.alignment import alignment_table
 from ccp.evaluation.attributes import AttributePredictor
+from ccp.io import write_atomic, write_json_atomic
 from ccp.toy.digits import COLOURS, DEFAULT_RESOLUTION, PALETTE, STYLES, render_set
 
+log = logging.getLogger(__name__)
 NUM_CLASSES = 10
 DEFAULT_NUM_FEATURES = 64
 # The network's input size: renderings (32 px by default) and generated images of any size are
@@ -284,6 +291,62 @@ class ToyAttributePredictor(AttributePredictor):
         return self.colour.predict(images, colour) & self.digit.predict(images, digit)
 
 
+def ensure_digit_classifier(path: str | Path, settings: dict | None = None) -> DigitClassifier:
+    """The `DigitClassifier` at `path`, trained there once with `settings` (`train_digit_classifier`
+    keywords, kept in ``<path>.json``); retrained only when those settings change."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".json")
+    settings = dict(settings or {})
+    if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("settings") == settings:
+        return load_classifier(path)
+    log.info("training the toy digit classifier (%s)", path)
+    model, info = train_digit_classifier(**settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: save_classifier(model, tmp))
+    write_json_atomic(sidecar, {"settings": settings, "train": info})
+    return model
+
+
+class PromptAttributePredictor(AttributePredictor):
+    """Judges each prompt by the attribute it asks for (``attributes``: prompt -> attribute of a
+    `ToyAttributePredictor`, e.g. "a red digit 3" -> "red digit 3": both must hold), and keeps the
+    colour-only and class-only verdicts of combined attributes in ``parts``."""
+
+    def __init__(self, toy, attributes: dict[str, str]):
+        self.toy = toy
+        self.mapping = dict(attributes)
+        self.parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return tuple(self.mapping)
+
+    def _split(self, attribute: str) -> dict[str, str]:
+        if attribute in self.toy.colour.attributes:
+            return {"colour": attribute}
+        if attribute in self.toy.digit.attributes:
+            return {"class": attribute}
+        colour, digit = attribute.split(" ", 1)
+        return {"colour": colour, "class": digit}
+
+    def predict(self, images, prompt):
+        self.check([prompt])
+        self.toy.check([self.mapping[prompt]])
+        flags = {kind: torch.as_tensor(self.toy.predict(images, attr), dtype=torch.bool)
+                 for kind, attr in self._split(self.mapping[prompt]).items()}
+        for kind, f in flags.items():
+            self.parts.setdefault(kind, {}).setdefault(prompt, []).append(f)
+        both = torch.ones(len(images), dtype=torch.bool)
+        for f in flags.values():
+            both &= f
+        return both
+
+    def part_alignment(self) -> dict[str, float]:
+        """Mean over prompts of the colour-only / class-only alignment (kinds every prompt has)."""
+        return {kind: alignment_table({p: torch.cat(v) for p, v in found.items()})["mean"]
+                for kind, found in self.parts.items() if set(found) == set(self.mapping)}
+
+
 def held_out_halves(style: str, seed: int = 0, resolution: int = DEFAULT_RESOLUTION):
     """The held-out digits rendered twice (two random colours) in `style`, and a mask of half A:
     the first half of the held-out digits, so halves A and B share no digit."""
@@ -320,6 +383,28 @@ def measure_instruments(seed: int = 0, resolution: int = DEFAULT_RESOLUTION) -> 
     for style in STYLES[1:]:
         result["fid_plain_vs"][style] = frechet_distance(halves[STYLES[0]][0], halves[style][1])
     return result
+
+
+# --- drift judges -------------------------------------------------------------------------------
+def digit_judge(classifier, batch_size: int = 512):
+    """A `ccp.evaluation.drift` judge from the toy `DigitClassifier`: its FID features (penultimate
+    layer) and its style head's argmax (an index into `ccp.toy.digits.STYLES`)."""
+
+    @torch.no_grad()
+    def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classifier.eval()
+        features = torch.cat([classifier.features(images[i : i + batch_size])
+                              for i in range(0, len(images), batch_size)])
+        return features, classifier.style_head(features).argmax(dim=1)
+
+    return judge
+
+
+def style_index(style: str, styles: Sequence[str] | None = None) -> int:
+    styles = STYLES if styles is None else styles
+    if style not in styles:
+        raise ValueError(f"style {style!r} is not one the classifier's style head knows ({list(styles)})")
+    return list(styles).index(style)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,13 @@ from ccp.priors.tiny import SD15_SCHEDULER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TIN
 from ccp.priors.tokenizer import build_clip_tokenizer
 from ccp.toy.digits import render_set, write_prior_dataset
 from ccp.toy.vae import train_toy_vae
-from ccp.training.latent_cache import write_dir_atomic
+from ccp.config import compose
+from ccp.io import write_dir_atomic
+from ccp.training.run import run_training
+from ccp.training.runs import config_text
 
 log = logging.getLogger(__name__)
 DONE = "ccp_toy_prior.json"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # The tiny prior's shape with both UNet levels cross-attending, wider text features, and two
 # heads: on a CPU, SDPA with many tiny heads cost 1.7x the step time of two wider ones (batch 64).
@@ -122,32 +124,27 @@ def write_initial_pipeline(out_dir: Path, vae: AutoencoderKL, seed: int, token_e
 
 def train_config(settings: ToyPriorSettings, work: Path, seed: int, overrides: list[str] = ()):
     """The ccp-train config of stage 4 (``experiment=toy/prior``)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=toy/prior",
-            f"prior.path={work / 'init'}",
-            f"data.path={work / 'data'}",
-            f"data.resolution={settings.resolution}",
-            f"data.batch_size={settings.batch_size}",
-            f"data.cache_dir={work / 'cache'}",
-            f"trainer.global_batch_size={settings.batch_size}",
-            f"trainer.max_steps={settings.steps}",
-            f"optim.lr={settings.lr}",
-            f"optim.warmup_steps={settings.warmup_steps}",
-            f"method.kwargs.caption_dropout={settings.caption_dropout}",
-            "method.kwargs.caption_templates=[" + ",".join(json.dumps(t) for t in settings.caption_templates) + "]",
-            f"seed={seed}",
-            *overrides,
-        ])
+    return compose("train", overrides=[
+        "experiment=toy/prior",
+        f"prior.path={work / 'init'}",
+        f"data.path={work / 'data'}",
+        f"data.resolution={settings.resolution}",
+        f"data.batch_size={settings.batch_size}",
+        f"data.cache_dir={work / 'cache'}",
+        f"trainer.global_batch_size={settings.batch_size}",
+        f"trainer.max_steps={settings.steps}",
+        f"optim.lr={settings.lr}",
+        f"optim.warmup_steps={settings.warmup_steps}",
+        f"method.module.caption_dropout={settings.caption_dropout}",
+        "method.module.caption_templates=[" + ",".join(json.dumps(t) for t in settings.caption_templates) + "]",
+        f"seed={seed}",
+        *overrides,
+    ])
 
 
 def recipe(settings: ToyPriorSettings, seed: int, overrides: list[str] = ()) -> str:
     """The stage-4 training config as text, with the work folder left out (it is named by the key)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(train_config(settings, Path("WORK"), seed, list(overrides)), resolve=True)
+    return config_text(train_config(settings, Path("WORK"), seed, list(overrides)), Path("WORK") / "train")
 
 
 def finished(out_dir: str | Path, key: str | None = None) -> bool:
@@ -187,8 +184,6 @@ def ensure_toy_prior(out_dir: str | Path, seed: int = 0, progress: bool = True, 
         write_initial_pipeline(work / "init", vae, seed, s.token_embedding_scale)
 
     start = time.perf_counter()
-    from ccp.cli.train import run_training
-
     export = run_training(train_config(s, work, seed, list(train_overrides)), run_dir=work / "train")
     times["unet_s"] = time.perf_counter() - start
 

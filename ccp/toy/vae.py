@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from diffusers import AutoencoderKL
 
-from ccp.training.latent_cache import write_dir_atomic
+from ccp.io import write_dir_atomic
 from ccp.training.progress import StepProgressBar
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -34,30 +33,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ccp.training.sampler import resumable_loader
-from ccp.training.latent_cache import (
-    CachedLatentDataset,
-    LatentCache,
-    LatentCacheConfig,
-    build_latent_cache,
-    default_cache_root,
-    write_json_atomic,
-)
+from ccp.io import BadImageWarning, default_cache_root, list_image_files, load_rgb8, resize_to_square, to_rgb8, write_json_atomic
+from ccp.training.latent_cache import CachedLatentDataset, LatentCache, LatentCacheConfig, build_latent_cache
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 ON_BAD_IMAGE = ("skip", "fail")
 SCAN_VERSION = 1
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class BadImageWarning(UserWarning):
-    """One per image file that cannot be used; the message names the file and the reason."""
 
 
 class BadImageError(ValueError):
@@ -65,46 +52,6 @@ class BadImageError(ValueError):
 
 
 # --- files and pixels ------------------------------------------------------------------------
-def list_image_files(root: str | Path) -> list[Path]:
-    """Image files below `root` (recursive, symlinks followed, hidden files skipped), sorted."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"data folder {root} does not exist (or is not a folder); set data.path to a folder of images "
-            f"({', '.join(IMAGE_EXTENSIONS)}, any case)"
-        )
-    files = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(folder, n) for n in names if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
-    if not files:
-        raise FileNotFoundError(
-            f"no images found in {root}: looked recursively for files ending in {', '.join(IMAGE_EXTENSIONS)} "
-            "(any case)"
-        )
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def to_rgb8(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16-bit gray scaled to 8 bits, transparency composited on white, EXIF rotation applied."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in _SIXTEEN_BIT_MODES:
-        gray = np.asarray(image).astype(np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        raise ValueError("32-bit float images are not supported")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
-
-
-def load_rgb8(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb8(image)
-
-
 def check_image(path: str | Path) -> tuple[str | None, str | None]:
     """(original mode, None) for a usable image, (None, reason) for one to skip."""
     try:
@@ -117,16 +64,6 @@ def check_image(path: str | Path) -> tuple[str | None, str | None]:
         return mode, None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return None, f"{type(err).__name__}: {err}"
-
-
-def resize_to_square(image: Image.Image, resolution: int, center_crop: bool = False) -> Image.Image:
-    if center_crop:
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    return image
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -25,9 +25,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ccp.io import content_hash, default_cache_root, write_atomic, write_json_atomic
 from ccp.priors.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -46,11 +44,6 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 META = "meta.json"
-
-
-def default_cache_root() -> Path:
-    """``$CCP_CACHE_DIR`` or ``~/.cache/ccp``."""
-    return Path(os.environ.get("CCP_CACHE_DIR", "~/.cache/ccp")).expanduser()
 
 
 class EncodableDataset(Protocol):
@@ -83,13 +76,9 @@ class LatentCacheConfig:
 
 
 # --- keys ------------------------------------------------------------------------------------
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def vae_config_hash(vae: torch.nn.Module) -> str:
     config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}
-    return _sha({"class": type(vae).__name__, "config": config})
+    return content_hash({"class": type(vae).__name__, "config": config})
 
 
 def vae_weights_hash(vae: torch.nn.Module) -> str:
@@ -124,49 +113,7 @@ def latent_cache_key(
         "storage_dtype": str(resolve_dtype(storage_dtype)),
         "encode_dtype": str(encode_dtype),
     }
-    return _sha(parts)[:24]
-
-
-# --- files -----------------------------------------------------------------------------------
-def write_dir_atomic(folder: str | Path, write: Callable[[Path], object]) -> Path:
-    """`write(tmp_folder)` then rename it to `folder` (replacing an old one): an interrupted write
-    never leaves a half-written `folder` that a later run would take as finished."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def folder_stamp(folder: str | Path) -> str:
-    """Hash of a folder's listing (names, sizes, mtimes): changes whenever its files are rewritten,
-    without reading them (a model folder of gigabytes is stamped in milliseconds)."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    listing = [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return _sha(listing)[:16]
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True)))
+    return content_hash(parts)[:24]
 
 
 def shard_name(index: int) -> str:

@@ -13,9 +13,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
 from ccp.methods.base import Method
+from ccp.methods.export import TrainedModel, in_memory
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,11 +37,13 @@ class PersonalizationModule(L.LightningModule):
         seed: int = 0,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
+        prior: StableDiffusionPipeline | None = None,
     ):
         super().__init__()
         self.method = method
         self.noise_scheduler = noise_scheduler
         self._vae = [vae]  # frozen; a list keeps it out of the module tree and the checkpoints
+        self._prior = [prior]  # what validation and metric callbacks sample the method on
         self.lr, self.betas, self.weight_decay, self.eps, self.warmup_steps = lr, tuple(betas), weight_decay, eps, warmup_steps
         self.seed = seed
         self.strict_loading = False  # checkpoints hold only the method's trainable state
@@ -50,6 +53,15 @@ class PersonalizationModule(L.LightningModule):
     @property
     def vae(self) -> AutoencoderKL | None:
         return self._vae[0]
+
+    def trained_model(self) -> TrainedModel:
+        """The method's current weights in a GCFG pipeline on this module's device (callbacks sample it)."""
+        prior = self._prior[0]
+        if prior is None:
+            raise RuntimeError("this PersonalizationModule was built without prior=; sampling callbacks need it")
+        model = in_memory(self.method, prior)
+        model.pipe.to(self.device)
+        return model
 
     def _apply_speedups(self, gradient_checkpointing: bool, channels_last: bool) -> None:
         unet = getattr(self.method, "unet", None)

@@ -1,0 +1,54 @@
+"""The configs shipped inside the package (``ccp/conf``) and the one way to compose them.
+
+Every entry point and every in-process run (reproduce, the toy prior, the demo, tests) composes
+from `CONF_DIR`, so an installed wheel finds the same configs as a checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+# Absolute: Hydra would read a relative config_path as a Python package path when run as a module.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+class ConfigError(Exception):
+    """Bad input found before any long compute; the message names the problem and the fix.
+
+    The CLIs turn it into a one-line ``<prog>: error: ...`` exit."""
+
+
+@contextlib.contextmanager
+def exit_on_config_error(prog: str) -> Iterator[None]:
+    """A `ConfigError` becomes ``<prog>: error: <message>`` and exit status 1, without a traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        raise SystemExit(f"{prog}: error: {err}") from None
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """`config_name` of the packaged configs with Hydra `overrides`, outside of ``@hydra.main``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def with_output_dir(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
+    """A copy of `cfg` whose ``paths.output_dir`` is `output_dir` (outside Hydra it has no value)."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    OmegaConf.update(cfg, "paths.output_dir", str(output_dir), force_add=True)
+    return cfg
+
+
+def plain(node) -> dict:
+    """A config mapping (possibly empty or absent) as a plain dict: an empty DictConfig is falsy,
+    so ``node or {}`` would hand OmegaConf a plain dict."""
+    return {} if node is None else OmegaConf.to_container(node, resolve=True)

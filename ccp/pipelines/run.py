@@ -1,0 +1,263 @@
+"""The ccp-sample job: sample images with Generalized Classifier-free Guidance from a config.
+
+Everything that can be checked without weights (guidance terms against the configured
+denoisers, weights, control images, model folders, scheduler) is checked before any model is
+loaded. Writes ``images/00000.png ...``, ``grid.png`` and the resolved ``config.yaml`` into the
+output folder; image i is image i of ``sampling.seed`` (`ccp.pipelines.sampling`), so images do
+not depend on the batch size or the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ccp.config import ConfigError, with_output_dir
+from ccp.guidance import GuidanceSpec
+from ccp.pipelines.gcfg import GCFGPipeline, check_guidance_against
+from ccp.pipelines.sampling import sample_batches
+from ccp.priors.loading import looks_like_path, load_controlnet, load_prior, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SCHEDULERS = ("dpmsolver++", "prior")
+
+
+class SampleConfigError(ConfigError, ValueError):
+    """A sampling config that cannot run; the message says how to fix it."""
+
+
+# --- checks that need no weights -----------------------------------------------------------
+def check_required(cfg: DictConfig) -> None:
+    """Name every `???` value still unset (skipping disabled guidance terms)."""
+    disabled = {
+        f"guidance.terms.{name}."
+        for name, term in (cfg.guidance.get("terms") or {}).items()
+        if term is not None and not term.get("enabled", True)
+    }
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith(tuple(disabled)))
+    if missing:
+        hints = {"prior.path": "/path/to/sd-v1-5 (or a folder written by ccp-tiny-prior)"}
+        fixes = " ".join(f"{key}={hints.get(key, '...')}" for key in missing)
+        raise SampleConfigError(f"required value(s) not set: {', '.join(missing)}; pass {fixes}")
+
+
+def configured_denoisers(cfg: DictConfig) -> dict[str, str]:
+    """Denoiser name -> kind, as the pipeline will register them once the models are loaded."""
+    kinds = {"prior": "unet"}
+    if cfg.concept.path:
+        kinds["concept"] = "concept"
+    if cfg.controlnet.path:
+        kinds["controlnet"] = "controlnet"
+    for name in cfg.denoiser_checkpoints or {}:
+        if name in kinds:
+            raise SampleConfigError(
+                f"denoiser_checkpoints.{name}: the name {name!r} is taken by a built-in denoiser; pick another"
+            )
+        kinds[str(name)] = "unet"
+    return kinds
+
+
+def load_control_images(cfg: DictConfig) -> dict[str, PIL.Image.Image]:
+    """Every control image the enabled terms use, keyed by how they refer to it (name or path)."""
+    named = {str(k): str(v) for k, v in (cfg.control_images or {}).items()}
+    wanted: dict[str, tuple[str, str]] = {}  # reference -> (config key to fix, file)
+    for name, term in (cfg.guidance.get("terms") or {}).items():
+        ref = None if term is None or not term.get("enabled", True) else term.get("control_image")
+        if ref is not None:
+            ref = str(ref)
+            if ref in named:
+                wanted[ref] = (f"control_images.{ref}", named[ref])
+            else:
+                wanted[ref] = (f"guidance.terms.{name}.control_image", ref)
+    images = {}
+    for ref, (key, file) in wanted.items():
+        path = Path(file).expanduser()
+        if not path.is_file():
+            names = ""
+            if named and key.startswith("guidance."):
+                names = f" (or one of the control_images names {sorted(named)})"
+            raise SampleConfigError(f"{key}: file {file} does not exist; set {key}=path/to/image.png{names}")
+        try:
+            images[ref] = PIL.Image.open(path).convert("RGB")
+        except OSError as err:
+            raise SampleConfigError(f"{key}: cannot read {file} as an image ({err})") from err
+    return images
+
+
+def build_guidance(cfg: DictConfig) -> GuidanceSpec:
+    """The guidance spec, checked against the denoisers the config will load."""
+    images = load_control_images(cfg)
+    guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
+    spec = GuidanceSpec.from_config(guidance, control_images=images)
+    check_guidance_against(spec, configured_denoisers(cfg))
+    return spec
+
+
+def check_model_folders(cfg: DictConfig) -> None:
+    """Catch a wrong concept/ControlNet/checkpoint path now, not after the prior has loaded."""
+    folders = [
+        ("concept.path", cfg.concept.path, ["config.json"]),
+        ("controlnet.path", cfg.controlnet.path, ["config.json"]),
+    ]
+    folders += [
+        (f"denoiser_checkpoints.{name}", path, ["config.json", "unet/config.json"])
+        for name, path in (cfg.denoiser_checkpoints or {}).items()
+    ]
+    for key, path, configs in folders:
+        if not path or not looks_like_path(str(path)):  # unset, or a hub id
+            continue
+        folder = Path(str(path)).expanduser()
+        if not folder.is_dir():
+            raise SampleConfigError(f"{key}: folder {path} does not exist; set {key}=path/to/model_folder")
+        if not any((folder / c).is_file() for c in configs):
+            raise SampleConfigError(
+                f"{key}: {path} is not a diffusers model folder (no {' or '.join(configs)}); "
+                "point it at a folder written by save_pretrained"
+            )
+
+
+def resolve_scheduler(name: str) -> Any:
+    """"dpmsolver++" / "prior" as GCFGPipeline.from_prior takes them, or a diffusers scheduler class."""
+    if name in BUILTIN_SCHEDULERS:
+        return name
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise SampleConfigError(
+            f"sampling.scheduler={name!r} is not a diffusers scheduler; use dpmsolver++, prior, "
+            "or a class name such as EulerDiscreteScheduler or DDIMScheduler"
+        )
+    return cls
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise SampleConfigError(f"device={name!r} is not a torch device; use auto, cpu or cuda[:N]") from err
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    for key in ("num_images", "batch_size", "steps"):
+        value = cfg.sampling[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SampleConfigError(f"sampling.{key} must be a positive integer, got {value!r}")
+    for key in ("height", "width"):
+        value = cfg.sampling[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
+            raise SampleConfigError(f"sampling.{key} must be null or a positive multiple of 8 (e.g. 512), got {value!r}")
+
+
+# --- models ----------------------------------------------------------------------------------
+def load_unet_checkpoint(path: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    subfolder = "unet" if (Path(path).expanduser() / "unet").is_dir() else None
+    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+
+
+def load_pipeline(cfg: DictConfig, scheduler: Any, dtype: torch.dtype, device: torch.device) -> GCFGPipeline:
+    prior = load_prior(cfg.prior.path, dtype=dtype)
+    controlnet = load_controlnet(cfg.controlnet.path, dtype=dtype) if cfg.controlnet.path else None
+    concept_unet = None
+    if cfg.concept.path:
+        # Only sampling with a concept model needs the null-text UNet code.
+        from ccp.models.null_text_unet import NullTextFeaturesMissingError, NullTextUNet2DConditionModel
+
+        try:
+            concept_unet = NullTextUNet2DConditionModel.from_pretrained(cfg.concept.path, torch_dtype=dtype)
+        except NullTextFeaturesMissingError as err:
+            raise SampleConfigError(f"concept.path: {err}") from None
+    if isinstance(scheduler, type):
+        scheduler = scheduler.from_config(prior.scheduler.config)
+    pipe = GCFGPipeline.from_prior(prior, concept_unet=concept_unet, controlnet=controlnet, scheduler=scheduler)
+    for name, path in (cfg.denoiser_checkpoints or {}).items():
+        pipe.add_denoiser(str(name), load_unet_checkpoint(str(path), dtype))
+    pipe = pipe.to(device)  # every denoiser is a pipeline component, the extra ones too
+    pipe.set_progress_bar_config(desc="steps", leave=False)
+    return pipe
+
+
+class _FirstOccurrence(logging.Filter):
+    """Drops repeats: the pipeline encodes (and warns about) the prompts again for every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextmanager
+def _once_per_run(logger: logging.Logger):
+    dedupe = _FirstOccurrence()
+    logger.addFilter(dedupe)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dedupe)
+
+
+def save_grid(images: list[PIL.Image.Image], path: Path) -> None:
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import make_grid
+
+    columns = math.ceil(math.sqrt(len(images)))
+    grid = make_grid(torch.stack([pil_to_tensor(im) for im in images]), nrow=columns, padding=2, pad_value=255)
+    to_pil_image(grid).save(path)
+
+
+# --- the run ---------------------------------------------------------------------------------
+def run_sampling(cfg: DictConfig, out_dir: str | Path) -> Path:
+    """Validate `cfg`, load the denoisers it names, sample, and write the outputs into `out_dir`."""
+    cfg = with_output_dir(cfg, out_dir)
+    check_required(cfg)
+    spec = build_guidance(cfg)
+    check_model_folders(cfg)
+    check_sampling(cfg)
+    scheduler = resolve_scheduler(cfg.sampling.scheduler)
+    device = resolve_device(str(cfg.device))
+    try:
+        dtype = resolve_dtype(cfg.prior.dtype)
+    except ValueError as err:
+        raise SampleConfigError(f"prior.dtype: {err}") from None
+
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    log.info("loading %s on %s", cfg.prior.path, device)
+    pipe = load_pipeline(cfg, scheduler, dtype, device)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    s = cfg.sampling
+    grid_images: list[PIL.Image.Image] = []
+    batches = sample_batches(pipe, spec, range(s.num_images), seed=s.seed, batch_size=s.batch_size,
+                             num_inference_steps=s.steps, height=s.height, width=s.width, eta=s.eta)
+    with _once_per_run(logging.getLogger("ccp.pipelines.gcfg")):
+        for indices, images in tqdm(batches, total=math.ceil(s.num_images / s.batch_size), desc="batches",
+                                    unit="batch", disable=s.num_images <= s.batch_size):
+            for i, image in zip(indices, images):
+                image.save(images_dir / f"{i:05d}.png")
+            grid_images += images[: max(0, cfg.output.grid_max_images - len(grid_images))]
+    if grid_images:
+        save_grid(grid_images, out_dir / "grid.png")
+    log.info("wrote %d images to %s", s.num_images, out_dir)
+    return out_dir

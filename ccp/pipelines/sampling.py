@@ -1,0 +1,63 @@
+"""The one definition of "image i of a run with seed s", and the batch loop every sampler uses.
+
+Image ``i`` of seed ``s`` starts from the noise of ``torch.Generator("cpu").manual_seed(s + i)``:
+a CPU generator, so the same on any device, and one per image, so the same in any batch and on
+any rank. It is also what diffusers users write (``generator=torch.Generator().manual_seed(s)``),
+so image 0 of seed s equals diffusers' image for seed s. ccp-sample, FID shards, text and spatial
+alignment, drift, figures, validation grids and the demo all sample through `sample_batches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ccp.guidance import GuidanceSpec
+
+
+def noise_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: image ``i`` of seed ``seed`` draws from ``seed + i``."""
+    return [torch.Generator("cpu").manual_seed(int(seed) + int(i)) for i in indices]
+
+
+def sample_batches(
+    pipe: Any,
+    guidance: GuidanceSpec,
+    indices: Sequence[int],
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    output_type: str = "pil",
+) -> Iterator[tuple[list[int], Any]]:
+    """``(batch indices, images)`` for `indices` in calls of at most `batch_size` images."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    indices = [int(i) for i in indices]
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start : start + batch_size]
+        images = pipe(
+            guidance=guidance,
+            num_images=len(batch),
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            generator=noise_generators(seed, batch),
+            eta=eta,
+            output_type=output_type,
+        ).images
+        yield batch, images
+
+
+def sample_images(pipe: Any, guidance: GuidanceSpec, indices: Sequence[int], **settings) -> Any:
+    """All images of `indices` (`sample_batches` settings): a list of PIL images, or one tensor
+    for ``output_type="pt"``."""
+    batches = [images for _, images in sample_batches(pipe, guidance, indices, **settings)]
+    if settings.get("output_type", "pil") == "pt":
+        return torch.cat(batches) if batches else torch.empty(0)
+    return [image for images in batches for image in images]

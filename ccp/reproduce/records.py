@@ -1,0 +1,82 @@
+"""Per-cell records: one (dataset, row) of the tables, its ``record.json`` of metric values keyed
+by everything they depend on (the export's stamp, sampling, the metric's settings, weights), and
+its model, loaded only when a metric has to be computed."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ccp.io import write_json_atomic
+from ccp.methods.export import TrainedModel, export_template, load_trained
+from ccp.reproduce.config import method_of, uses_digit_classifier
+from ccp.reproduce.exports import export_stamp
+
+RECORD = "record.json"
+
+
+def weights_for(cfg: DictConfig, method: str) -> dict[str, float]:
+    g = cfg.guidance
+    own = (OmegaConf.select(cfg, f"guidance.per_method.{method}")
+           or OmegaConf.select(cfg, f"guidance.per_method.{method_of(cfg, method)}") or {})
+    return {"concept_weight": float(own.get("concept_weight", g.concept_weight)),
+            "control_weight": float(own.get("control_weight", g.control_weight))}
+
+
+def _settings(cfg: DictConfig, metric: str, method: str, stamp: str,
+              weights: dict[str, float] | None = None) -> dict[str, Any]:
+    parts = {"metric": metric, "export": stamp, "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+             "weights": weights or weights_for(cfg, method)}
+    section = "fid" if metric.startswith("fid_search/") else {"text_alignment_parts": "text_alignment"}.get(metric, metric)
+    if section in ("fid", "text_alignment", "spatial_alignment", "drift"):
+        parts[section] = OmegaConf.to_container(cfg[section], resolve=True)
+    if section != "params" and cfg.get("classifier") is not None and uses_digit_classifier(cfg):
+        parts["classifier"] = OmegaConf.to_container(cfg.classifier, resolve=True)
+    return parts
+
+
+class Cell:
+    """One (dataset, row): its record file and the model, loaded only when a metric is missing."""
+
+    def __init__(self, cfg: DictConfig, dataset: str, method: str, export: Path, prior_loader):
+        self.cfg, self.dataset, self.method, self.export = cfg, dataset, method, export
+        self.dir = Path(str(cfg.eval_dir)) / f"{dataset}_{method}"
+        self.record_path = self.dir / RECORD
+        self.stamp = export_stamp(export)
+        self._prior_loader = prior_loader
+        self._loaded = None
+        self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
+        self.computed: list[str] = []
+        self.reused: list[str] = []
+
+    @property
+    def model(self) -> TrainedModel:
+        if self._loaded is None:
+            self._loaded = load_trained(self.export, self._prior_loader())
+        return self._loaded
+
+    @property
+    def template(self):
+        return export_template(self.export)
+
+    def metric(self, name: str, compute, weights: dict[str, float] | None = None) -> Any:
+        settings = _settings(self.cfg, name, self.method, self.stamp, weights)
+        entry = self.record.get(name)
+        if entry is not None and entry.get("settings") == json.loads(json.dumps(settings)):
+            self.reused.append(name)
+            return entry["value"]
+        value = compute()
+        self.record[name] = {"value": value, "settings": settings}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.record_path, self.record)
+        self.computed.append(name)
+        return value
+
+    def release(self) -> None:
+        self._loaded = None
+        gc.collect()
+
