@@ -31,13 +31,22 @@ def exit_on_config_error(prog: str) -> Iterator[None]:
         raise SystemExit(f"{prog}: error: {err}") from None
 
 
-def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """`config_name` of the packaged configs with Hydra `overrides`, outside of ``@hydra.main``."""
+def compose(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """`config_name` of the packaged configs with Hydra `overrides`; also inside a running Hydra
+    app (ccp-reproduce composes a ccp-train config per table cell), whose state is kept."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
+    outer = GlobalHydra.instance()
+    running = outer.hydra
+    outer.clear()  # Hydra allows one initialisation at a time
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.set_instance(outer)
+        outer.hydra = running
 
 
 def with_output_dir(cfg: DictConfig, output_dir: str | Path) -> DictConfig:

@@ -210,3 +210,19 @@ def test_check_inputs_without_training_needs_exports(tmp_path):
     with pytest.raises(ReproduceConfigError, match="no ccp-train export for face/textual_inversion"):
         check_inputs(cfg)
     assert OmegaConf.select(cfg, "exports.face.ours") is None
+
+
+def test_ccp_reproduce_console_script_runs_a_cell_and_prints_the_tables(tmp_path, monkeypatch, capsys):
+    """The Hydra entry point composes a ccp-train config per cell inside its own Hydra app."""
+    import sys
+
+    from ccp.cli import reproduce as cli
+
+    monkeypatch.setattr(sys, "argv", ["ccp-reproduce", "scale=tiny", f"out_dir={tmp_path}", "methods=[ours]",
+                                      "datasets=[face]", "figures.enabled=false", "spatial_alignment.enabled=false"])
+    cli.main()
+    printed = capsys.readouterr().out
+    assert "| Ours |" in printed and "trained: ['face/ours']" in printed
+    rows = json.loads((tmp_path / "results" / "table1.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ours"] and math.isfinite(rows[0]["fid_face"])
+    assert list((tmp_path / "logs").glob("*/.hydra/config.yaml"))  # the run's resolved config is kept
