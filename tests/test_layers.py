@@ -123,6 +123,12 @@ def import_cycles(root: Path) -> list[str]:
             for scc in sccs if len(scc) > 1]
 
 
+def unplaced_modules(root: Path) -> list[str]:
+    """Modules of ccp outside every layer: a new package must be given its place in LAYERS."""
+    return [f"{path.relative_to(root).as_posix()}: {mod}" for mod, path in _modules(root).items()
+            if mod != "ccp" and _layer(mod) is None]
+
+
 def long_cli_files(root: Path) -> list[str]:
     return [f"{p.relative_to(root).as_posix()}: {n} lines"
             for p in sorted((root / "ccp" / "cli").glob("*.py"))
@@ -146,6 +152,11 @@ def test_no_layer_imports_a_higher_layer():
 def test_no_import_cycles():
     bad = import_cycles(ROOT)
     assert not bad, _report("import cycle(s)", bad)
+
+
+def test_every_module_has_a_layer():
+    bad = unplaced_modules(ROOT)
+    assert not bad, _report("module(s) in no layer; add their package to LAYERS", bad)
 
 
 def test_cli_files_are_thin():
@@ -176,3 +187,5 @@ def test_checker_finds_violations(tmp_path):
         "cycle ['ccp.evaluation.a', 'ccp.evaluation.b']: "
         "ccp/evaluation/a.py:1 -> ccp.evaluation.b; ccp/evaluation/b.py:2 -> ccp.evaluation.a"]
     assert long_cli_files(tmp_path) == []
+    (tmp_path / "ccp" / "extras.py").write_text("")
+    assert unplaced_modules(tmp_path) == ["ccp/extras.py: ccp.extras"]

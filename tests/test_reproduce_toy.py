@@ -230,7 +230,8 @@ def test_retrained_prior_or_changed_settings_retrain_the_methods(tmp_path, monke
         cfg.methods = ["ours"]
         return reproduce(cfg, progress=False)
 
-    assert run()["trained"] == ["bold/ours"]
+    first_run = run()
+    assert first_run["trained"] == ["bold/ours"]
     export = tmp_path / "train" / "bold_ours" / "export"
     first = (export / "concept_unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert run()["trained"] == []
@@ -240,7 +241,8 @@ def test_retrained_prior_or_changed_settings_retrain_the_methods(tmp_path, monke
     prior = Path(fake(tmp_path / "toy-prior"))
     save_tiny_prior(prior, seed=7)
     again = run()
-    assert again["trained"] == ["bold/ours"] and again["computed"]  # and its FID is measured anew
+    assert again["trained"] == ["bold/ours"] and again["computed"]  # and its FID is measured anew,
+    assert again["records"][0]["fid"] != first_run["records"][0]["fid"]  # from new samples, not the old shards
     assert (tmp_path / "train" / "bold_ours.old" / "export" / "concept_unet" / "diffusion_pytorch_model.safetensors"
             ).read_bytes() == first
     assert run()["trained"] == []

@@ -33,10 +33,10 @@ class TextToImage(Method):
                  caption_templates: list[str] | tuple[str, ...] = ("{caption}",), max_memoised_captions: int = 4096):
         super().__init__(prior, template)
         if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"method.kwargs.caption_dropout={caption_dropout}: must be in [0, 1)")
+            raise ValueError(f"method.module.caption_dropout={caption_dropout}: must be in [0, 1)")
         bad = [t for t in caption_templates if "{caption}" not in t]
         if not caption_templates or bad:
-            raise ValueError(f"method.kwargs.caption_templates: every template needs '{{caption}}', got {bad or 'none'}")
+            raise ValueError(f"method.module.caption_templates: every template needs '{{caption}}', got {bad or 'none'}")
         self.caption_dropout = float(caption_dropout)
         self.caption_templates = tuple(caption_templates)
         self.max_memoised = int(max_memoised_captions)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ccp.guidance import GuidanceSpec
@@ -55,9 +56,11 @@ def sample_batches(
 
 
 def sample_images(pipe: Any, guidance: GuidanceSpec, indices: Sequence[int], **settings) -> Any:
-    """All images of `indices` (`sample_batches` settings): a list of PIL images, or one tensor
-    for ``output_type="pt"``."""
+    """All images of `indices` (`sample_batches` settings), as one pipeline call would return
+    them: a list of PIL images, or one tensor / array for ``output_type`` "pt", "latent", "np"."""
     batches = [images for _, images in sample_batches(pipe, guidance, indices, **settings)]
-    if settings.get("output_type", "pil") == "pt":
-        return torch.cat(batches) if batches else torch.empty(0)
+    if batches and isinstance(batches[0], torch.Tensor):
+        return torch.cat(batches)
+    if batches and isinstance(batches[0], np.ndarray):
+        return np.concatenate(batches)
     return [image for images in batches for image in images]

@@ -87,7 +87,7 @@ class ToyPriorSettings:
 
     def key(self, seed: int, recipe: str = "") -> str:
         """Names a trained prior: these settings, the seed and `recipe` (the stage-4 training
-        config, so an edited conf/experiment/toy/prior.yaml or override is a different prior)."""
+        config, so an edited ccp/conf/experiment/toy/prior.yaml or override is a different prior)."""
         text = json.dumps({**asdict(self), "seed": seed, "recipe": recipe}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -26,6 +26,7 @@ FORMS = ["{c}", "a digit, {c}", "a photo of {c}"]
 def alignment(prior_dir: str, classifier: str) -> dict:
     from ccp.guidance import GuidanceSpec
     from ccp.pipelines.gcfg import GCFGPipeline
+    from ccp.pipelines.sampling import sample_images
     from ccp.priors.loading import load_prior
     from ccp.toy.instruments import ToyAttributePredictor, load_classifier
 
@@ -37,8 +38,8 @@ def alignment(prior_dir: str, classifier: str) -> dict:
         hits = total = 0
         for colour, digit in PROMPTS:
             prompt = form.format(c=f"a {colour} digit {digit}")
-            images = pipe(GuidanceSpec.cfg(prompt, 5.0), num_images=16, height=32, width=32, num_inference_steps=25,
-                          generator=[torch.Generator().manual_seed(s) for s in range(16)]).images
+            images = sample_images(pipe, GuidanceSpec.cfg(prompt, 5.0), range(16), seed=0, batch_size=16,
+                                   num_inference_steps=25, height=32, width=32)
             hits += int(torch.as_tensor(predictor.predict(images, f"{colour} digit {digit}")).sum())
             total += len(images)
         out[form] = hits / total
