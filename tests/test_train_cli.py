@@ -85,7 +85,13 @@ def test_bad_configs_fail_before_loading(tiny_prior_dir, image_dir, tmp_path):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.module._target_=ccp.methods.oft.OFT"))
     with pytest.raises(TrainConfigError, match="method.module._target_=ccp.methods.lora.LoRA: cannot be imported"):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.module._target_=ccp.methods.lora.LoRA"))
-    assert check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=8")) == 4
+    plan = check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=8"))
+    assert plan.accumulate == 4
+    assert [type(cb).__name__ for cb in plan.callbacks] == [  # callbacks/default.yaml; EMA on for ours
+        "ModelCheckpoint", "SaveLastOnSigterm", "StepProgressBar", "EMACallback", "ValidationGrid", "SampleMetrics"]
+    no_ema = check_config(_cfg("dreambooth", tiny_prior_dir, image_dir, "callbacks.progress_bar=null"))
+    assert [type(cb).__name__ for cb in no_ema.callbacks] == [
+        "ModelCheckpoint", "SaveLastOnSigterm", "ValidationGrid", "SampleMetrics"]
 
 
 def test_wandb_logs_offline_into_the_run_folder(tiny_prior_dir, image_dir, tmp_path, monkeypatch):

@@ -27,7 +27,15 @@ from ccp.evaluation.metrics import METRICS, fid_metric, spatial_metric, text_met
 from ccp.io import list_image_files, write_json_atomic
 from ccp.methods import METHODS, method_class
 from ccp.methods.base import PromptTemplate
-from ccp.methods.export import EXPORT_INFO, TrainedModel, UntrainedPrior, load_trained, prior_reference
+from ccp.methods.export import (
+    EXPORT_INFO,
+    ExportNotFoundError,
+    TrainedModel,
+    UntrainedPrior,
+    load_trained,
+    prior_reference,
+    read_export_info,
+)
 from ccp.pipelines.run import SampleConfigError, check_sampling, resolve_device
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
 
@@ -63,14 +71,10 @@ def _read_export(path: Any) -> tuple[Path, dict]:
     if not path:
         raise EvalConfigError("export.path is not set; set export.path=outputs/train/<run>/export "
                               "(written by ccp-train), or model=prior prior.path=... for the untrained prior")
-    folder = Path(str(path)).expanduser()
-    if not folder.is_dir():
-        raise _fix("export.path", path, "the folder does not exist", "outputs/train/<run>/export (written by ccp-train)")
-    info_file = folder / EXPORT_INFO
-    if not info_file.is_file():
-        raise _fix("export.path", path, f"no {EXPORT_INFO} there, so it was not written by ccp-train",
-                   "the export/ folder of a ccp-train run")
-    return folder, json.loads(info_file.read_text())
+    try:
+        return Path(str(path)).expanduser(), read_export_info(path, key="export.path")
+    except ExportNotFoundError as err:
+        raise EvalConfigError(str(err)) from None
 
 
 def _default_weights(method_cls) -> dict[str, float]:

@@ -78,14 +78,15 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / EXPORT_INFO).is_file()
 
 
-def read_export_info(export_dir: str | Path) -> dict:
-    """The export's `EXPORT_INFO`; `ExportNotFoundError` for anything else."""
+def read_export_info(export_dir: str | Path, key: str = "export") -> dict:
+    """The export's `EXPORT_INFO`; `ExportNotFoundError` for anything else, naming the config `key`."""
     folder = Path(str(export_dir)).expanduser()
     if not folder.is_dir():
-        raise ExportNotFoundError(f"export {export_dir} does not exist; point at the export/ folder of a ccp-train run")
+        raise ExportNotFoundError(f"{key}={export_dir}: the folder does not exist; set {key}=outputs/train/<run>/export "
+                                  "(written by ccp-train)")
     if not is_export(folder):
-        raise ExportNotFoundError(f"{export_dir} has no {EXPORT_INFO}, so it was not written by ccp-train; "
-                                  "point at the export/ folder of a ccp-train run")
+        raise ExportNotFoundError(f"{key}={export_dir}: no {EXPORT_INFO} there, so it was not written by ccp-train; "
+                                  f"set {key}=the export/ folder of a ccp-train run")
     return json.loads((folder / EXPORT_INFO).read_text())
 
 

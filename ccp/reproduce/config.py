@@ -110,7 +110,7 @@ def check_inputs(cfg: DictConfig) -> None:
               if not is_export(export_dir(cfg, d, m))]
     if absent and not cfg.train_missing:
         problems.append("no ccp-train export for " + ", ".join(absent) + "; train them (ccp-train experiment=...) "
-                        "or set train_missing=true, or point exports.<dataset>.<method> at existing exports")
+                        "or set train_missing=true, or pass +exports.<dataset>.<method>=/path/to/export for existing ones")
     if problems:
         raise ReproduceConfigError("cannot reproduce the tables:\n  - " + "\n  - ".join(problems))
 

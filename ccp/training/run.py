@@ -10,6 +10,7 @@ grids and, at the end, the (EMA) weights in ``export/`` with `EXPORT_INFO`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -76,8 +77,16 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return callbacks
 
 
-def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> int:
-    """Everything that can be checked without weights; returns gradient-accumulation steps."""
+@dataclass
+class TrainingPlan:
+    """What the checks found: the accumulation the global batch needs and the built callbacks."""
+
+    accumulate: int
+    callbacks: list[L.Callback]
+
+
+def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
+    """Everything that can be checked without weights (each callback checks its own settings)."""
     cfg = run_config(cfg, run_dir)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -89,11 +98,12 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> int:
     prior = str(cfg.prior.path)
     if looks_like_path(prior):
         check_prior_folder(prior)
-    build_callbacks(cfg)  # each callback checks its own settings
     try:
-        return accumulation_steps(int(cfg.trainer.global_batch_size), int(cfg.data.batch_size), devices_count(cfg.trainer))
+        accumulate = accumulation_steps(int(cfg.trainer.global_batch_size), int(cfg.data.batch_size),
+                                        devices_count(cfg.trainer))
     except ValueError as err:
         raise TrainConfigError(str(err)) from None
+    return TrainingPlan(accumulate, build_callbacks(cfg))
 
 
 def template_from(cfg: DictConfig) -> PromptTemplate:
@@ -136,8 +146,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Train as configured in `run_dir` (resuming when possible) and export; returns the export folder."""
     run_dir = Path(run_dir)
     cfg = run_config(cfg, run_dir)
-    accumulate = check_config(cfg, run_dir)
-    callbacks = build_callbacks(cfg)
+    plan = check_config(cfg, run_dir)
+    callbacks = plan.callbacks
     L.seed_everything(cfg.seed, workers=True)
 
     prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype))
@@ -155,7 +165,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     t = cfg.trainer
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
-        max_steps=t.max_steps, accumulate_grad_batches=accumulate, gradient_clip_val=t.gradient_clip_val,
+        max_steps=t.max_steps, accumulate_grad_batches=plan.accumulate, gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,  # ResumableSampler shards ranks
         callbacks=callbacks, logger=build_loggers(cfg, run_dir) or False, default_root_dir=str(run_dir),
         enable_model_summary=False,
