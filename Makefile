@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: setup test test-fast demo demo-tiny toy-prior bench-sampling bench-training tiny-prior sample-tiny reproduce-tables clean
+.PHONY: setup test test-fast demo demo-tiny toy-prior bench-sampling bench-training tiny-prior sample-tiny reproduce-tables gpu-wheels gpu-check gpu-check-smoke check-sd15 clean
 
 setup: $(BIN)/ccp-sample
 
@@ -51,6 +51,44 @@ bench-sampling: setup
 
 bench-training: setup
 	$(BIN)/python benchmarks/training.py --out benchmarks/results $(ARGS)
+
+# SD v1.5 size on this CPU (benchmarks/check_sd15.py, docs/memory.md): random weights, one process per case, each
+# method's bf16-autocast training step at 256 px (ours and dreambooth with 8-bit AdamW and gradient checkpointing)
+# and a 2-step three-term GCFG sample at 512 px; fails on an error, a non-finite loss or a peak RSS over 22 GiB.
+# About 5 min on 2 cores; writes benchmarks/results/check_sd15_cpu.json. Run it alone: it peaks near 12 GiB.
+check-sd15: setup
+	$(BIN)/python benchmarks/check_sd15.py $(ARGS)
+
+# make gpu-check: one prepared run on a CUDA machine without network (benchmarks/gpu_check.py, docs/benchmarks.md):
+# SD v1.5-size sampling, training, a 50-step stability check and the recipe's device-hours, in < 7 min, into
+# benchmarks/results/gpu_check_<gpu>.json. It runs the machine's own python3 (no .venv), with ccp from this
+# checkout. That Python is assumed to have torch, lightning, transformers (so huggingface_hub, safetensors,
+# regex, requests, Pillow, numpy, filelock, PyYAML, packaging, tqdm), peft (so accelerate) and torchmetrics;
+# `make gpu-wheels`, run where the package index is reachable, puts the rest into .whl/ as wheels, pinned
+# as in constraints.txt (tests/test_gpu_check.py checks that). No importlib_metadata: diffusers uses the
+# standard library's on Python >= 3.8. A requirement with no wheel on the index (antlr4-python3-runtime
+# 4.9.3 is an sdist only) is built here with `pip wheel` (all of these are pure Python).
+GPU_WHEELS := diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+	clip-anytorch==2.6.0 torch-fidelity==0.4.0 ftfy==6.3.1 wcwidth==0.9.4
+GPU_PY ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_SITE ?= /tmp/site
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	for req in $(GPU_WHEELS); do \
+		$(GPU_PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			-d .whl $$req 2>/dev/null || $(GPU_PY) -m pip wheel -q --no-deps -w .whl $$req || exit 1; \
+	done
+	ls .whl && du -sh .whl
+
+gpu-check:
+	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi && PYTHONPATH=$(GPU_SITE):. $(GPU_PY) benchmarks/gpu_check.py --out benchmarks/results $(ARGS)
+
+# The same code path at tiny size on the CPU in well under a minute (tests/test_gpu_check.py runs it too).
+gpu-check-smoke: setup
+	$(BIN)/python benchmarks/gpu_check.py --smoke --out outputs/gpu-check-smoke $(ARGS)
 
 # Tables 1-2 and Figs. 8-10 (ccp-reproduce, ccp/conf/scale/$(SCALE).yaml): tiny = offline CPU smoke run (< 3 min),
 # toy = the digits reproduction into experiments/toy/results (docs/toy.md; 23 min with the toy prior cached),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+def step_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` timed calls of `fn`, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -28,7 +30,11 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    return statistics.median(step_times(fn, device, repeats, warmup))
 
 
 def machine(device: torch.device) -> dict:
@@ -43,6 +49,12 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe device name: "NVIDIA H200" -> "nvidia-h200", a CPU -> "cpu"."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
 
 
 def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:

@@ -138,9 +138,13 @@ def run_variant(variant: str, size: str, device_name: str, dtype_name: str, reso
     # Count what runs per step, so the JSON states it rather than assumes it.
     calls = {"vae.encode": 0, "text_encoder": 0}
     frozen_runs = {"vae.encode": vae.encoder if vae is not None else None, "text_encoder": method._frozen.get("text_encoder")}
+    def counter(name):
+        # not traced: a compiled forward would otherwise guard on the count and recompile every step
+        return torch.compiler.disable(lambda *_: calls.__setitem__(name, calls[name] + 1))
+
     for name, sub in frozen_runs.items():
         if sub is not None:
-            sub.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+            sub.register_forward_hook(counter(name))
     losses = []
 
     def step():

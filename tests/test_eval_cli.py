@@ -205,13 +205,12 @@ def test_sample_metrics_callback_logs_fid_and_alignment_with_the_ema_weights(set
     from ccp.training.module import PersonalizationModule
 
     class Spy(SampleMetrics):
-        seen = []
+        seen = []  # (weights measured, eval mode) per measurement
 
-        def measure(self, pl_module):
-            ema = next(cb for cb in self._trainer.callbacks if isinstance(cb, EMACallback)).ema
-            params = list(pl_module.method.trainable_parameters())
-            self.seen.append(all(torch.equal(p, s) for p, s in zip(params, ema.shadow_params)) and not pl_module.training)
-            return super().measure(pl_module)
+        def measure(self, pl_module, *args):
+            weights = [p.detach().clone() for p in pl_module.method.trainable_parameters()]
+            self.seen.append((weights, not pl_module.training))
+            return super().measure(pl_module, *args)
 
         def on_train_batch_end(self, trainer, *args):
             self._trainer = trainer
@@ -231,7 +230,12 @@ def test_sample_metrics_callback_logs_fid_and_alignment_with_the_ema_weights(set
                         enable_checkpointing=False, enable_model_summary=False,
                         callbacks=[EMACallback(decay=0.5), metrics])
     trainer.fit(module, train_dataloaders=loader)
-    assert Spy.seen == [True, True]  # at steps 1 and 2, with the EMA weights swapped in, in eval mode
+    ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMACallback)).ema
+    assert [eval_mode for _, eval_mode in Spy.seen] == [True, True]  # at steps 1 and 2, in eval mode
+    # the last measurement saw the EMA weights (no EMA update came after it), not the live ones
+    measured, live = Spy.seen[-1][0], list(module.method.trainable_parameters())
+    assert all(torch.equal(m, s) for m, s in zip(measured, ema.shadow_params))
+    assert not all(torch.equal(m, p) for m, p in zip(measured, live))
     assert module.training  # restored
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("eval/fid")]

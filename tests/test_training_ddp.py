@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import lightning as L
+import pytest
 import torch
 from diffusers import DDPMScheduler
 from torch.utils.data import Dataset
@@ -113,3 +115,107 @@ def test_ddp_ranks_build_the_latent_cache_in_parallel_then_train_on_it(tiny_prio
     folders = list((tmp_path / "cache" / "latents").iterdir())
     assert len(folders) == 1 and (folders[0] / "manifest.json").is_file()
     assert len(LatentCache(folders[0])) == 8
+
+
+class NaNOnRankOne(NullTextConcept):
+    """Ours, except that rank 1's prediction turns NaN from its third micro-step on."""
+
+    calls = 0
+
+    def predict_noise(self, noisy_latents, timesteps):
+        out = super().predict_noise(noisy_latents, timesteps)
+        self.calls += 1
+        if torch.distributed.get_rank() == 1 and self.calls >= 3:
+            out = out * float("nan")
+        return out
+
+
+class RecordingModule(PersonalizationModule):
+    """Writes down, per rank, the error its own check raised (spawned ranks report no callbacks)."""
+
+    def __init__(self, *args, out_dir, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.out_dir = str(out_dir)
+
+    def on_before_optimizer_step(self, optimizer):
+        try:
+            super().on_before_optimizer_step(optimizer)
+        except Exception as err:
+            with open(f"{self.out_dir}/error{self.global_rank}.json", "w") as f:
+                json.dump({"type": type(err).__name__, "message": str(err), "step": self.global_step,
+                           "finite": all(bool(torch.isfinite(p).all()) for p in self.method.parameters())}, f)
+            raise
+
+
+@pytest.mark.timeout(600)
+def test_nan_on_one_rank_stops_every_rank_before_the_update(tiny_prior, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    method = NaNOnRankOne(tiny_prior, PromptTemplate(), definition="value_mean")
+    module = RecordingModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
+                             lr=1e-3, out_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)],
+    )
+    start = time.monotonic()
+    with pytest.raises(Exception, match="NonFiniteLossError|non-finite"):
+        trainer.fit(module, datamodule=Data())
+    elapsed = time.monotonic() - start
+    errors = [json.loads((tmp_path / f"error{r}.json").read_text()) for r in (0, 1)]
+    # both ranks stopped by themselves (rank 0 saw a finite loss), at the same step, before its update
+    assert [e["type"] for e in errors] == ["NonFiniteLossError"] * 2
+    assert [e["step"] for e in errors] == [2, 2]
+    assert [e["finite"] for e in errors] == [True, True]  # NaN gradients never reached the weights
+    assert "non-finite loss on 1 of 2 rank(s) before optimizer step 3" in errors[0]["message"]
+    assert elapsed < 120  # seconds, not a collective timeout (30 minutes by default)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+class SaveWeightsAndMetrics(L.Callback):
+    def __init__(self, out_dir, metrics):
+        self.out_dir, self.metrics = str(out_dir), metrics
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        rank = trainer.global_rank
+        with open(f"{self.out_dir}/metrics{rank}.json", "w") as f:
+            json.dump(self.metrics.last, f)
+        if rank == 0:
+            torch.save(pl_module.method.trainable_state_dict(), f"{self.out_dir}/weights.pt")
+
+
+@pytest.mark.timeout(600)
+def test_sample_fid_is_shared_over_ranks_and_equals_one_process(tiny_prior, tmp_path):
+    from ccp.evaluation.callbacks import SampleMetrics
+    from ccp.evaluation.fid import FeatureStats, RandomConvFeatures, extract_features
+
+    extractor = RandomConvFeatures()
+    real = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    real_stats = FeatureStats.from_features(extract_features(extractor, real))
+
+    def metrics():
+        return SampleMetrics(every_n_steps=1, num_samples=6, real_stats=real_stats, feature_extractor=RandomConvFeatures(),
+                             steps=2, batch_size=2, resolution=32)
+
+    sample_metrics = metrics()
+    method = NullTextConcept(tiny_prior, PromptTemplate(), definition="value_mean")
+    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
+                                   lr=1e-3, prior=tiny_prior)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+        callbacks=[sample_metrics, SaveWeightsAndMetrics(tmp_path, sample_metrics)],
+    )
+    trainer.fit(module, datamodule=Data())
+    per_rank = [json.loads((tmp_path / f"metrics{r}.json").read_text())["eval/fid"] for r in (0, 1)]
+    assert per_rank[0] == per_rank[1]
+
+    # one process, the same weights: the same FID (each image depends on its index only)
+    single = NullTextConcept(tiny_prior, PromptTemplate(), definition="value_mean")
+    single.load_state_dict(torch.load(tmp_path / "weights.pt"), strict=False)
+    alone = PersonalizationModule(single, DDPMScheduler.from_config(tiny_prior.scheduler.config), prior=tiny_prior)
+    expected = metrics().measure(alone)["eval/fid"]
+    assert per_rank[0] == pytest.approx(expected, rel=1e-4)

@@ -152,14 +152,18 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     _fit(prior, tmp_path, 1)
     good = (tmp_path / "last.ckpt").read_bytes()
     module = _module(prior)
-    monkeypatch.setattr(module.method, "predict_noise", lambda x, t: torch.full_like(x, float("nan")))
+    predict = module.method.predict_noise
+    monkeypatch.setattr(module.method, "predict_noise", lambda x, t: predict(x, t) * float("nan"))
+    before = {k: v.clone() for k, v in module.method.trainable_state_dict().items()}
     trainer = L.Trainer(
         accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, use_distributed_sampler=False,
         callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)],
     )
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0.*last checkpoint is intact"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss on 1 of 1 rank.*before optimizer step 1.*last checkpoint is intact"):
         trainer.fit(module, DataLoader(Pixels(), batch_size=2))
     assert (tmp_path / "last.ckpt").read_bytes() == good
+    after = module.method.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # stopped before the update
 
 
 def test_resumable_sampler_splits_ranks_and_skips_consumed():
@@ -180,3 +184,32 @@ def test_global_batch_arithmetic():
     assert accumulation_steps(32, 4, 1) == 8
     with pytest.raises(ValueError, match="not a multiple of per-device batch 3 x 2"):
         accumulation_steps(32, 3, 2)
+
+
+def test_validation_does_not_recompile_the_compiled_training_forward(prior, tmp_path):
+    from ccp.training.callbacks import ValidationGrid
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(len(example_inputs))
+        return graph_module.forward
+
+    def compiles(validation_every: int) -> int:
+        torch._dynamo.reset()
+        graphs.clear()
+        method = NullTextConcept(prior, PromptTemplate(), definition="value_mean")
+        module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=1e-3,
+                                       prior=prior, compile=True, compile_backend=counting_backend)
+        grid = ValidationGrid(tmp_path / f"grid{validation_every}", every_n_steps=validation_every, num_images=1,
+                              steps=2, control_prompt="smiling")
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                            enable_checkpointing=False, enable_model_summary=False, callbacks=[grid])
+        trainer.fit(module, DataLoader(Pixels(), batch_size=2))
+        if validation_every:
+            assert len(list((tmp_path / f"grid{validation_every}").glob("step_*.png"))) == 3
+        return len(graphs)
+
+    without = compiles(0)
+    assert without >= 1  # the training forward was compiled
+    assert compiles(1) == without  # three validation grids (eval mode, other batch size) added no graph

@@ -1,9 +1,11 @@
-"""`ccp-params [--json PATH] [--tiny] [--methods NAME ...]`: trainable parameters per method.
+"""`ccp-params [--json PATH] [--tiny] [--methods NAME ...] [--memory [--optimizer adamw8bit] [--ema]
+[--ema-on-cpu] [--frozen-dtype bfloat16] [--device cpu]]`: trainable parameters per method, or the
+bytes a training run holds on the device and in host memory (weights, gradients, optimizer state,
+EMA, frozen parts; `ccp.methods.params.memory_estimate`).
 
-Builds the SD v1.5 UNet and text encoder architectures with random weights (no download; the
-counts depend only on the architecture), builds each method on them and prints its trainable
-parameter count next to the paper's Table 1 ``#param`` column (`ccp.methods.params`). ``--tiny``
-uses the tiny test prior instead (seconds; for smoke tests).
+Builds SD v1.5's architecture with random weights (no download: only shapes matter) and each method
+on it; the counts stand next to the paper's Table 1 ``#param``. The --memory options are ccp-train's
+optim.name, ema.enabled, ema.device=cpu and prior.dtype. ``--tiny``: the tiny test prior (seconds).
 """
 
 from __future__ import annotations
@@ -11,34 +13,33 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from ccp.methods.params import count, format_table
-from ccp.priors.tiny import build_sd15_shaped_prior, build_tiny_prior
+from ccp.methods.params import OPTIMIZERS, report
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ccp-params", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, help="also write the counts as JSON to this path")
-    parser.add_argument("--tiny", action="store_true", help="count on the tiny test prior instead of SD v1.5's shapes")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON to this path")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test prior instead of SD v1.5's shapes")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (registry names)")
+    parser.add_argument("--memory", action="store_true", help="bytes of a training run (GiB) instead of counts")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--ema", action="store_true")
+    parser.add_argument("--ema-on-cpu", action="store_true", help="EMA in host memory (implies --ema)")
+    parser.add_argument("--frozen-dtype", default="float32", help="dtype of the frozen parts (prior.dtype)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (cpu: process totals)")
     args = parser.parse_args(argv)
-
     start = time.perf_counter()
-    if not args.tiny:
-        print("building SD v1.5-shaped UNet and text encoder (random weights)...", flush=True)
-    prior, arch = (build_tiny_prior(0), "tiny") if args.tiny else (build_sd15_shaped_prior(0), "sd15")
-    rows = count(prior, args.methods)
-    facts = {"unet_parameters": sum(p.numel() for p in prior.unet.parameters()),
-             "text_encoder_hidden_size": prior.text_encoder.config.hidden_size}
-    print(f"trainable parameters on the {'SD v1.5' if arch == 'sd15' else 'tiny'} architecture "
-          f"(UNet {facts['unet_parameters']:,} parameters):")
-    print(format_table(rows))
+    print(f"building the {'tiny' if args.tiny else 'SD v1.5-shaped'} prior (random weights)...", flush=True)
+    memory = dict(optimizer=args.optimizer, ema=args.ema or args.ema_on_cpu, ema_on_cpu=args.ema_on_cpu,
+                  frozen_dtype=args.frozen_dtype, device=args.device) if args.memory else None
+    result, text = report("tiny" if args.tiny else "sd15", args.methods, memory)
+    print(text)
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"architecture": arch, **facts, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -8,7 +8,6 @@ method owns only what differs between ours and the four baselines.
 from __future__ import annotations
 
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +98,15 @@ class Method(nn.Module, ABC):
     def export(self, out_dir: str | Path) -> Path:
         """Write the trained result in the format users load (diffusers/peft conventions)."""
 
+    @abstractmethod
     def sampling_pipeline(self, prior: StableDiffusionPipeline):
-        """``(GCFGPipeline, denoiser_name)`` with the current weights (validation grids). Goes
-        through export and `load_export`, so what is validated is what users will load."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.export(tmp)
-            return type(self).load_export(prior, tmp)
+        """``(GCFGPipeline, denoiser_name)`` that samples the method's current weights (validation
+        grids, metrics during training), built in memory: `prior`'s pipeline with the method's own
+        modules plugged in as they are, sharing their storage (no weights copied, no files written).
+        It samples what ``load_export(prior, <export of now>)`` samples, and leaves the method's
+        modules as they were: no change of training mode, ``requires_grad``, device or dtype, so
+        sampling in eval mode is the caller's choice (the training callbacks sample in eval mode)
+        and the pipeline follows every later update of the weights."""
 
     @classmethod
     @abstractmethod

@@ -148,6 +148,13 @@ class CustomDiffusion(TokenTrainingMixin, Method):
         save_learned_embeds(out_dir, self.template.placeholder, self.token_embeds)
         return out_dir
 
+    def sampling_pipeline(self, prior):
+        # The UNet copy the method trains through: the prior's weights (shared) with the method's
+        # processors installed, plus the method's tokenizer and text encoder with the current token.
+        pipe = self.pipeline_with_own_token(prior)
+        pipe.add_denoiser(self.name, self.unet)
+        return pipe, self.name
+
     @classmethod
     def load_export(cls, prior, export_dir):
         export_dir = Path(export_dir)

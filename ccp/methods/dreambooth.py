@@ -100,13 +100,20 @@ def export_folder(export_dir: str | Path, subfolder: str) -> Path:
     return export_dir / subfolder if (export_dir / subfolder).is_dir() else export_dir
 
 
-def register_unet_denoiser(prior: StableDiffusionPipeline, name: str, unet: UNet2DConditionModel):
+def pipeline_with_denoiser(prior: StableDiffusionPipeline, name: str, unet: UNet2DConditionModel):
+    """``(GCFGPipeline, name)``: `prior`'s pipeline with `unet` registered as denoiser `name`, as it
+    is: not copied, cast, moved or put in eval mode (a method's current weights, sampled in memory)."""
     from ccp.pipelines.gcfg import GCFGPipeline
 
-    pipe = GCFGPipeline.from_prior(prior)
-    unet = unet.to(prior.device) if unet.dtype == prior.unet.dtype else unet.to(device=prior.device, dtype=prior.unet.dtype)
-    pipe.add_denoiser(name, unet.eval())
+    pipe = GCFGPipeline.from_prior(prior)  # moves the prior's parts to its device; `unet` joins after
+    pipe.add_denoiser(name, unet)
     return pipe, name
+
+
+def register_unet_denoiser(prior: StableDiffusionPipeline, name: str, unet: UNet2DConditionModel):
+    """A loaded UNet as denoiser `name` of `prior`'s pipeline, on the prior's device and dtype, in eval mode."""
+    unet = unet.to(prior.device) if unet.dtype == prior.unet.dtype else unet.to(device=prior.device, dtype=prior.unet.dtype)
+    return pipeline_with_denoiser(prior, name, unet.eval())
 
 
 # --- DreamBooth --------------------------------------------------------------------------------
@@ -127,6 +134,9 @@ class DreamBooth(FixedPromptMixin, Method):
         path = Path(out_dir) / EXPORT_SUBFOLDER
         self.unet.save_pretrained(path)
         return path
+
+    def sampling_pipeline(self, prior):
+        return pipeline_with_denoiser(prior, self.name, self.unet)  # the trained UNet itself
 
     @classmethod
     def load_export(cls, prior, export_dir):

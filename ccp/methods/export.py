@@ -116,6 +116,8 @@ def prior_reference(prior: StableDiffusionPipeline, template: PromptTemplate) ->
 
 
 def in_memory(method: Method, prior: StableDiffusionPipeline) -> TrainedModel:
-    """The method's current weights as a `TrainedModel` (validation and metrics during training)."""
+    """The method's current weights as a `TrainedModel` (validation and metrics during training):
+    its `sampling_pipeline`, built in memory on the method's own modules (nothing exported or
+    copied), so it follows the weights as they train."""
     pipe, denoiser = method.sampling_pipeline(prior)
     return TrainedModel(pipe, denoiser, type(method), method.template)

@@ -12,7 +12,8 @@ is a larger model than the paper's; see docs/methods.md.
 The prompt carries no token (Appendix D.2) and runs through the frozen text encoder: cached.
 Export: ``out_dir/oft`` via peft's ``save_pretrained`` (``adapter_config.json`` +
 ``adapter_model.safetensors``). Loading applies the adapter to a copy of the prior UNet with peft
-and merges it (``merge_and_unload``), so sampling runs a plain UNet at the prior's speed.
+and merges it (``merge_and_unload``), so sampling runs a plain UNet at the prior's speed; in memory
+(validation during training) the method's own UNet runs with its OFT layers unmerged.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from peft import OFTConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ccp.methods.base import Method, PromptTemplate
-from ccp.methods.dreambooth import FixedPromptMixin, baseline_guidance, export_folder, frozen_copy, register_unet_denoiser
+from ccp.methods.dreambooth import (
+    FixedPromptMixin,
+    baseline_guidance,
+    export_folder,
+    frozen_copy,
+    pipeline_with_denoiser,
+    register_unet_denoiser,
+)
 
 EXPORT_SUBFOLDER = "oft"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -92,6 +100,11 @@ class OFT(FixedPromptMixin, Method):
         path = Path(out_dir) / EXPORT_SUBFOLDER
         self.peft_unet.save_pretrained(str(path))
         return path
+
+    def sampling_pipeline(self, prior):
+        # The UNet with the OFT layers active, unmerged: merging would write into the weights it
+        # shares with the prior. Slower per step than the merged export, same predictions.
+        return pipeline_with_denoiser(prior, self.name, self.unet)
 
     @classmethod
     def load_export(cls, prior, export_dir):

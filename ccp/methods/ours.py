@@ -37,7 +37,10 @@ class NullTextConcept(Method):
     def sampling_pipeline(self, prior):
         from ccp.pipelines.gcfg import GCFGPipeline
 
-        return GCFGPipeline.from_prior(prior, concept_unet=self.unet), "concept"  # in memory: no export needed
+        # Registered after from_prior, whose .to(prior.device) would otherwise move the trained UNet.
+        pipe = GCFGPipeline.from_prior(prior)
+        pipe.register_modules(concept_unet=self.unet)
+        return pipe, "concept"
 
     @classmethod
     def load_export(cls, prior, export_dir):

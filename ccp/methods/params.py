@@ -1,16 +1,25 @@
-"""Trainable parameters per method (Table 1's ``#param``), counted on a prior's architecture.
+"""Trainable parameters per method (Table 1's ``#param``) and the memory a training run holds,
+counted on a prior's architecture.
 
 `count` builds each method of `ROWS` on a prior (weights do not matter: the counts depend only on
 the architecture) and reports its trainable parameters next to the paper's number, with a note on
 how ours and the paper count differently where they do.
+
+`memory_estimate` states the bytes a training process holds besides activations: trainable weights
+(always fp32), their gradients, the optimiser state, the EMA shadow, and every frozen tensor resident
+in the process (the prior pipeline stays loaded for validation and sampling; tensors a method shares
+with it are counted once).
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import torch
 from diffusers import StableDiffusionPipeline
+from torch import nn
+
 
 # (row label, registry name, constructor kwargs, paper's Table 1 #param)
 ROWS: list[tuple[str, str, dict, str | None]] = [
@@ -86,3 +95,161 @@ def format_table(rows: list[Row]) -> str:
         if i == 0:
             out.append("-" * len(out[0]))
     return "\n".join(out)
+
+
+# --- memory -------------------------------------------------------------------------------------
+# The optimisers of ccp.training.optim (optim.name). bitsandbytes' 8-bit AdamW keeps fp32 moments
+# for tensors below 4,096 values; 8-bit moments carry one fp32 scale per block of 256 values.
+OPTIMIZERS = ("adamw", "adamw8bit")
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCKSIZE = 256
+
+
+def optimizer_state_bytes_per_param(name: str) -> float:
+    """Bytes of optimiser state per parameter of a large tensor: 8 (AdamW: two fp32 moments) or
+    2.03 (8-bit AdamW: two uint8 moments plus two fp32 scales per 256 values)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    return 8.0 if name == "adamw" else 2.0 + 2 * 4 / BNB_BLOCKSIZE
+
+
+def optimizer_state_bytes(shapes, name: str) -> int:
+    """Bytes of optimiser state for trainable tensors of these shapes (or element counts), tensor by
+    tensor, as torch's AdamW (plus its fp32 step counter) and bitsandbytes' AdamW8bit allocate it."""
+    optimizer_state_bytes_per_param(name)  # checks the name
+    total = 0
+    for shape in shapes:
+        n = shape if isinstance(shape, int) else int(torch.Size(shape).numel())
+        if name == "adamw":
+            total += 8 * n + 4
+        elif n < BNB_MIN_8BIT_SIZE:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * -(-n // BNB_BLOCKSIZE)
+    return total
+
+
+MEMORY_COLUMNS = ("weights", "gradients", "optimizer_state", "ema", "frozen", "total", "ema_host", "frozen_host", "process")
+
+
+def _tensors(*modules: nn.Module) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def _storage_bytes(tensors, seen: set[int], dtype: torch.dtype | None) -> tuple[int, int]:
+    """(bytes, elements) of the storages behind `tensors` not yet in `seen` (which gains them);
+    floating-point storages at `dtype` (None: as they are)."""
+    total = elements = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        count = storage.nbytes() // t.element_size()
+        total += count * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+        elements += count
+    return total, elements
+
+
+def memory_estimate(method, prior: StableDiffusionPipeline, optimizer: str = "adamw", ema: bool = False,
+                    ema_on_cpu: bool = False, frozen_dtype: torch.dtype | None = torch.float32,
+                    device: str = "cpu") -> dict:
+    """Bytes a training run of `method` (built on `prior`) holds, activations aside.
+
+    On the training `device`: weights (the trainable parameters, fp32 whatever the prior's dtype),
+    gradients (fp32), optimizer_state (`optimizer_state_bytes`, "adamw" | "adamw8bit"), ema (the
+    fp32 EMA shadow; 0 with `ema_on_cpu`, then it is `ema_host`), frozen (what the step runs: the
+    VAE, the method's frozen parts and buffers; `frozen_copy` parts share the prior's storage and
+    count once) and their sum, total. In host memory: ema_host and frozen_host, the rest of the
+    prior pipeline, which stays loaded for validation and GCFG sampling (ours: the prior UNet and
+    text encoder beside its own UNet; DreamBooth: the prior UNet beside its copy). On a "cuda"
+    device the method's frozen copies are moved there and the prior keeps its own tensors, so
+    frozen_host is the whole prior but its VAE (moved in place). process: everything, for a CPU
+    run. Frozen floating-point tensors are counted at `frozen_dtype` (prior.dtype; None: as built).
+    """
+    trainable = list(method.trainable_parameters())
+    n = sum(p.numel() for p in trainable)
+    seen = {p.untyped_storage().data_ptr() for p in trainable}
+    run = _tensors(prior.vae, method, *method._frozen.values())
+    frozen, frozen_elements = _storage_bytes(run, seen, frozen_dtype)
+    rest = [m for m in prior.components.values() if isinstance(m, nn.Module) and m is not prior.vae]
+    host_seen = seen if device == "cpu" else {p.untyped_storage().data_ptr() for p in _tensors(prior.vae)}
+    frozen_host, _ = _storage_bytes(_tensors(*rest), host_seen, frozen_dtype)
+    ema_bytes = 4 * n if ema else 0
+    out = {
+        "method": method.name, "optimizer": optimizer, "device": device,
+        "trainable_parameters": n, "frozen_elements": frozen_elements,
+        "weights": 4 * n,
+        "gradients": 4 * n,
+        "optimizer_state": optimizer_state_bytes([p.shape for p in trainable], optimizer),
+        "ema": 0 if ema_on_cpu else ema_bytes,
+        "frozen": frozen,
+        "ema_host": ema_bytes if ema_on_cpu else 0,
+        "frozen_host": frozen_host,
+    }
+    out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer_state", "ema", "frozen"))
+    out["process"] = out["total"] + out["ema_host"] + out["frozen_host"] if device == "cpu" else None
+    # What a checkpoint holds (Lightning's default CheckpointIO builds it in host memory before writing).
+    out["checkpoint"] = out["weights"] + out["optimizer_state"] + ema_bytes
+    return out
+
+
+def memory_table(prior: StableDiffusionPipeline, methods: list[str] | None = None, **options) -> list[dict]:
+    """`memory_estimate` for each row of `ROWS` (or those named in `methods`), built on `prior`."""
+    from ccp.methods import build_method
+
+    rows = []
+    for label, name, kwargs, _ in ROWS:
+        if methods and name not in methods and label not in methods:
+            continue
+        method = build_method(name, prior, **kwargs)
+        rows.append({"label": label, **memory_estimate(method, prior, **options)})
+        del method
+        gc.collect()
+    return rows
+
+
+def format_memory_table(rows: list[dict]) -> str:
+    """Rows in GiB (2**30 bytes); total is on the training device, process = total + host (CPU runs)."""
+    header = ("GiB", *MEMORY_COLUMNS)
+    lines = [header] + [(r["label"], *("-" if r[k] is None else f"{r[k] / 2**30:.2f}" for k in MEMORY_COLUMNS)) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:], widths[1:]))]))
+        if i == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def sd15_memory_prior(seed: int = 0) -> StableDiffusionPipeline:
+    """`build_sd15_shaped_prior` with SD v1.5's VAE (83.7M parameters) in place of the tiny one, so
+    that memory estimates count the VAE a real prior brings."""
+    from diffusers import AutoencoderKL
+
+    from ccp.priors.tiny import SD15_VAE_CONFIG, build_sd15_shaped_prior
+
+    prior = build_sd15_shaped_prior(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        prior.register_modules(vae=AutoencoderKL(**SD15_VAE_CONFIG).eval())
+    return prior
+
+
+def report(arch: str, methods: list[str] | None = None, memory: dict | None = None) -> tuple[dict, str]:
+    """What ccp-params prints and writes: trainable counts per method on `arch` ("sd15" | "tiny"), or
+    with `memory` (`memory_estimate`'s options; frozen_dtype by name) the bytes of a training run."""
+    from ccp.priors.loading import resolve_dtype
+    from ccp.priors.tiny import build_sd15_shaped_prior, build_tiny_prior
+
+    prior = build_tiny_prior(0) if arch == "tiny" else sd15_memory_prior(0) if memory else build_sd15_shaped_prior(0)
+    out = {"architecture": arch, "unet_parameters": sum(p.numel() for p in prior.unet.parameters()),
+           "text_encoder_hidden_size": prior.text_encoder.config.hidden_size}
+    where = f"the {'tiny' if arch == 'tiny' else 'SD v1.5'} architecture (UNet {out['unet_parameters']:,} parameters)"
+    if memory:
+        out["options"] = dict(memory)
+        out["rows"] = memory_table(prior, methods, **{**memory, "frozen_dtype": resolve_dtype(memory["frozen_dtype"])})
+        return out, f"training memory on {where}, activations aside; {memory}:\n{format_memory_table(out['rows'])}"
+    rows = count(prior, methods)
+    out["rows"] = [asdict(r) for r in rows]
+    return out, f"trainable parameters on {where}:\n{format_table(rows)}"

@@ -18,7 +18,7 @@ import copy
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from ccp.guidance import GuidanceSpec
 from ccp.methods.base import Method, PromptTemplate
@@ -87,6 +87,22 @@ class TextToImage(Method):
                                        requires_safety_checker=False)
         pipe.save_pretrained(out_dir, safe_serialization=True)
         return Path(out_dir)
+
+    def sampling_pipeline(self, prior):
+        """The export is a whole prior whose UNet is the trained one; in memory: `prior`'s pipeline
+        with the method's UNet in place of the prior's (denoiser "prior"), the other parts the prior's.
+
+        The sampler is made from the prior's scheduler config as the export saves it, every value
+        explicit: diffusers marks the values a scheduler took by default, and a DPM-Solver++ made
+        from such a config takes its own defaults for them (SD v1.5's config, for one, has no
+        ``timestep_spacing``: "leading" for its PNDM, "linspace" for DPM-Solver++)."""
+        from ccp.pipelines.gcfg import GCFGPipeline
+
+        saved = {k: v for k, v in prior.scheduler.config.items() if k != "_use_default_values"}
+        scheduler = DPMSolverMultistepScheduler.from_config(saved)
+        pipe = GCFGPipeline.from_prior(prior, scheduler=scheduler)  # moves the prior's parts; the UNet joins after
+        pipe.register_modules(unet=self.unet)
+        return pipe, "prior"
 
     @classmethod
     def load_export(cls, prior, export_dir):

@@ -129,6 +129,17 @@ class TokenTrainingMixin:
         embeds = encode_tokens(self._frozen["text_encoder"], self.prompt_ids)  # gradients reach the token
         return embeds.to(dtype).expand(batch_size, -1, -1)
 
+    def pipeline_with_own_token(self, prior: StableDiffusionPipeline):
+        """`prior`'s GCFG pipeline with the method's own tokenizer and text encoder, the placeholder
+        looked up in the trained row as it is now: the encoder's weights are the prior's (shared by
+        `frozen_copy`) and the row is the method's parameter, so nothing is copied and every update
+        shows. What `pipeline_with_token` builds from the exported file, in memory."""
+        from ccp.pipelines.gcfg import GCFGPipeline
+
+        pipe = GCFGPipeline.from_prior(prior)  # moves the prior's parts to its device; ours join after
+        pipe.register_modules(tokenizer=self.tokenizer, text_encoder=self._frozen["text_encoder"])
+        return pipe
+
     @property
     def learned_embedding(self) -> torch.Tensor:
         """[1, hidden] the trained placeholder vector."""
@@ -154,6 +165,9 @@ class TextualInversion(TokenTrainingMixin, Method):
 
     def export(self, out_dir):
         return save_learned_embeds(out_dir, self.template.placeholder, self.token_embeds)
+
+    def sampling_pipeline(self, prior):
+        return self.pipeline_with_own_token(prior), "prior"
 
     @classmethod
     def load_export(cls, prior, export_dir):

@@ -19,6 +19,13 @@ class BatchedCondition:
     prompt_embeds: torch.Tensor | None = None  # [B, 77, D]
     control_image: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1]
     control_scale: torch.Tensor | None = None  # [B] per-sample ControlNet strength
+    uniform_control_scale: float | None = None  # the one strength when all samples share it (known on the host: no sync)
+
+    def to(self, dtype: torch.dtype) -> "BatchedCondition":
+        """The floating tensors in `dtype` (a denoiser's own, when denoisers of several dtypes are mixed)."""
+        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+        return BatchedCondition(cast(self.prompt_embeds), cast(self.control_image), self.control_scale,
+                                self.uniform_control_scale)
 
 
 class Denoiser(ABC):
@@ -33,6 +40,14 @@ class Denoiser(ABC):
     @abstractmethod
     def modules(self) -> list[torch.nn.Module]:
         """The networks it runs (for device/dtype moves and parameter counts)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its inputs are cast to: its first network's first floating parameter's."""
+        for param in self.modules()[0].parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return torch.float32
 
 
 class TextUNetDenoiser(Denoiser):
@@ -64,17 +79,17 @@ class ControlNetDenoiser(Denoiser):
 
     def __call__(self, latents, t, cond):
         scale = cond.control_scale
-        uniform = scale is None or bool((scale == scale[0]).all())
+        uniform = scale is None or cond.uniform_control_scale is not None
         down, mid = self.controlnet(
             latents,
             t,
             encoder_hidden_states=cond.prompt_embeds,
             controlnet_cond=cond.control_image,
-            conditioning_scale=float(scale[0]) if scale is not None and uniform else 1.0,
+            conditioning_scale=1.0 if scale is None else (cond.uniform_control_scale if uniform else 1.0),
             return_dict=False,
         )
         if not uniform:  # several control strengths in one batch: scale residuals per sample
-            per_sample = scale.to(mid.dtype).view(-1, 1, 1, 1)
+            per_sample = scale.to(device=mid.device, dtype=mid.dtype).view(-1, 1, 1, 1)
             down = [d * per_sample for d in down]
             mid = mid * per_sample
         return self.unet(

@@ -90,6 +90,16 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         # Their modules are registered components, so .to(), offload and save_pretrained see them.
         self._extra_denoisers: dict[str, tuple[str, str | None]] = {}
         self._device_for_call: torch.device | None = None
+        self._call_denoisers: dict[str, Denoiser] = {}  # built once per __call__, with their dtypes
+        self._call_dtypes: dict[str, torch.dtype] = {}
+
+    def pin_execution_device(self, device: torch.device | str | None) -> None:
+        """Sample on `device` even while some unused components live elsewhere (None: diffusers' rule)."""
+        self._pinned_device = None if device is None else torch.device(device)
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return getattr(self, "_pinned_device", None) or super()._execution_device
 
     @property
     def device_for_call(self) -> torch.device:
@@ -242,7 +252,8 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     def batch_conditions(
         self, plan: GuidancePlan, num_images: int, height: int, width: int, dtype: torch.dtype
     ) -> dict[str, BatchedCondition]:
-        """Per denoiser, the conditions of its call stacked in call order, each repeated per image."""
+        """Per denoiser, the conditions of its call stacked in call order, each repeated per image
+        (control images in `dtype`; `predict_noise` casts each call's tensors to its denoiser's dtype)."""
         prompt_cache: dict[str, torch.Tensor] = {}
         batched = {}
         for call in plan.calls:
@@ -257,11 +268,13 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 if denoiser.takes_control_image:
                     image = self.prepare_control_image(condition.control_image, height, width, dtype)
                     images.append(image.repeat_interleave(num_images, dim=0))
-                    scales.append(torch.full((num_images,), condition.control_scale))
+                    scales.append(float(condition.control_scale))
             batched[call.denoiser] = BatchedCondition(
                 prompt_embeds=torch.cat(embeds) if embeds else None,
                 control_image=torch.cat(images) if images else None,
-                control_scale=torch.cat(scales).to(self.device_for_call) if scales else None,
+                control_scale=(torch.tensor(scales).repeat_interleave(num_images).to(self.device_for_call)
+                               if scales else None),
+                uniform_control_scale=scales[0] if scales and len(set(scales)) == 1 else None,
             )
         return batched
 
@@ -271,20 +284,26 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device_for_call, dtype=dtype)
         else:
-            latents = latents.to(self.device_for_call)
+            latents = latents.to(device=self.device_for_call, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
     # --- sampling --------------------------------------------------------------------------------
     def predict_noise(
         self, plan: GuidancePlan, latents: torch.Tensor, t: torch.Tensor, conditions: dict[str, BatchedCondition]
     ) -> torch.Tensor:
-        """One GCFG step: one batched forward per distinct denoiser, then Eq. 3."""
-        denoisers = self.denoisers
+        """One GCFG step: one batched forward per distinct denoiser, then Eq. 3.
+
+        Denoisers may differ in dtype (a bf16 prior beside an fp32 concept UNet): each gets its
+        inputs in its own dtype, and the predictions are combined in fp32."""
+        denoisers = self._call_denoisers or self.denoisers
         outputs = {}
         for call in plan.calls:
+            denoiser = denoisers[call.denoiser]
+            dtype = self._call_dtypes.get(call.denoiser) or denoiser.dtype
             model_input = torch.cat([latents] * len(call.conditions))
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            outputs[call.denoiser] = denoisers[call.denoiser](model_input, t, conditions[call.denoiser])
+            model_input = self.scheduler.scale_model_input(model_input, t).to(dtype)
+            prediction = denoiser(model_input, t, conditions[call.denoiser].to(dtype))
+            outputs[call.denoiser] = prediction.float()
         uncond, predictions = plan.split(outputs)
         spec = plan.spec
         guided = combine(uncond, predictions, spec.weights)
@@ -315,13 +334,16 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         self.check_guidance(guidance)
         plan = GuidancePlan.from_spec(guidance)
-        dtype = self.unet.dtype
         self._device_for_call = self._execution_device
+        self._call_denoisers = self.denoisers
+        self._call_dtypes = {name: d.dtype for name, d in self._call_denoisers.items()}
         try:
+            # Latents, the scheduler and Eq. 3 run in fp32 whatever the denoisers' dtypes.
             return self._sample(plan, num_images, height, width, num_inference_steps, generator, latents, eta,
-                                output_type, return_dict, callback_on_step_end, dtype)
+                                output_type, return_dict, callback_on_step_end, torch.float32)
         finally:
             self._device_for_call = None
+            self._call_denoisers, self._call_dtypes = {}, {}
 
     def _sample(self, plan, num_images, height, width, num_inference_steps, generator, latents, eta, output_type,
                 return_dict, callback_on_step_end, dtype):
@@ -342,7 +364,10 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         if output_type == "latent":
             images = latents
         else:
-            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            # the inverse of training's (latents - shift_factor) * scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
+            decoded = self.vae.decode(latents, return_dict=False, generator=generator)[0].float()
             images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * len(decoded))
         self.maybe_free_model_hooks()
         if not return_dict:

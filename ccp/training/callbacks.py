@@ -14,7 +14,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ccp.guidance import GuidanceSpec
+from ccp.guidance import GuidancePlan, GuidanceSpec
 from ccp.pipelines.sampling import sample_images
 
 
@@ -23,10 +23,21 @@ log = logging.getLogger(__name__)
 
 class EMACallback(L.Callback):
     """EMA of the method's trainable weights (diffusers' EMAModel), saved in checkpoints and
-    swapped in for validation and export."""
+    swapped in for validation and export.
 
-    def __init__(self, decay: float = 0.9999, update_after_step: int = 0, use_ema_warmup: bool = False, power: float = 2 / 3):
+    ``device="cpu"`` keeps the shadow weights in host memory (4 bytes per trainable parameter off
+    the GPU); each update then streams the weights over one tensor at a time. Swapping exchanges
+    storage in place (same device) or tensor by tensor (CPU shadow): no second copy of the weights.
+    """
+
+    def __init__(self, decay: float = 0.9999, update_after_step: int = 0, use_ema_warmup: bool = False,
+                 power: float = 2 / 3, device: str | None = None):
         self.kwargs = dict(decay=decay, update_after_step=update_after_step, use_ema_warmup=use_ema_warmup, power=power)
+        if device not in (None, "cpu"):
+            from ccp.config import ConfigError
+
+            raise ConfigError(f"ema.device={device!r}: use null (beside the weights) or cpu")
+        self.device = device
         self.ema: EMAModel | None = None
         self._pending_state: dict | None = None
 
@@ -41,13 +52,36 @@ class EMACallback(L.Callback):
             self._pending_state = None
 
     def on_fit_start(self, trainer, pl_module):
-        self.ema.to(device=pl_module.device)
+        self.ema.to(device=self.device or pl_module.device)
+
+    @property
+    def on_host(self) -> bool:
+        return self.device == "cpu"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # EMA's own step counter is checkpointed with it: one update per optimizer step, also
         # across a resume that lands mid-accumulation.
         if trainer.global_step > self.ema.optimization_step:
-            self.ema.step(self._params(pl_module))
+            params = self._params(pl_module)
+            if self.on_host and params and params[0].device.type != "cpu":
+                self._step_on_host(params)
+            else:
+                self.ema.step(params)
+
+    @torch.no_grad()
+    def _step_on_host(self, params) -> None:
+        """`EMAModel.step` with the shadow on the CPU, one weight tensor at a time on the host."""
+        ema = self.ema
+        ema.optimization_step += 1
+        decay = ema.get_decay(ema.optimization_step)
+        ema.cur_decay_value = decay
+        one_minus_decay = 1 - decay
+        for shadow, param in zip(ema.shadow_params, params):
+            host = param.detach().to(shadow.device, dtype=shadow.dtype)
+            if param.requires_grad:
+                shadow.sub_(one_minus_decay * (shadow - host))
+            else:
+                shadow.copy_(host)
 
     def state_dict(self) -> dict:
         return self.ema.state_dict() if self.ema is not None else {}
@@ -58,16 +92,25 @@ class EMACallback(L.Callback):
         else:
             self.ema.load_state_dict(state_dict)
 
+    @torch.no_grad()
+    def _swap(self, params) -> None:
+        for param, shadow in zip(params, self.ema.shadow_params):
+            if param.device == shadow.device and param.dtype == shadow.dtype:
+                param.data, shadow.data = shadow.data, param.data  # storage exchanged, nothing copied
+            else:
+                held = param.detach().to(shadow.device, dtype=shadow.dtype)
+                param.copy_(shadow)
+                shadow.copy_(held)
+
     @contextlib.contextmanager
     def swapped_in(self, pl_module) -> Iterator[None]:
         """Temporarily put the EMA weights into the method (validation, export)."""
         params = self._params(pl_module)
-        self.ema.store(params)
-        self.ema.copy_to(params)
+        self._swap(params)
         try:
             yield
         finally:
-            self.ema.restore(params)
+            self._swap(params)
 
 
 class SaveLastOnSigterm(L.Callback):
@@ -113,9 +156,11 @@ class ValidationGrid(L.Callback):
         model.pipe.set_progress_bar_config(disable=True)
         rows = self.rows(model)
         images = []
-        for spec in rows:
-            images += sample_images(model.pipe, spec, range(self.num_images), seed=self.seed, batch_size=self.num_images,
-                                    num_inference_steps=self.steps, height=self.resolution, width=self.resolution)
+        with sampling_on(model, pl_module.device, rows):
+            for spec in rows:
+                images += sample_images(model.pipe, spec, range(self.num_images), seed=self.seed,
+                                        batch_size=self.num_images, num_inference_steps=self.steps,
+                                        height=self.resolution, width=self.resolution)
         return make_image_grid(images, rows=len(rows), cols=self.num_images)
 
     def _run(self, trainer, pl_module):
@@ -154,3 +199,31 @@ def evaluation_weights(trainer, pl_module) -> Iterator[None]:
             yield
     finally:
         pl_module.train(was_training)
+
+
+@contextlib.contextmanager
+def sampling_on(model, device: torch.device, specs: list[GuidanceSpec]) -> Iterator[None]:
+    """What sampling `specs` with `model` (a `TrainedModel`) runs, on `device` for the duration:
+    the denoisers the specs use, the text encoder and the VAE. Each module that was elsewhere
+    (the prior's parts stay on the CPU during training) goes back afterwards, so no copy of the
+    prior stays on the device between validations."""
+    pipe = model.pipe
+    denoisers = pipe.denoisers
+    used = {call.denoiser for spec in specs for call in GuidancePlan.from_spec(spec).calls}
+    modules = [pipe.text_encoder, pipe.vae] + [m for name in sorted(used) for m in denoisers[name].modules()]
+    moved, seen = [], set()
+    for module in modules:
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        where = next(module.parameters()).device
+        if where != torch.device(device):
+            module.to(device)
+            moved.append((module, where))
+    pipe.pin_execution_device(device)
+    try:
+        yield
+    finally:
+        pipe.pin_execution_device(None)
+        for module, where in moved:
+            module.to(where)

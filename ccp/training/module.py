@@ -3,24 +3,54 @@
 Per step: latents (cached, or encoded by the frozen VAE), noise and timesteps from a generator
 seeded by (seed, step, rank) so that a resumed run repeats an uninterrupted one exactly, the
 method's prediction under its own condition, MSE to the scheduler's target, AdamW.
+
+Precision: trainable weights are fp32 master weights whatever dtype the prior was loaded in (frozen
+parts may stay bf16/fp16); the compute dtype comes from the trainer's mixed precision.
+Many processes: a non-finite loss on any rank stops every rank at the same optimizer step, before
+the update, through one all-reduce per optimizer step (none per micro-step).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
+from ccp.config import ConfigError
 from ccp.methods.base import Method
 from ccp.methods.export import TrainedModel, in_memory
+from ccp.training.optim import build_optimizer
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message says what to change."""
+
+
+class CheckpointMismatchError(ConfigError, RuntimeError):
+    """A checkpoint's trainable tensors do not match the method being resumed."""
+
+
+def to_fp32_master_weights(method: Method) -> int:
+    """Cast the method's own tensors (its trainable parts) to fp32 in place; frozen prior parts,
+    held outside its module tree, keep their dtype. Returns how many tensors were cast."""
+    cast = 0
+    for module in method.modules():
+        for tensors in (module._parameters, module._buffers):
+            for key, t in tensors.items():
+                if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = t.data.float()
+                    else:
+                        tensors[key] = t.float()
+                    cast += 1
+    return cast
 
 
 class PersonalizationModule(L.LightningModule):
@@ -38,30 +68,41 @@ class PersonalizationModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
         prior: StableDiffusionPipeline | None = None,
+        optimizer: str = "adamw",
+        compile: bool = False,
+        compile_backend: str | Callable = "inductor",
     ):
         super().__init__()
+        cast = to_fp32_master_weights(method)
+        if cast:
+            log.info("%s: %d trainable tensor(s) cast to fp32 master weights (frozen parts keep their dtype)",
+                     method.name, cast)
         self.method = method
         self.noise_scheduler = noise_scheduler
         self._vae = [vae]  # frozen; a list keeps it out of the module tree and the checkpoints
         self._prior = [prior]  # what validation and metric callbacks sample the method on
         self.lr, self.betas, self.weight_decay, self.eps, self.warmup_steps = lr, tuple(betas), weight_decay, eps, warmup_steps
+        self.optimizer_name = optimizer
         self.seed = seed
-        self.strict_loading = False  # checkpoints hold only the method's trainable state
+        self.strict_loading = False  # checkpoints hold only the trainable state; on_load_checkpoint checks it
         self._step_started = None
+        self._nonfinite: torch.Tensor | None = None  # on the device: set by any micro-step since the last update
         self._apply_speedups(gradient_checkpointing, channels_last)
+        # The training forward is compiled as a function; validation calls the plain modules, so
+        # its other shapes and eval mode never recompile (or invalidate) the training graph.
+        self._compiled_predict = torch.compile(method.predict_noise, backend=compile_backend) if compile else None
 
     @property
     def vae(self) -> AutoencoderKL | None:
         return self._vae[0]
 
     def trained_model(self) -> TrainedModel:
-        """The method's current weights in a GCFG pipeline on this module's device (callbacks sample it)."""
+        """The method's current weights in a GCFG pipeline (callbacks sample it), sharing the
+        method's modules; prior parts stay where they are (`sampling_on` moves them for a sample)."""
         prior = self._prior[0]
         if prior is None:
             raise RuntimeError("this PersonalizationModule was built without prior=; sampling callbacks need it")
-        model = in_memory(self.method, prior)
-        model.pipe.to(self.device)
-        return model
+        return in_memory(self.method, prior)
 
     def _apply_speedups(self, gradient_checkpointing: bool, channels_last: bool) -> None:
         unet = getattr(self.method, "unet", None)
@@ -74,15 +115,36 @@ class PersonalizationModule(L.LightningModule):
 
     # --- devices ---------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        half = [n for n, p in self.method.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if half:  # e.g. trainer.precision=bf16-true converted the whole module
+            raise TypeError(f"trainable weights must stay fp32 master weights, but {len(half)} are not (e.g. {half[0]}); "
+                            "use trainer.precision=bf16-mixed (or 16-mixed) instead of a *-true half precision")
         self.method.move_frozen(self.device)
         if self.vae is not None:
             self.vae.to(self.device).requires_grad_(False).eval()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
     # --- checkpoints hold only what was trained ----------------------------------------------
+    def _checkpoint_keys(self) -> set[str]:
+        return {f"method.{k}" for k in self.method.trainable_state_dict()}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = {f"method.{k}" for k in self.method.trainable_state_dict()}
+        keep = self._checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # strict for what a checkpoint must hold (Lightning's own strict check would also demand
+        # the frozen tensors it deliberately leaves out)
+        expected, found = self._checkpoint_keys(), set(checkpoint.get("state_dict", {}))
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        if missing or unexpected:
+            detail = "; ".join(part for part in (
+                f"{len(missing)} trainable tensor(s) missing, e.g. {missing[:3]}" if missing else "",
+                f"{len(unexpected)} unknown, e.g. {unexpected[:3]}" if unexpected else "") if part)
+            raise CheckpointMismatchError(
+                f"the checkpoint does not match method {self.method.name!r} ({detail}). It was written by "
+                "another method or method settings; resume from a checkpoint of this run, or start fresh "
+                "with resume=null (or a new run_name)")
 
     # --- the step --------------------------------------------------------------------------
     def _generator(self, batch_idx: int) -> torch.Generator:
@@ -120,15 +182,27 @@ class PersonalizationModule(L.LightningModule):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        prediction = self.method.predict_noise(noisy, timesteps, **self.method.batch_inputs(batch, generator))
+        predict = self._compiled_predict or self.method.predict_noise
+        prediction = predict(noisy, timesteps, **self.method.batch_inputs(batch, generator))
         loss = F.mse_loss(prediction.float(), target.float())
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step}; stopping. The last checkpoint is intact. "
-                "Lower trainer.lr, enable gradient clipping (trainer.gradient_clip_val), or use bf16-mixed instead of fp16."
-            )
+        bad = ~torch.isfinite(loss.detach())  # stays on the device: checked once per optimizer step
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After every micro-step's backward, before the update: if any rank saw a non-finite loss,
+        every rank raises here at the same step, so no weight (and no later checkpoint) is touched."""
+        if self._nonfinite is None:
+            return
+        flag, self._nonfinite = self._nonfinite, None
+        ranks = self.trainer.strategy.reduce(flag.float(), reduce_op="sum")  # one all-reduce per update
+        if ranks.item() > 0:
+            raise NonFiniteLossError(
+                f"non-finite loss on {int(ranks.item())} of {self.trainer.world_size} rank(s) before optimizer step "
+                f"{self.global_step + 1}; every rank stops here, without updating. The last checkpoint is intact. "
+                "Lower optim.lr, enable gradient clipping (trainer.gradient_clip_val), or use bf16-mixed instead of 16-mixed."
+            )
 
     def on_train_batch_start(self, batch, batch_idx):
         self._step_started = time.perf_counter()
@@ -150,7 +224,8 @@ class PersonalizationModule(L.LightningModule):
         params = list(self.method.trainable_parameters())
         if not params:
             raise ValueError(f"method {self.method.name!r} has no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps)
+        optimizer = build_optimizer(params, self.optimizer_name, lr=self.lr, betas=self.betas,
+                                    weight_decay=self.weight_decay, eps=self.eps)
         warmup = max(0, int(self.warmup_steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

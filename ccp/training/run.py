@@ -10,6 +10,7 @@ grids and, at the end, the (EMA) weights in ``export/`` with `EXPORT_INFO`.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ccp.methods.export import write_export_info
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
 from ccp.training.callbacks import EMACallback
 from ccp.training.module import PersonalizationModule, accumulation_steps
+from ccp.training.optim import check_optimizer_name
 from ccp.training.runs import run_config, write_run_stamps
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,52 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return callbacks
 
 
+HALF = {"bfloat16", "bf16", "float16", "fp16", "half"}
+MIXED = {"bf16-mixed", "16-mixed"}
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """Trainable weights are fp32 master weights: refuse settings that would make them half, or
+    that would run a half-precision prior without the autocast that mixes the two."""
+    precision = str(cfg.trainer.precision)
+    if precision in {"bf16-true", "16-true", "bf16", "16", "half", "64-true", "64", "transformer-engine"}:
+        raise TrainConfigError(
+            f"trainer.precision={precision} would train {precision.split('-')[0]} master weights (AdamW updates "
+            "at lr 1e-5 round away in half precision); use trainer.precision=bf16-mixed (or 16-mixed), and "
+            "prior.dtype=bfloat16 to keep the frozen parts in half precision")
+    dtype = str(cfg.prior.dtype).replace("torch.", "")
+    if dtype in HALF and precision not in MIXED:
+        raise TrainConfigError(
+            f"prior.dtype={dtype} with trainer.precision={precision}: the frozen parts would run in {dtype} "
+            "and the fp32 trainable weights beside them without autocast; set trainer.precision=bf16-mixed "
+            "(or 16-mixed), or prior.dtype=float32")
+    if precision == "16-mixed" and dtype == "bfloat16":
+        raise TrainConfigError("trainer.precision=16-mixed with prior.dtype=bfloat16 mixes two half formats; "
+                               "use bf16-mixed, or prior.dtype=float16")
+
+
+def precision_plugins(trainer_cfg: DictConfig) -> tuple[str | None, list]:
+    """(precision, plugins) for the Trainer. fp16 autocast on the CPU gets its own GradScaler
+    (Lightning would silently switch ``16-mixed`` to bf16 there)."""
+    precision = str(trainer_cfg.precision)
+    if precision == "16-mixed" and trainer_cfg.accelerator == "cpu":
+        from lightning.pytorch.plugins import MixedPrecision
+
+        return None, [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+    return precision, []
+
+
+def rank_device(trainer_cfg: DictConfig) -> torch.device:
+    """This process's training device before `fit` (torchrun and Lightning's launcher set
+    LOCAL_RANK, SLURM sets SLURM_LOCALID): the null-text calibration runs there, not on the CPU."""
+    if trainer_cfg.accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    devices = trainer_cfg.devices
+    index = devices[local] if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else local
+    return torch.device("cuda", int(index))
+
+
 @dataclass
 class TrainingPlan:
     """What the checks found: the accumulation the global batch needs and the built callbacks."""
@@ -92,6 +140,11 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     if missing:
         raise TrainConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. data.path=/path/to/images)")
     method_class_of(cfg)
+    check_precision(cfg)
+    try:
+        check_optimizer_name(str(cfg.optim.get("name", "adamw")))
+    except ConfigError as err:
+        raise TrainConfigError(str(err)) from None
     data_path = Path(str(cfg.data.path)).expanduser()
     if not data_path.is_dir():
         raise TrainConfigError(f"data.path {data_path} is not a folder; point data.path at a folder of images")
@@ -142,6 +195,22 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(cfg.resume) if cfg.resume else None
 
 
+def build_method_on(device: torch.device, cfg: DictConfig, prior, template: PromptTemplate) -> Method:
+    """Build the method with the prior's UNet and text encoder on `device` (the rank's own GPU:
+    conversions and the null-text calibration run there), then put the prior's parts back on the
+    CPU; the method's frozen copies keep sharing the device weights. Under DDP, rank 0's
+    calibrated features reach every rank when DDP broadcasts the module state at wrap time."""
+    if device.type == "cpu":
+        return instantiate(cfg.method.module, _convert_="all")(prior, template)
+    prior.unet.to(device)
+    prior.text_encoder.to(device)
+    try:
+        return instantiate(cfg.method.module, _convert_="all")(prior, template)
+    finally:
+        prior.unet.to("cpu")
+        prior.text_encoder.to("cpu")
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Train as configured in `run_dir` (resuming when possible) and export; returns the export folder."""
     run_dir = Path(run_dir)
@@ -152,19 +221,20 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
 
     prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype))
     template = template_from(cfg)
-    method = instantiate(cfg.method.module, _convert_="all")(prior, template)
-    if cfg.speed.compile and getattr(method, "unet", None) is not None:
-        method.unet.compile()  # in place: parameter names (and checkpoints) stay the same
+    method = build_method_on(rank_device(cfg.trainer), cfg, prior, template)
     module = PersonalizationModule(
         method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
         warmup_steps=cfg.optim.warmup_steps, seed=cfg.seed, gradient_checkpointing=cfg.speed.gradient_checkpointing,
-        channels_last=cfg.speed.channels_last, prior=prior,
+        channels_last=cfg.speed.channels_last, prior=prior, optimizer=str(cfg.optim.get("name", "adamw")),
+        compile=bool(cfg.speed.compile), compile_backend=str(cfg.speed.get("compile_backend", "inductor")),
     )
     datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object").attach_vae(prior.vae)
     t = cfg.trainer
+    precision, plugins = precision_plugins(t)
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=precision,
+        plugins=plugins or None,
         max_steps=t.max_steps, accumulate_grad_batches=plan.accumulate, gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,  # ResumableSampler shards ranks
         callbacks=callbacks, logger=build_loggers(cfg, run_dir) or False, default_root_dir=str(run_dir),

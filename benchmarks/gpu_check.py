@@ -1,0 +1,657 @@
+"""One prepared check for a CUDA machine: SD v1.5-size speed, memory and training stability.
+
+At SD v1.5 size with random weights (no download), 512 px, bfloat16, in one process, each section
+written to the JSON as soon as it ends (so a killed run keeps what finished):
+
+  sampling           benchmarks/sampling.py's (a)-(d) at batch 1, 8, 16 (few steps and repeats);
+  null_text_forward  one forward of the null-text concept UNet vs. the prior UNet: seconds and
+                     FLOPs (benchmarks/null_text_init.py's time_and_count);
+  training           benchmarks/training.py's step, ours (cached latents) vs. DreamBooth-style, at
+                     batch 8 and 16, eager, with and without channels_last: images/s, peak memory;
+  training_steady    50 steps of ours (bf16 autocast, fp32 master weights, AdamW): finite loss,
+                     steady step time (median, p90/median, first vs. last 10 steps);
+  cost               benchmarks/cost.py's device-hours of the full recipe from the sections above;
+  training_compile   the training variants again under torch.compile (with and without
+                     channels_last). Last, because compile time is the one thing that cannot be
+                     predicted: it never pushes the sections above out of the budget;
+  targets            pass/fail of each speed target, recomputed whenever a section ends.
+
+A wall-clock budget (--budget-s) skips what would not fit, recorded as skipped with the reason.
+
+    python3 benchmarks/gpu_check.py --out benchmarks/results     # CUDA: gpu_check_<gpu name>.json
+    python3 benchmarks/gpu_check.py --smoke --out /tmp/x         # CPU, tiny prior: the same code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import importlib.util
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+PROCESS_START = time.perf_counter()  # the budget counts from here, torch's import included
+
+import torch  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+if str(BENCH_DIR.parent) not in sys.path:  # ccp from the checkout when it is not installed
+    sys.path.insert(1, str(BENCH_DIR.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never reach for the hub
+from common import device_slug, machine, step_times, write_json  # noqa: E402
+
+# What each section is expected to take (seconds), before anything was measured; later estimates
+# come from the measured variants. Full: an H100/H200; smoke: a 2-core CPU.
+ESTIMATES = {
+    "full": {"sampling": 80, "null_text_forward": 15, "eager_variant": 20, "compile_variant": 120, "steady": 40,
+             "cost": 5, "validation_memory": 45},
+    "smoke": {"sampling": 15, "null_text_forward": 5, "eager_variant": 6, "compile_variant": 20, "steady": 8,
+              "cost": 3, "validation_memory": 15},
+}
+TARGETS = {
+    "ours_training_images_per_s": (">=", 80.0),
+    "gcfg_three_term_unet_rows_per_s": (">=", 300.0),
+    "gcfg_a_over_d": ("<=", 1.05),
+    "null_text_forward_time_ratio_minus_flop_ratio": ("<=", 0.02),
+}
+STEADY_LIMITS = {"p90_over_median": 1.25, "last10_over_first10_median": 0.15}  # the second: allowed |ratio - 1|
+HARD_STOP_GRACE_S = 10  # a section still running this long after the budget is stopped (SIGALRM)
+SECTIONS = ("sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory",
+            "training_compile")
+
+
+def log(message: str, started: float) -> None:
+    print(f"[gpu-check +{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+
+
+# --- environment ---------------------------------------------------------------------------------
+def ensure_clip_tokenizer() -> str:
+    """ccp's CLIP tokenizer reads clip-anytorch's BPE file through `clip.simple_tokenizer`.
+
+    `import clip` also imports torchvision and pkg_resources (setuptools < 81), which a bare
+    torch machine may lack; the tokenizer needs neither, so on failure the `clip` package is
+    registered without running its ``__init__`` and only ``clip.simple_tokenizer`` is imported.
+    """
+    try:
+        importlib.import_module("clip")
+        return "clip-anytorch"
+    except Exception as err:  # ImportError, or pkg_resources failing on a newer Python
+        for name in [m for m in sys.modules if m == "clip" or m.startswith("clip.")]:
+            del sys.modules[name]
+        spec = importlib.util.find_spec("clip")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        stub = types.ModuleType("clip")
+        stub.__path__ = list(spec.submodule_search_locations)
+        sys.modules["clip"] = stub
+        importlib.import_module("clip.simple_tokenizer")
+        return f"clip.simple_tokenizer only (import clip failed: {type(err).__name__}: {err})"
+
+
+def preflight() -> dict:
+    """Import everything the sections need and say at once what is missing (and how to get it)."""
+    found, missing = {}, {}
+    try:
+        found["clip"] = ensure_clip_tokenizer()
+    except Exception as err:
+        missing["clip-anytorch"] = f"{type(err).__name__}: {err}"
+    for module in ("diffusers", "transformers", "lightning", "omegaconf", "hydra", "ccp.priors.tokenizer"):
+        try:
+            imported = __import__(module, fromlist=["_"])
+            found[module] = getattr(imported, "__version__", "ok")
+        except Exception as err:
+            missing[module] = f"{type(err).__name__}: {err}"
+    return {"found": found, "missing": missing}
+
+
+# --- budget --------------------------------------------------------------------------------------
+class DeadlineExceeded(BaseException):
+    """Raised by SIGALRM at the hard stop; a BaseException, so library `except Exception` cannot swallow it."""
+
+
+def _on_alarm(signum, frame):
+    raise DeadlineExceeded(f"hard stop: still running {HARD_STOP_GRACE_S} s after the budget")
+
+
+class PartialFailure(RuntimeError):
+    """A section that failed part-way; `result` holds what it measured."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+class Budget:
+    def __init__(self, seconds: float, started: float):
+        self.seconds, self.started = seconds, started
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.started)
+
+    def skip_reason(self, need_s: float, what: str, reserve_s: float = 0.0) -> str | None:
+        left = self.left()
+        if left - reserve_s >= need_s:
+            return None
+        kept = f", keeping {reserve_s:.0f} s for the sections after it" if reserve_s else ""
+        return f"{what} needs about {need_s:.0f} s; {left:.0f} s of the {self.seconds:.0f} s budget left{kept}"
+
+
+# --- hooks into training.run_variant -------------------------------------------------------------
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield original
+    finally:
+        setattr(obj, name, original)
+
+
+@contextlib.contextmanager
+def instrumented_training(training, channels_last: bool, compile_backend: str | None, losses: list, times: list,
+                          frames: list):
+    """training.run_variant with channels_last and torch.compile applied, every loss and step time kept.
+
+    run_variant builds its `PersonalizationModule` from ``ccp.training.module`` and times with its
+    module's `median_seconds`; both are swapped here for the duration of one call. `frames` gets
+    the count of frames Dynamo has compiled after each step (it grows after the first: recompiles).
+    Compilation is the module's own (``compile=``, what ccp-train's speed.compile uses).
+    """
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    from ccp.training import module as module_lib
+
+    base = module_lib.PersonalizationModule
+
+    class Instrumented(base):
+        def __init__(self, method, *args, **kwargs):
+            kwargs["channels_last"] = channels_last
+            if compile_backend:
+                kwargs.update(compile=True, compile_backend=compile_backend)
+            super().__init__(method, *args, **kwargs)
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            losses.append(loss.detach())
+            frames.append(dynamo_counters["frames"]["ok"])
+            return loss
+
+    def recording_median(fn, device, repeats, warmup=1):
+        measured = step_times(fn, device, repeats, warmup)
+        times.extend(measured)
+        return statistics.median(measured)
+
+    with patched(module_lib, "PersonalizationModule", Instrumented), patched(training, "median_seconds", recording_median):
+        yield
+
+
+def free_memory(device: torch.device) -> None:
+    torch._dynamo.reset()  # compiled graphs hold the variant's parameters
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_memory_kind": "torch.cuda.max_memory_allocated"}
+    return {"peak_memory_gb": peak_rss_gb(), "peak_memory_kind": "process peak RSS (ru_maxrss; never reset on CPU)"}
+
+
+def finite_or_str(value):
+    """JSON without NaN/Infinity (not valid JSON): non-finite floats become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_or_str(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_str(v) for v in value]
+    return value
+
+
+# --- the check -----------------------------------------------------------------------------------
+class GPUCheck:
+    def __init__(self, args):
+        self.args = args
+        self.started = PROCESS_START
+        self.mode = "smoke" if args.smoke else "full"
+        self.estimates = dict(ESTIMATES[self.mode])
+        self.device = torch.device(args.device)
+        self.budget = Budget(args.budget_s, self.started)
+        self.size = "tiny" if args.smoke else "sd15"
+        self.file_name = "gpu_check_smoke_cpu.json" if args.smoke else f"gpu_check_{device_slug(self.device)}.json"
+        extra = {}
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            extra = {"gpu_memory_gb": props.total_memory / 2**30, "capability": f"{props.major}.{props.minor}",
+                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                     "cudnn_benchmark": torch.backends.cudnn.benchmark}
+        self.payload = {
+            "benchmark": "gpu_check",
+            "mode": self.mode,
+            "machine": machine(self.device) | extra,
+            "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": {k: v for k, v in vars(args).items() if k != "out"} | {"size": self.size},
+            "sections": {},
+            "targets": {},
+        }
+        self.training_rows: list[dict] = []
+        self._sampling_prior = None  # kept from the sampling section for null_text_forward, then released
+        self._sampling_result = None  # cost.py's sampling input
+
+    # JSON --------------------------------------------------------------------------------------
+    def write(self) -> Path:
+        self.payload["targets"] = self.targets()
+        self.payload["elapsed_s"] = time.perf_counter() - self.started
+        sections = self.payload["sections"]
+        self.payload["complete"] = all(sections.get(s, {}).get("status") == "done" and not sections[s].get("skipped_variants")
+                                       for s in SECTIONS)
+        return write_json(self.args.out, self.file_name, finite_or_str(self.payload))
+
+    def log(self, message: str) -> None:
+        log(message, self.started)
+
+    def section(self, name: str, fn, need_s: float, reserve_s: float = 0.0) -> None:
+        reason = self.budget.skip_reason(need_s, f"section {name}", reserve_s)
+        if reason is None and name in self.args.skip:
+            reason = "--skip"
+        if reason:
+            self.payload["sections"][name] = {"status": "skipped", "reason": reason}
+            self.log(f"{name}: skipped ({reason})")
+        else:
+            self.log(f"{name}: start (about {need_s:.0f} s; {self.budget.left():.0f} s of budget left)")
+            start = time.perf_counter()
+            begun = start - self.started
+            try:
+                result = fn()
+                status = {"status": "done"}
+            except DeadlineExceeded as err:
+                signal.alarm(0)
+                partial = self.payload["sections"].get(name, {})  # variants written so far
+                self.payload["sections"][name] = partial | {"status": "stopped", "reason": str(err), "started_s": begun,
+                                                            "wall_s": time.perf_counter() - start}
+                self.log(f"{name}: {err}")
+                raise
+            except Exception as err:
+                result = getattr(err, "result", {})
+                status = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                          "traceback": traceback.format_exc()[-4000:]}
+                self.log(f"{name}: FAILED: {type(err).__name__}: {err}")
+            self.payload["sections"][name] = status | {"started_s": begun, "wall_s": time.perf_counter() - start} | result
+            self.log(f"{name}: {status['status']} in {time.perf_counter() - start:.1f} s")
+        self.log(f"wrote {self.write()}")
+
+    # sections ----------------------------------------------------------------------------------
+    def sampling(self) -> dict:
+        import sampling
+
+        from ccp.priors.loading import resolve_dtype
+
+        a = self.args
+        built = []
+        original = sampling.build_prior
+
+        def build_and_keep(size):  # the null-text forward section measures this prior's UNet
+            built.append(original(size))
+            return built[-1]
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with patched(sampling, "build_prior", build_and_keep):
+            result = sampling.run(self.size, self.device, resolve_dtype(a.sampling_dtype), a.resolution,
+                                  a.sampling_batches, a.sampling_steps, a.sampling_repeats)
+        self._sampling_prior = built[-1]
+        self._sampling_result = result
+        rows = {}
+        for row in result["results"]:
+            per_image = row["per_image_s"]
+            rows[str(row["batch"])] = {
+                # three UNet rows per image per step: unconditional + control (prior), concept (null-text)
+                "a_three_term_unet_rows_per_s": 3 * result["steps"] / per_image["a_batched_gcfg"],
+                "d_forwards_only_unet_rows_per_s": 3 * result["steps"] / per_image["d_forwards_only"],
+                "a_over_d": row["ratios"]["a_over_d"],
+                "b_over_a": row["ratios"]["b_over_a"],
+            }
+            self.log(f"sampling batch {row['batch']}: " + ", ".join(f"{k}={v:.3f}" for k, v in rows[str(row["batch"])].items()))
+        return {"summary": rows, **peak_memory(self.device), "result": result}
+
+    def null_text_forward(self) -> dict:
+        from null_text_init import time_and_count
+
+        from ccp.models.null_text_unet import NullTextUNet2DConditionModel, empty_prompt_embedding
+
+        prior = self._sampling_prior
+        unet = prior.unet
+        concept = NullTextUNet2DConditionModel.from_prior(unet, prior.text_encoder, prior.tokenizer,
+                                                          definition="value_mean")
+        concept = concept.to(device=unet.device, dtype=unet.dtype).eval()
+        batch = self.args.forward_batch
+        latent_hw = self.args.resolution // prior.vae_scale_factor
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 4, latent_hw, latent_hw, generator=generator).to(unet.device, unet.dtype)
+        text = empty_prompt_embedding(prior.text_encoder, prior.tokenizer).to(dtype=unet.dtype).expand(batch, -1, -1)
+        t = torch.tensor(500, device=unet.device)
+        result = time_and_count(unet, concept, x, t, text, self.args.forward_repeats)
+        result["time_ratio_minus_flop_ratio"] = (result["time_ratio_null_text_over_prior"]
+                                                 - result["flop_ratio_null_text_over_prior"])
+        self.log(f"null-text/prior forward: time {result['time_ratio_null_text_over_prior']:.3f}, "
+                 f"FLOPs {result['flop_ratio_null_text_over_prior']:.3f}")
+        del concept, x, text
+        self._release_sampling()
+        return {"dtype": str(unet.dtype).replace("torch.", ""), "resolution": self.args.resolution, **result}
+
+    def _release_sampling(self) -> None:
+        self._sampling_prior = None
+        free_memory(self.device)
+
+    def run_training_variant(self, method: str, batch: int, channels_last: bool, compile_backend: str | None,
+                             steps: int, warmup: int) -> dict:
+        import training
+
+        from torch._dynamo.utils import counters as dynamo_counters
+
+        losses, times, frames = [], [], []
+        dynamo_counters.clear()
+        start = time.perf_counter()
+        with instrumented_training(training, channels_last, compile_backend, losses, times, frames):
+            row = training.run_variant(method, self.size, str(self.device), self.args.training_dtype, self.args.resolution,
+                                       batch, steps, warmup, torch.get_num_threads())
+        wall = time.perf_counter() - start
+        memory = row["memory"]
+        row.update(
+            name=f"{method}_b{batch}_{'compile' if compile_backend else 'eager'}{'_channels_last' if channels_last else ''}",
+            batch=batch, channels_last=channels_last, compile_backend=compile_backend,
+            peak_memory_gb=memory.get("peak_gb", memory.get("max_rss_gb")), peak_memory_kind=memory["kind"],
+            step_times_s=times, losses=[float(v.float().cpu()) for v in losses], wall_s=wall,
+            setup_and_compile_s=wall - sum(times), dynamo_frames_compiled_after_each_step=frames,
+            recompiled_after_first_step=bool(frames and frames[-1] > frames[0]),
+        )
+        free_memory(self.device)
+        return row
+
+    def _variants(self, compile_backend: str | None, phase: str, reserve_s) -> dict:
+        """Every (channels_last, batch, method) variant that fits the budget; the JSON is rewritten after each."""
+        a = self.args
+        rows, skipped = [], []
+        result = {"dtype": a.training_dtype, "resolution": a.resolution, "timed_steps": a.training_steps,
+                  "warmup_steps": a.warmup, "variants": rows, "skipped_variants": skipped}
+        key = "compile_variant" if compile_backend else "eager_variant"
+        for channels_last in (False, True):
+            for batch in sorted(a.training_batches, reverse=True):  # the largest first: cost and targets use it
+                for method in ("ours", "dreambooth"):
+                    name = f"{method}_b{batch}_{'compile' if compile_backend else 'eager'}{'_channels_last' if channels_last else ''}"
+                    reason = self.budget.skip_reason(self.estimates[key], name, reserve_s())
+                    if reason:
+                        skipped.append({"name": name, "reason": reason})
+                        self.log(f"{phase}: {name} skipped ({reason})")
+                        continue
+                    try:
+                        row = self.run_training_variant(method, batch, channels_last, compile_backend,
+                                                        a.training_steps, a.warmup)
+                    except Exception as err:
+                        free_memory(self.device)
+                        row = {"name": name, "error": f"{type(err).__name__}: {err}",
+                               "traceback": traceback.format_exc()[-4000:]}
+                        self.log(f"{phase}: {name} FAILED: {row['error']}")
+                    else:
+                        # the next variant of this kind is estimated from the last one (the first compile is the slowest)
+                        self.estimates[key] = 1.1 * row["wall_s"]
+                        self.log(f"{phase}: {name}: {row['images_per_s']:.2f} images/s, "
+                                 f"peak {row['peak_memory_gb']:.2f} GB, wall {row['wall_s']:.1f} s")
+                    rows.append(row)
+                    self.training_rows.append(row)
+                    # what has finished survives a kill or the hard stop in the middle of the next variant
+                    self.payload["sections"][phase] = {"status": "running"} | result
+                    self.write()
+        ratios = {}
+        for row in rows:
+            other = next((r for r in rows if r.get("name") == row.get("name", "").replace("ours_", "dreambooth_", 1)
+                          and "images_per_s" in r), None)
+            if row.get("variant") == "ours" and other and "images_per_s" in row:
+                ratios[row["name"]] = row["images_per_s"] / other["images_per_s"]
+        result["images_per_s_ratio_ours_over_dreambooth"] = ratios
+        failed = [r for r in rows if "error" in r]
+        if failed:
+            raise PartialFailure(f"{len(failed)} variant(s) failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in failed),
+                                 result)
+        return result
+
+    def training(self) -> dict:
+        return self._variants(None, "training", reserve_s=lambda: self.steady_estimate() + self.estimates["cost"])
+
+    def training_compile(self) -> dict:
+        return self._variants(self.args.compile_backend, "training_compile", reserve_s=lambda: 2.0)
+
+    def steady_estimate(self) -> float:
+        batch = self.args.steady_batch
+        measured = [r for r in self.training_rows if r.get("variant") == "ours" and r.get("batch") == batch
+                    and not r["channels_last"] and "step_s" in r]
+        if not measured:
+            return self.estimates["steady"]
+        r = measured[0]
+        return r["setup_and_compile_s"] + (self.args.steady_steps + self.args.warmup) * r["step_s"] * 1.2
+
+    def validation_memory(self) -> dict:
+        """Peak memory of ours' training steps (bf16 prior parts on the CPU, fp32 master weights)
+        without and with a validation grid after every step (`benchmarks/validation_memory.py`)."""
+        import validation_memory
+
+        a = self.args
+        batch = a.steady_batch
+        rows = []
+        for every in (0, 1):
+            free_memory(self.device)
+            rows.append(validation_memory.run_variant(self.size, str(self.device), a.resolution, batch, 2, every, 4))
+            self.log(f"validation_memory: validation every {every or 'never'}: peak {rows[-1]['peak_gb']:.2f} GB")
+        return {"batch": batch, "steps": 2, "grid": "3 rows x 4 images, 4 denoising steps", "rows": rows,
+                "with_over_without": rows[1]["peak_gb"] / rows[0]["peak_gb"]}
+
+    def training_steady(self) -> dict:
+        import training
+
+        a = self.args
+        row = self.run_training_variant("ours", a.steady_batch, False, None, a.steady_steps, a.warmup)
+        times, losses = row["step_times_s"], row["losses"]
+        n = min(10, len(times) // 2)
+        median = statistics.median(times)
+        p90 = sorted(times)[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
+        first, last = statistics.median(times[:n]), statistics.median(times[-n:])
+        all_finite = all(math.isfinite(v) for v in losses)
+        stats = {
+            "median_s": median, "p90_s": p90, "p90_over_median": p90 / median,
+            "first_n": n, "first_median_s": first, "last_median_s": last,
+            "first_mean_s": statistics.fmean(times[:n]), "last_mean_s": statistics.fmean(times[-n:]),
+            "last_over_first_median": last / first,
+        }
+        checks = {
+            "loss_all_finite": all_finite,
+            "p90_over_median_ok": stats["p90_over_median"] <= STEADY_LIMITS["p90_over_median"],
+            "first_vs_last_ok": abs(stats["last_over_first_median"] - 1) <= STEADY_LIMITS["last10_over_first10_median"],
+        }
+        checks["steady"] = checks["p90_over_median_ok"] and checks["first_vs_last_ok"]
+        self.log(f"training_steady: median {median * 1000:.1f} ms, p90/median {stats['p90_over_median']:.2f}, "
+                 f"last/first {stats['last_over_first_median']:.2f}, losses finite: {all_finite}")
+        if not all_finite:
+            raise RuntimeError(f"non-finite training loss: {losses}")
+        return {"method": "ours (null-text concept UNet, value_mean init)", "batch": a.steady_batch,
+                "precision": f"{a.training_dtype} (autocast; fp32 master weights), AdamW lr {training.LR}",
+                "warmup_steps": a.warmup, "timed_steps": a.steady_steps, "losses": losses,
+                "losses_include_warmup": a.warmup, "step_times_s": times, "images_per_s": row["images_per_s"],
+                "peak_memory_gb": row["peak_memory_gb"], "peak_memory_kind": row["peak_memory_kind"],
+                "step_time": stats, "limits": STEADY_LIMITS, "checks": checks}
+
+    def cost_training_rows(self) -> tuple[int, dict] | None:
+        """cost.py's training input: ours and DreamBooth, eager and contiguous (ccp-train's defaults), largest batch."""
+        eager = {(r["variant"], r["batch"]): r for r in self.training_rows
+                 if "images_per_s" in r and not r["channels_last"] and not r["compile_backend"]}
+        batches = [b for b in sorted(self.args.training_batches, reverse=True)
+                   if ("ours", b) in eager and ("dreambooth", b) in eager]
+        return (batches[0], eager) if batches else None
+
+    def cost(self) -> dict:
+        import cost
+
+        sampling = self._sampling_result
+        b, eager = self.cost_training_rows()
+        training = {"benchmark": "training", "machine": self.payload["machine"], "model": {"size": self.size},
+                    "dtype": self.args.training_dtype, "resolution": self.args.resolution, "batch": b,
+                    "results": {"ours": eager[("ours", b)], "dreambooth": eager[("dreambooth", b)]}}
+        allow_other = self.size != "sd15"
+        cost.check(training, "training", allow_other)
+        cost.check(sampling, "sampling", allow_other)
+        r = cost.recipe()
+        estimate = cost.estimate(training, sampling, r)
+        table = cost.markdown(estimate, r)
+        print(table, flush=True)
+        return {"inputs": f"training: eager, contiguous, batch {b} ({self.args.training_dtype}); sampling: "
+                          f"{sampling['steps']}-step run above, its largest batch",
+                "recipe": r, **estimate, "markdown": table}
+
+    # targets -----------------------------------------------------------------------------------
+    def targets(self) -> dict:
+        sections = self.payload["sections"]
+        values = {}
+        ours = [r for r in self.training_rows if r.get("variant") == "ours" and "images_per_s" in r]
+        big = [r for r in ours if r["batch"] >= 8] or ours
+        if big:
+            best = max(big, key=lambda r: r["images_per_s"])
+            values["ours_training_images_per_s"] = (best["images_per_s"], f"best measured ours variant: {best['name']}")
+        summary = sections.get("sampling", {}).get("summary")
+        if summary:
+            largest = max(summary, key=int)
+            values["gcfg_three_term_unet_rows_per_s"] = (summary[largest]["a_three_term_unet_rows_per_s"],
+                                                         f"(a) at batch {largest}")
+            values["gcfg_a_over_d"] = (summary[largest]["a_over_d"], f"batch {largest}")
+        forward = sections.get("null_text_forward", {})
+        if "time_ratio_minus_flop_ratio" in forward:
+            values["null_text_forward_time_ratio_minus_flop_ratio"] = (
+                forward["time_ratio_minus_flop_ratio"],
+                f"time ratio {forward['time_ratio_null_text_over_prior']:.4f} vs FLOPs ratio "
+                f"{forward['flop_ratio_null_text_over_prior']:.4f} at batch {forward['batch']}")
+        out = {}
+        for name, (op, bound) in TARGETS.items():
+            if name not in values:
+                out[name] = {"target": f"{op} {bound}", "value": None, "pass": None, "reason": "not measured"}
+                continue
+            value, where = values[name]
+            ok = value >= bound if op == ">=" else value <= bound
+            out[name] = {"target": f"{op} {bound}", "value": value, "pass": bool(ok), "measured": where}
+        return out
+
+    # all ---------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.log(f"{self.mode} run on {self.payload['machine'].get('gpu', self.device)}; budget {self.args.budget_s:.0f} s")
+        pre = preflight()
+        self.payload["preflight"] = pre
+        if pre["missing"]:
+            path = self.write()
+            raise SystemExit(f"gpu_check: missing packages: {pre['missing']}; wrote {path}. "
+                             "On a machine with network: make gpu-wheels, then copy .whl/ beside the Makefile.")
+        self.log(f"preflight: {pre['found']}")
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.alarm(max(1, math.ceil(self.budget.left() + HARD_STOP_GRACE_S)))
+        try:
+            self.run_sections()
+        except DeadlineExceeded:
+            for name in SECTIONS:
+                self.payload["sections"].setdefault(name, {"status": "skipped", "reason": "hard stop reached before it"})
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        path = self.write()
+        self.log(f"done: {'complete' if self.payload['complete'] else 'INCOMPLETE'}; targets: "
+                 + ", ".join(f"{k}={v['pass']}" for k, v in self.payload["targets"].items()))
+        return path
+
+    def run_sections(self) -> None:
+        e = self.estimates
+        self.section("sampling", self.sampling, e["sampling"])
+        if self.payload["sections"]["sampling"]["status"] == "done":
+            self.section("null_text_forward", self.null_text_forward, e["null_text_forward"])
+        else:
+            self.payload["sections"]["null_text_forward"] = {"status": "skipped", "reason": "needs the sampling section's prior"}
+        self._release_sampling()
+        self.section("training", self.training, e["eager_variant"])
+        self.section("training_steady", self.training_steady, self.steady_estimate())
+        if self.payload["sections"]["sampling"]["status"] != "done":
+            self.payload["sections"]["cost"] = {"status": "skipped", "reason": "needs the sampling section"}
+        elif self.cost_training_rows() is None:
+            self.payload["sections"]["cost"] = {"status": "skipped", "reason": "needs ours and dreambooth at one batch "
+                                                "size from the training section (eager, contiguous)"}
+        else:
+            self.section("cost", self.cost, e["cost"])
+        self.section("validation_memory", self.validation_memory, e["validation_memory"])
+        self.section("training_compile", self.training_compile, e["compile_variant"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny prior on the CPU, 64 px, batches 1-2, few steps")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="wall-clock budget; what would not fit is skipped")
+    parser.add_argument("--device", help="default: cuda (cpu with --smoke)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
+    parser.add_argument("--compile-backend", help="torch.compile backend; default inductor (eager with --smoke)")
+    for name, kind, help_ in [
+        ("resolution", int, "pixels"), ("sampling-steps", int, None), ("sampling-repeats", int, None),
+        ("training-steps", int, "timed steps per variant"), ("warmup", int, "untimed steps first"),
+        ("steady-steps", int, None), ("steady-batch", int, None), ("forward-batch", int, None),
+        ("forward-repeats", int, None), ("sampling-dtype", str, None), ("training-dtype", str, None),
+    ]:
+        parser.add_argument(f"--{name}", type=kind, help=help_)
+    parser.add_argument("--sampling-batches", type=int, nargs="+")
+    parser.add_argument("--training-batches", type=int, nargs="+")
+    args = parser.parse_args(argv)
+    defaults = dict(
+        device="cpu", compile_backend="eager", resolution=64, sampling_steps=2, sampling_repeats=1, sampling_batches=[1, 2],
+        training_batches=[2], training_steps=2, warmup=1, steady_steps=6, steady_batch=2, forward_batch=2,
+        forward_repeats=3, sampling_dtype="bfloat16", training_dtype="bf16-mixed",
+    ) if args.smoke else dict(
+        device="cuda", compile_backend="inductor", resolution=512, sampling_steps=8, sampling_repeats=2,
+        sampling_batches=[1, 8, 16], training_batches=[8, 16], training_steps=5, warmup=2, steady_steps=50,
+        steady_batch=16, forward_batch=8, forward_repeats=10, sampling_dtype="bfloat16", training_dtype="bf16-mixed",
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.resolution % 8:
+        parser.error("--resolution must be a multiple of 8")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; --smoke runs the same code path on the CPU")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny models: one thread is the fastest and steadiest on a shared CPU
+    torch.manual_seed(0)
+    check = GPUCheck(args)
+    path = check.run()
+    failed = [name for name, sec in check.payload["sections"].items() if sec.get("status") == "failed"]
+    if failed:
+        sys.exit(f"gpu_check: section(s) failed: {', '.join(failed)} (tracebacks in {path})")
+    return path
+
+
+if __name__ == "__main__":
+    main()
