@@ -14,7 +14,7 @@ Next to the measurement it prints `ccp.methods.params.memory_estimate` for the r
 gradients, optimizer state, EMA, frozen parts) and the activations measured in the first step, so
 the excess over "estimate + activations" is visible phase by phase.
 
-    python benchmarks/memory.py --size quarter --method ours                  # ~215M-parameter UNet
+    python benchmarks/memory.py --size quarter --method ours                  # ~220M-parameter UNet
     python benchmarks/memory.py --size sd15 --method ours --optimizer adamw8bit --prior-dtype bfloat16
     python benchmarks/memory.py --size sd15 --method ours -- ema.enabled=true  # extra ccp-train overrides
 
@@ -95,29 +95,13 @@ def prepare_inputs(root: Path, size: str, resolution: int = 256) -> tuple[Path, 
     return prior_dir, data_dir
 
 
-# --- what the benchmark can switch on that ccp-train does not have (yet) ---------------------------
-def file_checkpoint_io():
-    """A Lightning CheckpointIO that `torch.save`s straight into a temporary file beside the target
-    and renames it into place (as atomic as Lightning's). Lightning's default (`_atomic_save`) first
-    serialises the whole checkpoint into an in-memory buffer: one extra host copy of the trainable
-    weights, the optimizer state and the EMA while each checkpoint is written."""
-    import torch
+# --- what the benchmark can switch back, to measure what ccp-train's defaults save ------------------
+def lightning_checkpoint_io():
+    """Lightning's default CheckpointIO (`_atomic_save`: the whole checkpoint serialised into an
+    in-memory buffer first), in place of ccp-train's `FileCheckpointIO`."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    class FileCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
-            if storage_options is not None or "://" in str(path):  # remote filesystems: Lightning's way
-                return super().save_checkpoint(checkpoint, path, storage_options)
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                torch.save(checkpoint, tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-
-    return FileCheckpointIO()
+    return TorchCheckpointIO()
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -275,21 +259,22 @@ def child(args: argparse.Namespace) -> None:
     wrap("load_prior", "load prior", "build method (ours: null-text conversion)")
     wrap("PersonalizationModule", "module, data, trainer setup")
     wrap("write_export_info", "export info")
-    if args.checkpoint_io == "file":
+    if args.checkpoint_io == "lightning":
         from types import SimpleNamespace
 
+        from ccp.training.callbacks import FileCheckpointIO
+
         def trainer(*a, plugins=None, **k):
-            return L.Trainer(*a, plugins=[*(plugins or []), file_checkpoint_io()], **k)
+            plugins = [p for p in plugins or [] if not isinstance(p, FileCheckpointIO)]
+            return L.Trainer(*a, plugins=[*plugins, lightning_checkpoint_io()], **k)
         run.L = SimpleNamespace(**{**vars(L), "Trainer": trainer})
-    if args.free_grads:  # gradients freed right after each update, not at the next backward
+    if args.keep_grads:  # gradients kept until the next backward (Lightning's default), not freed after each update
         from ccp.training.module import PersonalizationModule
 
-        optimizer_step = PersonalizationModule.optimizer_step
-
-        def freeing_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-            optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure)
-            optimizer.zero_grad(set_to_none=True)
-        PersonalizationModule.optimizer_step = freeing_step
+        def keeping_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            L.LightningModule.optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure)
+            self.method.on_after_optimizer_step()
+        PersonalizationModule.optimizer_step = keeping_step
     build_callbacks = run.build_callbacks
     run.build_callbacks = lambda cfg: [*build_callbacks(cfg), Phases()]
 
@@ -345,9 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint-io", choices=("lightning", "file"), default="lightning",
-                        help="file: torch.save straight to the file (no in-memory copy of the checkpoint)")
-    parser.add_argument("--free-grads", action="store_true", help="free gradients right after each optimizer step")
+    parser.add_argument("--checkpoint-io", choices=("lightning", "file"), default="file",
+                        help="file: ccp-train's torch.save straight to the file; lightning: Lightning's default, "
+                             "which first serialises the checkpoint into memory")
+    parser.add_argument("--keep-grads", action="store_true",
+                        help="keep gradients until the next backward (Lightning's default) instead of ccp-train's freeing")
     parser.add_argument("--malloc-mmap-threshold", type=int, help="glibc MALLOC_MMAP_THRESHOLD_ for the run "
                         "(e.g. 131072: freed tensors go back to the OS at once)")
     parser.add_argument("--work", type=Path, default=Path("outputs/bench-memory"), help="prior and data folders (reused)")
@@ -388,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     result["overrides"] = [next((o.replace(k, v) for k, v in where.items() if k in o), o) for o in result["overrides"]]
     result.update(size=args.size, method=args.method, optimizer=args.optimizer, prior_dtype=args.prior_dtype,
                   ema=args.ema, workers=args.workers, resolution=args.resolution, checkpoint_io=args.checkpoint_io,
-                  malloc_mmap_threshold=args.malloc_mmap_threshold, free_grads=args.free_grads, summary=summarize(result))
+                  malloc_mmap_threshold=args.malloc_mmap_threshold, keep_grads=args.keep_grads, summary=summarize(result))
     print(format_phases(result["phases"]))
     est, summary = result["estimate"], result["summary"]
     if est:
@@ -401,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     name = "_".join(filter(None, ["memory", args.size, args.method, args.optimizer, args.prior_dtype,
                                   "ema" if args.ema else "", f"w{args.workers}" if args.workers else "",
                                   "fileckpt" if args.checkpoint_io == "file" else "",
-                                  "mmap" if args.malloc_mmap_threshold else "", "freegrads" if args.free_grads else "",
+                                  "mmap" if args.malloc_mmap_threshold else "", "keepgrads" if args.keep_grads else "",
                                   args.tag]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

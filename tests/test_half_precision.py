@@ -263,3 +263,17 @@ def test_ema_on_the_host_updates_as_diffusers_does():
     assert all(torch.equal(p, v) for p, v in zip(params, live))
     with pytest.raises(Exception, match="ema.device='cuda:1'"):
         EMACallback(device="cuda:1")
+
+
+def test_wrapping_a_prior_leaves_its_parts_where_they_are(tiny_prior_dir):
+    # During training the prior's VAE is on the training device and the rest on the CPU; wrapping
+    # it for a validation sample must not move the rest after the VAE (diffusers' pipe.device).
+    prior = load_prior(tiny_prior_dir)
+    prior.vae.to("meta")
+    pipe = GCFGPipeline.from_prior(prior)
+    assert pipe.unet.device.type == "cpu" and pipe.text_encoder.device.type == "cpu"
+    concept = NullTextUNet2DConditionModel.from_prior(prior.unet, prior.text_encoder, prior.tokenizer,
+                                                      definition="value_mean")
+    GCFGPipeline.from_prior(prior, concept_unet=concept)
+    assert concept.device == prior.device  # a model passed in joins the prior's device
+    assert prior.unet.device.type == "cpu" and prior.vae.device.type == "meta"

@@ -96,6 +96,46 @@ def test_adamw8bit_without_bitsandbytes_says_how_to_install(monkeypatch):
     assert optimizer_state_bytes_per_param("adamw8bit") > 2  # estimates need no bitsandbytes
 
 
+def _fit_8bit(prior, ckpt_dir, max_steps, ckpt_path=None):
+    import lightning as L
+    from diffusers import DDPMScheduler
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ccp.methods import PromptTemplate
+    from ccp.methods.ours import NullTextConcept
+    from ccp.training.module import PersonalizationModule
+
+    class Latents(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"latents": torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i))}
+
+    method = NullTextConcept(prior, PromptTemplate(), definition="value_mean")
+    module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), lr=1e-3, seed=1,
+                                   optimizer="adamw8bit")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, gradient_clip_val=1.0,
+                        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Latents(), batch_size=2), ckpt_path=ckpt_path)
+    assert isinstance(trainer.optimizers[0], bitsandbytes.optim.AdamW8bit)
+    return {k: v.detach().clone() for k, v in method.trainable_state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_adamw8bit_training_resumes_exactly(tiny_prior, tmp_path):
+    """ccp-train with optim.name=adamw8bit: the 8-bit state goes through a Lightning checkpoint."""
+    full = _fit_8bit(tiny_prior, tmp_path / "full", 4)
+    _fit_8bit(tiny_prior, tmp_path / "part", 2)
+    resumed = _fit_8bit(tiny_prior, tmp_path / "part", 4, ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    start = {k: v.detach().clone() for k, v in build_method("ours", tiny_prior, definition="value_mean")
+             .trainable_state_dict().items()}
+    assert any(not torch.equal(full[k], start[k]) for k in full)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+
+
 # --- the estimate -------------------------------------------------------------------------------
 def _bytes(tensors, dtype=None) -> int:
     return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())

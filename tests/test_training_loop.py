@@ -213,3 +213,24 @@ def test_validation_does_not_recompile_the_compiled_training_forward(prior, tmp_
     without = compiles(0)
     assert without >= 1  # the training forward was compiled
     assert compiles(1) == without  # three validation grids (eval mode, other batch size) added no graph
+
+
+def test_checkpoints_are_written_to_the_file_and_an_interrupted_save_keeps_the_last(tmp_path, monkeypatch):
+    from ccp.training.callbacks import FileCheckpointIO
+
+    io = FileCheckpointIO()
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+    def dies_midway(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1  # the previous checkpoint, whole
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left behind

@@ -167,7 +167,10 @@ class TextualInversion(TokenTrainingMixin, Method):
         return save_learned_embeds(out_dir, self.template.placeholder, self.token_embeds)
 
     def sampling_pipeline(self, prior):
-        return self.pipeline_with_own_token(prior), "prior"
+        pipe = self.pipeline_with_own_token(prior)
+        # the method's frozen UNet copy (the prior's weights; already on the training device)
+        pipe.register_modules(unet=self.unet)
+        return pipe, "prior"
 
     @classmethod
     def load_export(cls, prior, export_dir):

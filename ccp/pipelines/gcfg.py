@@ -129,7 +129,12 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             concept_unet=concept_unet,
             controlnet=controlnet,
         )
-        return pipe.to(prior.device)
+        # Only the new models join the prior's device: the prior's own parts stay where they are
+        # (during training its VAE is on the GPU and its UNet on the CPU until a sample needs it).
+        for model in (concept_unet, controlnet):
+            if model is not None:
+                model.to(prior.device)
+        return pipe
 
     # --- denoisers ---------------------------------------------------------------------------
     @property

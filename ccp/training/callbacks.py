@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -12,6 +13,7 @@ import PIL.Image
 import torch
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ccp.guidance import GuidancePlan, GuidanceSpec
@@ -111,6 +113,25 @@ class EMACallback(L.Callback):
             yield
         finally:
             self._swap(params)
+
+
+class FileCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written by `torch.save` straight into a temporary file beside the target, then
+    renamed over it. Lightning's default first serialises the whole checkpoint into an in-memory
+    buffer: one more copy of the weights, optimizer state and EMA at every save (at SD v1.5 size
+    with fp32 AdamW, about 9 GiB of host memory). Remote paths keep Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class SaveLastOnSigterm(L.Callback):

@@ -216,8 +216,11 @@ class PersonalizationModule(L.LightningModule):
         if self.device.type == "cuda":
             self.log("train/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True, batch_size=1)
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Gradients are not needed until the next backward: freed now, they take no memory during
+        # validation, metrics and checkpoint saves (Lightning would only zero them before the next step).
+        optimizer.zero_grad(set_to_none=True)
         self.method.on_after_optimizer_step()
 
     def configure_optimizers(self):

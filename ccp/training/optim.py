@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 
 from ccp.config import ConfigError
-from ccp.methods import params
+from ccp.methods import params as estimates
 from ccp.methods.params import OPTIMIZERS
 
 INSTALL_HINT = "pip install 'ccp[memory]' (or pip install bitsandbytes), or set optim.name=adamw"
@@ -79,10 +79,10 @@ def optimizer_state_bytes_per_param(name: str) -> float:
     ``adamw8bit`` (`ccp.methods.params.optimizer_state_bytes` counts tensor by tensor)."""
     if name not in OPTIMIZERS:  # estimates need no bitsandbytes
         raise OptimizerConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-    return params.optimizer_state_bytes_per_param(name)
+    return estimates.optimizer_state_bytes_per_param(name)
 
 
 def optimizer_state_bytes(shapes: Iterable[torch.Size | tuple[int, ...] | int], name: str) -> int:
     """Bytes of optimiser state for trainable tensors of these shapes (or element counts)."""
     optimizer_state_bytes_per_param(name)
-    return params.optimizer_state_bytes(shapes, name)
+    return estimates.optimizer_state_bytes(shapes, name)

@@ -26,7 +26,7 @@ from ccp.methods import TRAINABLE
 from ccp.methods.base import Method, PromptTemplate
 from ccp.methods.export import write_export_info
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
-from ccp.training.callbacks import EMACallback
+from ccp.training.callbacks import EMACallback, FileCheckpointIO
 from ccp.training.module import PersonalizationModule, accumulation_steps
 from ccp.training.optim import check_optimizer_name
 from ccp.training.runs import run_config, write_run_stamps
@@ -234,7 +234,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     precision, plugins = precision_plugins(t)
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=precision,
-        plugins=plugins or None,
+        plugins=[*plugins, FileCheckpointIO()],
         max_steps=t.max_steps, accumulate_grad_batches=plan.accumulate, gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,  # ResumableSampler shards ranks
         callbacks=callbacks, logger=build_loggers(cfg, run_dir) or False, default_root_dir=str(run_dir),
