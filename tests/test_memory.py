@@ -235,7 +235,6 @@ MEASURE_STEP = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 @pytest.mark.parametrize("name,optimizer", [("ours", "adamw"), ("dreambooth", "adamw"), ("ours", "adamw8bit")])
 def test_estimate_matches_a_measured_training_step(name, optimizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
