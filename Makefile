@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: setup test test-fast demo demo-tiny toy-prior bench-sampling bench-training tiny-prior sample-tiny reproduce-tables gpu-wheels gpu-check gpu-check-smoke check-sd15 clean
+.PHONY: setup test test-fast demo demo-tiny toy-prior bench-sampling bench-training tiny-prior sample-tiny reproduce-tables gpu-wheels gpu-check gpu-check-smoke check-sd15 image gcp-examples clean
 
 setup: $(BIN)/ccp-sample
 
@@ -96,6 +96,18 @@ gpu-check-smoke: setup
 SCALE ?= tiny
 reproduce-tables: setup
 	$(BIN)/ccp-reproduce scale=$(SCALE) $(ARGS)
+
+# The container of every launcher (gcp/Dockerfile): CUDA PyTorch base, constraints.txt pins, ccp's wheel.
+IMAGE ?= ccp:latest
+image:
+	@command -v docker >/dev/null 2>&1 || { echo "make image: docker is not installed here; build where Docker exists (or with Cloud Build: gcloud builds submit)" >&2; exit 1; }
+	docker build -f gcp/Dockerfile -t $(IMAGE) .
+
+# The committed dry runs of the full recipe (job=reproduce) for each ccp-launch target: gcp/examples/<target>.
+gcp-examples: setup
+	for target in slurm vertex gke; do \
+		rm -rf gcp/examples/$$target && $(BIN)/ccp-launch target=$$target job=reproduce dry_run=true out_dir=gcp/examples/$$target >/dev/null || exit 1; \
+	done
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -12,7 +12,9 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +235,37 @@ def evaluate(cfg: DictConfig, plan: EvalPlan, model: TrainedModel, out_dir: Path
     return spatial_metric(model, config, str(sp.condition_path), controlnet, image_dir=images)
 
 
+# a rank waits this long at the FID barriers for the slowest rank (its last shard, or rank 0's real
+# statistics of the whole real folder) before it fails
+EVAL_COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+def join_launcher_group(device: torch.device) -> tuple[torch.device, int]:
+    """Under torchrun/SLURM-style launchers (``WORLD_SIZE`` > 1 in the environment): start the
+    process group once per process (gloo on the CPU, nccl on CUDA), so that FID shards are split
+    over all ranks of all nodes and every rank waits at the barrier for the others' shards (without
+    it, the first rank done found the other ranks' shards missing and failed). A CUDA device
+    without an index becomes this rank's ``cuda:LOCAL_RANK``. Returns (device, rank)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1 or not dist.is_available():
+        return device, 0
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=EVAL_COLLECTIVE_TIMEOUT)
+        log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    return device, dist.get_rank()
+
+
 def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None = None) -> dict:
     """Check `cfg`, load the model, evaluate, and write ``result.json`` into `out_dir`; returns the
     result. `override_dirname`: the sweep point's name (Hydra's), kept in the result."""
     cfg = with_output_dir(cfg, out_dir)
     plan = check_eval_config(cfg)
-    device = resolve_device(str(cfg.device))
+    device, rank = join_launcher_group(resolve_device(str(cfg.device)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -271,7 +298,8 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
         "details": details,
         "config": resolved,
     }
-    write_json_atomic(done, result)
+    if rank == 0:  # every rank has the same result; one writes it
+        write_json_atomic(done, result)
     log.info("%s %s %s = %.6g (concept_weight=%s, control_weight=%s) -> %s", plan.run, plan.method, plan.metric, value,
              cfg.guidance.concept_weight, cfg.guidance.control_weight, done)
     return result

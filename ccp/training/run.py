@@ -9,9 +9,11 @@ grids and, at the end, the (EMA) weights in ``export/`` with `EXPORT_INFO`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -125,6 +127,37 @@ def rank_device(trainer_cfg: DictConfig) -> torch.device:
     return torch.device("cuda", int(index))
 
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # torch's and Lightning's own default (30 minutes)
+
+
+def collective_timeout(trainer_cfg: DictConfig) -> timedelta:
+    """``trainer.collective_timeout_s``: how long a rank waits in one collective (all-reduce,
+    barrier) for the others before it fails; it bounds the hang when a node is lost."""
+    value = trainer_cfg.get("collective_timeout_s", DEFAULT_COLLECTIVE_TIMEOUT_S)
+    if value is None:
+        value = DEFAULT_COLLECTIVE_TIMEOUT_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise TrainConfigError(f"trainer.collective_timeout_s={value!r} must be a positive number of seconds "
+                               "(longer than any step, checkpoint save or rank-0-only phase, e.g. 1800)")
+    return timedelta(seconds=float(value))
+
+
+def build_strategy(trainer_cfg: DictConfig):
+    """``trainer.strategy``: a registered strategy that takes a process-group timeout (ddp and its
+    variants, fsdp, deepspeed) is built with ``trainer.collective_timeout_s``; any other value
+    (auto, single_device, ...) goes to the Trainer as it is."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    name = trainer_cfg.strategy
+    timeout = collective_timeout(trainer_cfg)
+    if not isinstance(name, str) or name not in StrategyRegistry:
+        return name
+    entry = StrategyRegistry[name]
+    if "timeout" not in inspect.signature(entry["strategy"].__init__).parameters:
+        return name
+    return entry["strategy"](**{**entry["init_params"], "timeout": timeout})
+
+
 @dataclass
 class TrainingPlan:
     """What the checks found: the accumulation the global batch needs and the built callbacks."""
@@ -141,6 +174,7 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
         raise TrainConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. data.path=/path/to/images)")
     method_class_of(cfg)
     check_precision(cfg)
+    collective_timeout(cfg.trainer)
     try:
         check_optimizer_name(str(cfg.optim.get("name", "adamw")))
     except ConfigError as err:
@@ -233,7 +267,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     t = cfg.trainer
     precision, plugins = precision_plugins(t)
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=precision,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t), precision=precision,
         plugins=[*plugins, FileCheckpointIO()],
         max_steps=t.max_steps, accumulate_grad_batches=plan.accumulate, gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,  # ResumableSampler shards ranks

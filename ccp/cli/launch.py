@@ -1,0 +1,26 @@
+"""`ccp-launch`: render and (unless dry_run=true) submit a ccp job on several GPU nodes (conf/launch.yaml).
+
+    ccp-launch target=vertex nodes=4 gpus_per_node=8 spot=true command="ccp-train experiment=table1/face_ours"
+    ccp-launch target=gke job=fid fid.run=face_ours dry_run=true
+    ccp-launch target=slurm job=reproduce dry_run=true out_dir=gcp/examples/slurm
+
+Targets: slurm (sbatch), vertex (Vertex AI custom job), gke (JobSet + Kueue) (`ccp.launch`).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ccp.config import CONF_DIR, exit_on_config_error
+from ccp.launch import run_launch
+
+
+@hydra.main(config_path=CONF_DIR, config_name="launch", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with exit_on_config_error("ccp-launch"):
+        run_launch(cfg)
+
+
+if __name__ == "__main__":
+    main()
