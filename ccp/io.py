@@ -1,7 +1,11 @@
 """Files: atomic writes, folder stamps, content hashes, the cache root, and image listing/loading.
 
 Long jobs never leave a half-written file or folder that a later run would take as finished:
-everything is written to a temporary name beside its target, then renamed over it.
+everything is written to a temporary name beside its target, then renamed over it. That holds for a
+file on Cloud Storage FUSE too (a file's rename is a server-side copy, then a delete: the target
+object appears whole or not at all), but a folder's rename there moves one object at a time. So a
+published folder counts as finished only once its completion record (the sizes of its files,
+written after the rename) is present and matches: `dir_complete`. See docs/storage.md.
 """
 
 from __future__ import annotations
@@ -48,20 +52,55 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+COMPLETE_RECORD = ".ccp_complete.json"
+
+
+def file_sizes(folder: str | Path) -> dict[str, int]:
+    """Every file under `folder` (relative POSIX path -> bytes), the completion record excepted."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE_RECORD}
+
+
 def write_dir_atomic(folder: str | Path, write: Callable[[Path], object]) -> Path:
-    """`write(tmp_folder)` then rename it to `folder` (replacing an old one): an interrupted write
-    never leaves a half-written `folder` that a later run would take as finished."""
+    """`write(tmp_folder)`, rename it to `folder` (replacing an old one), then write its completion
+    record. Readers ask `dir_complete`: an interrupted write or rename (not atomic for a folder on
+    an object store) never leaves a `folder` that a later run would take as finished."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
+        sizes = file_sizes(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    write_json_atomic(folder / COMPLETE_RECORD, {"files": sizes})  # the commit point: last
     return folder
+
+
+def dir_complete(folder: str | Path) -> bool:
+    """Whether `folder` was published whole by `write_dir_atomic`: its completion record exists and
+    every file it lists is there with its recorded size."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / COMPLETE_RECORD).read_text())["files"]
+        return all((folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries that killed writers left in `folder` (`.<name>.*.tmp` files of
+    `write_atomic` and the checkpoint writer): on a Cloud Storage FUSE mount they are uploaded on
+    close, and a checkpoint's can be gigabytes. Only while nothing else writes to `folder`."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 # --- stamps ----------------------------------------------------------------------------------
@@ -74,7 +113,7 @@ def folder_stamp(folder: str | Path) -> str:
     """Hash of a folder's listing (names, sizes, mtimes): changes whenever its files are rewritten,
     without reading them (a model folder of gigabytes is stamped in milliseconds)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_RECORD)
     listing = [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     return content_hash(listing)[:16]
 

@@ -167,6 +167,9 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     # a retrained prior at the same path: the concept model is not reused
     marker = tmp_path / "toy" / "prior" / toy_prior.DONE
     marker.write_text(marker.read_text().replace('"seed": 0', '"seed": 0, "retrained": true'))
+    from ccp.io import COMPLETE_RECORD, file_sizes, write_json_atomic
+
+    write_json_atomic(marker.parent / COMPLETE_RECORD, {"files": file_sizes(marker.parent)})  # published again
     with pytest.raises(AssertionError, match="must be reused"):
         demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
                       prior_settings=TINY_SETTINGS)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -312,14 +313,22 @@ def _as_ranges(indices: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def iter_shard_features(shard_dir: str | Path, num_samples: int, shard_size: int, run_hash: str) -> Iterator[torch.Tensor]:
+def iter_shard_features(shard_dir: str | Path, num_samples: int, shard_size: int, run_hash: str,
+                        wait_s: float = 0.0) -> Iterator[torch.Tensor]:
     """The features of samples 0 .. num_samples-1, shard by shard in index order.
 
     Raises `MissingShardsError` (naming the shards and the ranks that owe them) before reading
-    anything if a shard is missing.
+    anything if a shard is missing. `wait_s`: how long to keep looking for shards other nodes have
+    finished (after a barrier): a Cloud Storage FUSE mount may answer "not found" from its cache
+    for a few seconds after another node's upload.
     """
     ranges = shard_ranges(num_samples, shard_size)
-    missing = [k for k, r in enumerate(ranges) if not shard_done(shard_dir, k, r, run_hash)]
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = [k for k, r in enumerate(ranges) if not shard_done(shard_dir, k, r, run_hash)]
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
     if missing:
         raise MissingShardsError(
             f"{len(missing)} of {len(ranges)} shards are not finished in {shard_dir} (shards {_as_ranges(missing)}). "

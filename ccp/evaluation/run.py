@@ -40,6 +40,7 @@ from ccp.methods.export import (
 )
 from ccp.pipelines.run import SampleConfigError, check_sampling, resolve_device
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
+from ccp.tracking import log_eval_result, wandb_config
 
 log = logging.getLogger(__name__)
 FEATURE_EXTRACTORS = ("inception", "random_conv")
@@ -265,6 +266,7 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
     result. `override_dirname`: the sweep point's name (Hydra's), kept in the result."""
     cfg = with_output_dir(cfg, out_dir)
     plan = check_eval_config(cfg)
+    wandb_config(cfg)  # a bad logger.wandb setting fails now, not after the evaluation
     device, rank = join_launcher_group(resolve_device(str(cfg.device)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +276,8 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
         previous = json.loads(done.read_text())
         if previous.get("config") == json.loads(json.dumps(resolved)):
             log.info("%s already holds this evaluation (output.skip_done=true); not recomputed", done)
+            if rank == 0:  # the same wandb run id: updated, not duplicated
+                log_eval_result(cfg, previous, out_dir)
             return previous
 
     log.info("loading %s (%s) on %s", plan.export_path or plan.prior_path, plan.method, device)
@@ -300,6 +304,7 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
     }
     if rank == 0:  # every rank has the same result; one writes it
         write_json_atomic(done, result)
+        log_eval_result(cfg, result, out_dir)
     log.info("%s %s %s = %.6g (concept_weight=%s, control_weight=%s) -> %s", plan.run, plan.method, plan.metric, value,
              cfg.guidance.concept_weight, cfg.guidance.control_weight, done)
     return result

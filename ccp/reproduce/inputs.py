@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ccp.config import plain
-from ccp.io import write_dir_atomic
+from ccp.io import dir_complete, write_dir_atomic
 from ccp.reproduce.config import fid_real_path
 from ccp.reproduce.tiny import write_toy_images
 
@@ -17,16 +17,17 @@ from ccp.reproduce.tiny import write_toy_images
 def prepare_inputs(cfg: DictConfig, progress: bool = False) -> None:
     """The prior (tiny random, or the trained toy prior) and the data folders, when absent: tiny
     scale's toy images and condition images, toy scale's digit concept folders (train and held out)."""
-    if cfg.prior.get("write_tiny", False) and not Path(str(cfg.prior.path)).is_dir():
+    seed = int(cfg.prior.get("seed", cfg.seed))  # prior_seeds: each run seed's own prior (`ccp.reproduce.seeds`)
+    if cfg.prior.get("write_tiny", False) and not dir_complete(str(cfg.prior.path)):
         from ccp.priors.tiny import save_tiny_prior
 
         write_dir_atomic(Path(str(cfg.prior.path)),
-                                 lambda tmp: save_tiny_prior(tmp, seed=int(cfg.seed), with_controlnet=True))
+                                 lambda tmp: save_tiny_prior(tmp, seed=seed, with_controlnet=True))
     elif cfg.prior.get("train_toy", False):
         from ccp.toy.prior import ensure_toy_prior
 
         settings = plain(cfg.prior.get("toy_settings"))
-        cfg.prior.path = str(ensure_toy_prior(str(cfg.prior.path), seed=int(cfg.seed), progress=progress, **settings))
+        cfg.prior.path = str(ensure_toy_prior(str(cfg.prior.path), seed=seed, progress=progress, **settings))
     for d in cfg.datasets:
         spec = cfg.data[d].get("digits")
         if not spec:
@@ -34,19 +35,19 @@ def prepare_inputs(cfg: DictConfig, progress: bool = False) -> None:
         from ccp.toy.digits import write_concept_dataset
 
         for split, folder in (("train", cfg.data[d].path), ("held_out", fid_real_path(cfg, d))):
-            if not Path(str(folder)).is_dir():
+            if not dir_complete(str(folder)):
                 write_dir_atomic(Path(str(folder)), lambda tmp: write_concept_dataset(
                     tmp, style=str(spec.style), split=split, seed=int(spec.seed), resolution=int(spec.resolution)))
     if not cfg.toy_data:
         return
     for i, d in enumerate(cfg.datasets):
         folder = Path(str(cfg.data[d].path))
-        if not folder.is_dir():
+        if not dir_complete(folder):
             spec = cfg.data[d].toy
             write_toy_images(folder, int(spec.count), int(spec.resolution), int(spec.seed), tuple(spec.tint))
     spatial = cfg.spatial_alignment
     folder = Path(str(spatial.condition_dir))
-    if spatial.enabled and not folder.is_dir():
+    if spatial.enabled and not dir_complete(folder):
         write_toy_images(folder, int(spatial.num_conditions), int(cfg.sampling.height), int(cfg.seed) + 100,
                          shapes=2)
 

@@ -4,7 +4,6 @@ run on a CPU in minutes (FID features: `ccp.evaluation.fid.RandomConvFeatures`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +13,7 @@ import PIL.ImageDraw
 import torch
 
 from ccp.evaluation.attributes import AttributeQuestion, ZeroShotAttributePredictor
+from ccp.io import write_dir_atomic
 
 # Text features: directions in (chroma r, g, b, luminance - 0.5, constant) space.
 _COLOUR_WORDS = {
@@ -64,20 +64,21 @@ class MeanColourPredictor(ZeroShotAttributePredictor):
 def write_toy_images(folder: Path, count: int, resolution: int, seed: int, tint: Sequence[float] = (0.5, 0.5, 0.5),
                      shapes: int = 3) -> Path:
     """`count` random PNGs: smooth coloured noise around `tint` with a few filled shapes (so canny
-    finds edges). Written to a temporary folder, then renamed: a half-written folder never counts."""
+    finds edges), published with `write_dir_atomic`: a half-written folder never counts."""
     rng = np.random.default_rng(seed)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        low = rng.random((resolution // 8, resolution // 8, 3)) * 0.5 + np.asarray(tint) - 0.25
-        base = np.kron(low, np.ones((8, 8, 1)))
-        image = PIL.Image.fromarray((base.clip(0, 1) * 255).astype(np.uint8))
-        draw = PIL.ImageDraw.Draw(image)
-        for _ in range(shapes):
-            x0, y0 = rng.integers(0, resolution * 3 // 4, 2)
-            size = rng.integers(resolution // 6, resolution // 3)
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + size, y0 + size], fill=colour)
-        image.save(tmp / f"{i:03d}.png")
-    os.replace(tmp, folder)
-    return folder
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            low = rng.random((resolution // 8, resolution // 8, 3)) * 0.5 + np.asarray(tint) - 0.25
+            base = np.kron(low, np.ones((8, 8, 1)))
+            image = PIL.Image.fromarray((base.clip(0, 1) * 255).astype(np.uint8))
+            draw = PIL.ImageDraw.Draw(image)
+            for _ in range(shapes):
+                x0, y0 = rng.integers(0, resolution * 3 // 4, 2)
+                size = rng.integers(resolution // 6, resolution // 3)
+                colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+                (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + size, y0 + size], fill=colour)
+            image.save(tmp / f"{i:03d}.png")
+
+    return write_dir_atomic(folder, write)

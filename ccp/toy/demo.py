@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ccp.config import compose
 from ccp.guidance import GuidanceSpec
-from ccp.io import write_dir_atomic
+from ccp.io import dir_complete, write_dir_atomic
 from ccp.methods.export import is_export, read_export_info
 from ccp.toy.digits import write_concept_dataset
 from ccp.toy.prior import ensure_toy_prior, set_threads
@@ -34,7 +34,7 @@ DEMO_PROMPTS = ("a red digit 0", "a green digit 2", "a blue digit 3", "a yellow 
 def ensure_concept_data(root: Path, style: str, split: str = "train", seed: int = 0, resolution: int = 32) -> Path:
     """``<root>/<style>/<split>``: unlabeled concept images, written once (atomically)."""
     folder = root / style / split
-    if not (folder / "labels.jsonl").is_file():
+    if not dir_complete(folder):
         write_dir_atomic(folder, lambda tmp: write_concept_dataset(tmp, style, split, seed, resolution))
     return folder
 

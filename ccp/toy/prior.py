@@ -37,7 +37,7 @@ from ccp.priors.tokenizer import build_clip_tokenizer
 from ccp.toy.digits import render_set, write_prior_dataset
 from ccp.toy.vae import train_toy_vae
 from ccp.config import compose
-from ccp.io import write_dir_atomic
+from ccp.io import dir_complete, write_dir_atomic
 from ccp.training.run import run_training
 from ccp.training.runs import config_text
 
@@ -150,7 +150,7 @@ def recipe(settings: ToyPriorSettings, seed: int, overrides: list[str] = ()) -> 
 def finished(out_dir: str | Path, key: str | None = None) -> bool:
     """Whether `out_dir` holds a published toy prior (of `key`, when given)."""
     marker = Path(out_dir) / DONE
-    if not marker.is_file():
+    if not dir_complete(out_dir):
         return False
     return key is None or json.loads(marker.read_text()).get("key") == key
 
@@ -169,18 +169,18 @@ def ensure_toy_prior(out_dir: str | Path, seed: int = 0, progress: bool = True, 
     times = {}
 
     start = time.perf_counter()
-    if not (work / "data" / "captions.jsonl").is_file():
+    if not dir_complete(work / "data"):
         write_dir_atomic(work / "data", lambda tmp: write_prior_dataset(tmp, "train", s.data_seed, s.resolution, s.copies))
     times["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    if not (work / "vae" / "config.json").is_file():
+    if not dir_complete(work / "vae"):
         images = render_set("train", "plain", s.data_seed, s.resolution, s.copies).tensor()
         vae = train_toy_vae(images, work / "vae", s.vae_steps, s.vae_batch_size, s.vae_lr, seed=seed, progress=progress)
     vae = AutoencoderKL.from_pretrained(work / "vae")
     times["vae_s"] = time.perf_counter() - start
 
-    if not (work / "init" / "model_index.json").is_file():
+    if not dir_complete(work / "init"):
         write_initial_pipeline(work / "init", vae, seed, s.token_embedding_scale)
 
     start = time.perf_counter()
