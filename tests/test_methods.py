@@ -265,11 +265,11 @@ def test_textual_inversion_keeps_original_rows_and_exports_diffusers_format(trai
 
 # --- cheap checks without training ----------------------------------------------------------------
 def test_registry():
-    assert set(METHODS) == {"ours", "dreambooth", "textual_inversion", "custom_diffusion", "oft"}
+    assert set(METHODS) == {"ours", "dreambooth", "textual_inversion", "custom_diffusion", "oft", "lora"}
     assert METHODS["ours"] is NullTextConcept
     assert all(cls.name == name for name, cls in METHODS.items())
-    with pytest.raises(ValueError, match="unknown method 'lora'.*dreambooth"):
-        build_method("lora", None)
+    with pytest.raises(ValueError, match="unknown method 'loha'.*dreambooth"):
+        build_method("loha", None)
 
 
 @pytest.mark.parametrize(

@@ -79,12 +79,12 @@ def test_bad_configs_fail_before_loading(tiny_prior_dir, image_dir, tmp_path):
         check_config(_cfg("ours", tiny_prior_dir, tmp_path / "missing"))
     with pytest.raises(TrainConfigError, match="global batch 5 is not a multiple of per-device batch 2"):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=5"))
-    with pytest.raises(TrainConfigError, match="method='lora' is unknown"):
-        check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.name=lora"))
+    with pytest.raises(TrainConfigError, match="method='loha' is unknown"):
+        check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.name=loha"))
     with pytest.raises(TrainConfigError, match="does not build method 'ours'.*NullTextConcept"):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.module._target_=ccp.methods.oft.OFT"))
-    with pytest.raises(TrainConfigError, match="method.module._target_=ccp.methods.lora.LoRA: cannot be imported"):
-        check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.module._target_=ccp.methods.lora.LoRA"))
+    with pytest.raises(TrainConfigError, match="method.module._target_=ccp.methods.loha.LoHa: cannot be imported"):
+        check_config(_cfg("ours", tiny_prior_dir, image_dir, "method.module._target_=ccp.methods.loha.LoHa"))
     plan = check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=8"))
     assert plan.accumulate == 4
     assert [type(cb).__name__ for cb in plan.callbacks] == [  # callbacks/default.yaml; EMA on for ours

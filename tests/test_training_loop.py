@@ -11,32 +11,16 @@ import torch
 from diffusers import DDPMScheduler
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ccp.methods.base import PromptTemplate
 from ccp.methods.ours import NullTextConcept
 from ccp.training.callbacks import EMACallback, SaveLastOnSigterm
 from ccp.training.module import NonFiniteLossError, PersonalizationModule, accumulation_steps
-from ccp.training.sampler import ResumableSampler, resumable_loader
+from ccp.training.sampler import ResumableSampler
+from pixels import PixelData, Pixels
 
 STEPS = 4
-
-
-class Pixels(Dataset):
-    def __init__(self, n=6, size=64):
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.images[i]}
-
-
-class PixelData(L.LightningDataModule):
-    def train_dataloader(self):
-        return resumable_loader(Pixels(), batch_size=2, trainer=self.trainer, seed=3)
 
 
 class SimulatedCrash(RuntimeError):

@@ -1,4 +1,4 @@
-"""Personalization methods with one interface (`Method`): ours and the paper's four baselines.
+"""Personalization methods with one interface (`Method`): ours, the paper's four baselines and LoRA.
 
 ``build_method(name, prior, template, **kwargs)`` builds one by its registry name.
 """
@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from ccp.methods.base import Method, PromptTemplate
 from ccp.methods.custom_diffusion import CustomDiffusion
 from ccp.methods.dreambooth import DreamBooth
+from ccp.methods.lora import LoRA
 from ccp.methods.oft import OFT
 from ccp.methods.ours import NullTextConcept
 from ccp.methods.text_to_image import TextToImage
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     "textual_inversion": TextualInversion,
     "custom_diffusion": CustomDiffusion,
     "oft": OFT,
+    "lora": LoRA,
 }
 
 
@@ -44,6 +46,7 @@ __all__ = [
     "METHODS",
     "CustomDiffusion",
     "DreamBooth",
+    "LoRA",
     "Method",
     "NullTextConcept",
     "OFT",

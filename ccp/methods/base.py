@@ -70,6 +70,11 @@ class Method(nn.Module, ABC):
                             else:
                                 tensors[key] = t.to(dtype)
 
+    @classmethod
+    def check_settings(cls, **settings) -> None:
+        """Refuse settings (``method.module``'s keys) that cannot build the method, before any
+        model loads; the message names the key and a valid value."""
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 

@@ -11,7 +11,9 @@ also trains new ``to_q``/``to_out`` projections: that is the setting whose count
 
 Export (``out_dir``): ``pytorch_custom_diffusion_weights.safetensors`` with diffusers'
 attention-processor keys (``<layer>.processor.to_k_custom_diffusion.weight``, ...) and the token
-in textual-inversion format, ``learned_embeds.safetensors``. Loading uses our own
+in textual-inversion format, ``learned_embeds.safetensors``. Prior preservation (as the example's ``--with_prior_preservation``; `use_class_prompt`): the rows
+after the instance rows are conditioned on the class prompt, encoded every step through the
+method's text encoder like the instance prompt. Loading uses our own
 `load_custom_diffusion_processors`: in diffusers 0.42 ``UNet2DConditionModel.load_attn_procs``
 only installs the processors when called with the private ``_pipeline=`` argument (otherwise it
 returns without changing the UNet), and it cannot read the safetensors file its own
@@ -30,7 +32,7 @@ from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 from torch import nn
 
 from ccp.methods.base import Method, PromptTemplate
-from ccp.methods.dreambooth import baseline_guidance, frozen_copy
+from ccp.methods.dreambooth import baseline_guidance, encode_tokens, frozen_copy, tokenize
 from ccp.methods.textual_inversion import EMBEDS_FILE, TokenTrainingMixin, pipeline_with_token, save_learned_embeds
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
@@ -135,8 +137,16 @@ class CustomDiffusion(TokenTrainingMixin, Method):
     def unet(self) -> UNet2DConditionModel:
         return self._frozen["unet"]
 
-    def predict_noise(self, noisy_latents, timesteps):
-        embeds = self.condition(noisy_latents.shape[0], self.unet.dtype)
+    def use_class_prompt(self, class_prompt: str) -> None:
+        """Prior preservation: rows after the instance rows (``num_class`` of `predict_noise`) are
+        conditioned on `class_prompt` (usually without the modifier token)."""
+        self.register_buffer("class_prompt_ids", tokenize(self.tokenizer, class_prompt), persistent=False)
+
+    def predict_noise(self, noisy_latents, timesteps, num_class: int = 0):
+        embeds = self.condition(noisy_latents.shape[0] - num_class, self.unet.dtype)
+        if num_class:
+            class_embeds = encode_tokens(self._frozen["text_encoder"], self.class_prompt_ids)
+            embeds = torch.cat([embeds, class_embeds.to(self.unet.dtype).expand(num_class, -1, -1)])
         return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
 
     def export(self, out_dir):

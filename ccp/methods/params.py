@@ -28,6 +28,7 @@ ROWS: list[tuple[str, str, dict, str | None]] = [
     ("custom_diffusion", "custom_diffusion", {}, "44M"),
     ("custom_diffusion (train_q_out)", "custom_diffusion", {"train_q_out": True}, "44M"),
     ("oft", "oft", {}, "23M"),
+    ("lora", "lora", {}, None),  # not in the paper's Table 1
     ("ours", "ours", {"definition": "value_mean"}, "859M"),  # counts do not depend on the definition
 ]
 
@@ -58,6 +59,9 @@ def _notes(method, prior) -> list[str]:
         # peft stores only the b(b-1)/2 free entries.
         full = sum(m.r * m.block_size**2 for m in method.oft.values())
         notes.append(f"peft stores b(b-1)/2 per block; full b x b blocks (original OFT code) = {full:,}")
+    elif name == "lora":
+        notes.append(f"rank {method.rank}, alpha {method.alpha:g}: rank x (in + out) per attention projection; "
+                     "not in the paper")
     elif name == "textual_inversion":
         notes.append("= text encoder hidden size")
     return notes

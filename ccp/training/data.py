@@ -13,6 +13,8 @@ refused in one error that lists them. Scan results are cached by file list (path
 
 `ConceptDataModule` wires this to Lightning, optionally through the latent cache of
 `ccp.training.latent_cache` (batches then hold ``latents`` and the VAE never runs in training).
+With prior preservation (`ccp.training.class_images`) every item also carries a class image
+under ``class_``-prefixed keys (``class_pixel_values``, ``class_latent_mean``, ...).
 Concept data has no captions; a prior trained from scratch (the toy prior) reads them from a
 ``captions.jsonl`` beside the images (`read_captions`), and its items then carry ``caption``.
 """
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ccp.training.sampler import resumable_loader
 from ccp.io import BadImageWarning, default_cache_root, list_image_files, load_rgb8, resize_to_square, to_rgb8, write_json_atomic
+from ccp.training.class_images import ClassImagesConfig, class_images_config, generate_class_images
 from ccp.training.latent_cache import CachedLatentDataset, LatentCache, LatentCacheConfig, build_latent_cache
 
 log = logging.getLogger(__name__)
@@ -267,6 +270,37 @@ class ImageFolderDataset(Dataset):
         }
 
 
+class WithClassImages(Dataset):
+    """Item ``i`` of `dataset` plus class image ``i mod len(class_dataset)``, mirrored alike, under
+    ``class_``-prefixed keys: diffusers' ``DreamBoothDataset`` pairs them the same way, and the
+    pairing follows the sampler's reproducible order (exact resume)."""
+
+    PREFIX = "class_"
+
+    def __init__(self, dataset, class_dataset):
+        if len(class_dataset) == 0:
+            raise ValueError("prior preservation needs at least one class image")
+        self.dataset, self.class_dataset = dataset, class_dataset
+        self.random_flip = getattr(dataset, "random_flip", False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def item(self, index: int, flipped: bool) -> dict[str, Any]:
+        extra = self.class_dataset.item(index % len(self.class_dataset), flipped)
+        return {**self.dataset.item(index, flipped), **{self.PREFIX + k: v for k, v in extra.items()}}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index, self.random_flip and bool(torch.rand(()) < 0.5))
+
+
+def split_class_batch(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(instance part, class part with the prefix removed) of a `WithClassImages` batch."""
+    prefix = WithClassImages.PREFIX
+    own = {k: v for k, v in batch.items() if not k.startswith(prefix)}
+    return own, {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
 class FlipVariants(Dataset):
     """Index ``i < n`` is item ``i``, ``i >= n`` is item ``i - n`` mirrored: the flip becomes part
     of the sampler's reproducible order instead of worker randomness (exact resume). Each image
@@ -311,9 +345,14 @@ class ConceptDataModule(L.LightningDataModule):
         scan_cache: bool = True,
         vae: torch.nn.Module | None = None,
         seed: int = 0,
+        class_images: Mapping[str, Any] | ClassImagesConfig | None = None,
+        prior: Any = None,
     ):
         super().__init__()
         self.seed = int(seed)
+        self.class_images = class_images_config(class_images)
+        self._prior = prior  # generates the class images; `attach_prior`
+        self.class_images_dir: Path | None = None
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
         self.path = Path(path).expanduser()
@@ -340,6 +379,14 @@ class ConceptDataModule(L.LightningDataModule):
 
     def attach_vae(self, vae: torch.nn.Module) -> ConceptDataModule:
         self._vae = vae
+        return self
+
+    def attach_prior(self, prior, class_images: Mapping[str, Any] | ClassImagesConfig | None = None) -> ConceptDataModule:
+        """The prior pipeline that draws the class images (prior preservation only), and their
+        settings when given (`ccp.training.class_images.ClassImagesConfig`)."""
+        self._prior = prior
+        if class_images is not None:
+            self.class_images = class_images_config(class_images)
         return self
 
     # --- distributed context (works without a trainer) ---
@@ -393,13 +440,34 @@ class ConceptDataModule(L.LightningDataModule):
         self.image_dataset = ImageFolderDataset(
             self.path, self.resolution, self.center_crop, self.random_flip, scan=self._scan
         )
+        dataset = self._captioned(self._cached(self.image_dataset, rank, world_size, own=True))
+        if self.class_images.enabled:
+            dataset = WithClassImages(dataset, self._class_dataset(rank, world_size))
+        self.train_dataset = dataset
+
+    def _class_dataset(self, rank: int, world_size: int):
+        """The class images (drawn by the prior once, every rank its share), as the concept's are read."""
+        if self._prior is None:
+            raise ValueError("prior_preservation.enabled=true needs the prior pipeline: call "
+                             "datamodule.attach_prior(prior) before fitting")
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        self.class_images_dir = generate_class_images(
+            self._prior, self.class_images, self.resolution, self.cache_root, rank=rank, world_size=world_size,
+            device=device, barrier=self._barrier(), progress=rank == 0,
+        )
+        scan = scan_image_folder(self.class_images_dir, progress=False)
+        scan.report("fail", warn=False)
+        images = ImageFolderDataset(self.class_images_dir, self.resolution, self.center_crop, self.random_flip, scan=scan)
+        return self._cached(images, rank, world_size, own=False)
+
+    def _cached(self, image_dataset: ImageFolderDataset, rank: int, world_size: int, own: bool):
+        """`image_dataset`, or its latents when the latent cache is on."""
         if not self.latent_cache.enabled:
-            self.train_dataset = self._captioned(self.image_dataset)
-            return
+            return image_dataset
         cfg = self.latent_cache
         device = self.trainer.strategy.root_device if self.trainer is not None else None
-        self.latent_cache_dir = build_latent_cache(
-            self.image_dataset,
+        folder = build_latent_cache(
+            image_dataset,
             self._resolve_vae(),
             cache_dir=cfg.dir if cfg.dir is not None else self.cache_root / "latents",
             shard_size=cfg.shard_size,
@@ -413,7 +481,9 @@ class ConceptDataModule(L.LightningDataModule):
             barrier=self._barrier(),
             progress=rank == 0,
         )
-        self.train_dataset = self._captioned(CachedLatentDataset(LatentCache(self.latent_cache_dir), self.random_flip, cfg.output))
+        if own:
+            self.latent_cache_dir = folder
+        return CachedLatentDataset(LatentCache(folder), self.random_flip, cfg.output)
 
     def _captioned(self, dataset):
         if self.captions is None:

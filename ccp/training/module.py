@@ -2,7 +2,9 @@
 
 Per step: latents (cached, or encoded by the frozen VAE), noise and timesteps from a generator
 seeded by (seed, step, rank) so that a resumed run repeats an uninterrupted one exactly, the
-method's prediction under its own condition, MSE to the scheduler's target, AdamW.
+method's prediction under its own condition, MSE to the scheduler's target, AdamW. Options, off
+by default (the paper's setting): Min-SNR-gamma loss weights, a noise offset, a learning-rate
+schedule (`ccp.training.schedules`) and TF32 matmuls (docs/training.md).
 
 Precision: trainable weights are fp32 master weights whatever dtype the prior was loaded in (frozen
 parts may stay bf16/fp16); the compute dtype comes from the trainer's mixed precision.
@@ -24,7 +26,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from ccp.config import ConfigError
 from ccp.methods.base import Method
 from ccp.methods.export import TrainedModel, in_memory
+from ccp.training.data import split_class_batch
 from ccp.training.optim import build_optimizer
+from ccp.training.schedules import build_lr_scheduler, check_loss_options, check_lr_schedule, min_snr_weights
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,25 @@ class PersonalizationModule(L.LightningModule):
         optimizer: str = "adamw",
         compile: bool = False,
         compile_backend: str | Callable = "inductor",
+        lr_scheduler: str = "constant",
+        num_cycles: int = 1,
+        power: float = 1.0,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        allow_tf32: bool | None = None,
+        class_prompt: str | None = None,
+        prior_loss_weight: float = 1.0,
     ):
         super().__init__()
+        # Prior preservation (batches with class images): the method conditions the class rows on
+        # `class_prompt` (set before the fp32 cast, which then covers its cached embedding);
+        # loss = mse(instance) + prior_loss_weight * mse(class).
+        self.prior_loss_weight = float(prior_loss_weight)
+        if class_prompt is not None:
+            if not hasattr(method, "use_class_prompt"):
+                raise ConfigError(f"method {method.name!r} does not support prior preservation; "
+                                  "set prior_preservation.enabled=false")
+            method.use_class_prompt(class_prompt)
         cast = to_fp32_master_weights(method)
         if cast:
             log.info("%s: %d trainable tensor(s) cast to fp32 master weights (frozen parts keep their dtype)",
@@ -83,6 +104,12 @@ class PersonalizationModule(L.LightningModule):
         self._prior = [prior]  # what validation and metric callbacks sample the method on
         self.lr, self.betas, self.weight_decay, self.eps, self.warmup_steps = lr, tuple(betas), weight_decay, eps, warmup_steps
         self.optimizer_name = optimizer
+        check_lr_schedule(lr_scheduler, lr, warmup_steps, None, num_cycles, power)  # total steps: checked at fit
+        check_loss_options(snr_gamma, noise_offset, noise_scheduler.config.prediction_type)
+        self.lr_scheduler, self.num_cycles, self.power = lr_scheduler, num_cycles, power
+        self.snr_gamma, self.noise_offset = snr_gamma, float(noise_offset)
+        self.allow_tf32 = allow_tf32
+        self._tf32_before: tuple[bool, bool] | None = None
         self.seed = seed
         self.strict_loading = False  # checkpoints hold only the trainable state; on_load_checkpoint checks it
         self._step_started = None
@@ -123,6 +150,14 @@ class PersonalizationModule(L.LightningModule):
         if self.vae is not None:
             self.vae.to(self.device).requires_grad_(False).eval()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        if self.allow_tf32 is not None:  # process-wide flags: restored when the fit ends
+            self._tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.allow_tf32)
+
+    def on_fit_end(self) -> None:
+        if self._tf32_before is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32_before
+            self._tf32_before = None
 
     # --- checkpoints hold only what was trained ----------------------------------------------
     def _checkpoint_keys(self) -> set[str]:
@@ -172,8 +207,17 @@ class PersonalizationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         generator = self._generator(batch_idx)
+        batch, class_batch = split_class_batch(batch)
         latents = self.latents_from_batch(batch, generator).float()
+        num_class = 0
+        if class_batch:  # prior preservation: class rows after the instance rows, as diffusers concatenates
+            class_latents = self.latents_from_batch(class_batch, generator).float()
+            num_class = class_latents.shape[0]
+            latents = torch.cat([latents, class_latents])
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if self.noise_offset:  # drawn only when on, so runs without it keep their random streams
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=self.device)
+            noise = noise + self.noise_offset * offset
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=self.device
         )
@@ -183,8 +227,24 @@ class PersonalizationModule(L.LightningModule):
         else:
             target = noise
         predict = self._compiled_predict or self.method.predict_noise
-        prediction = predict(noisy, timesteps, **self.method.batch_inputs(batch, generator))
-        loss = F.mse_loss(prediction.float(), target.float())
+        inputs = self.method.batch_inputs(batch, generator)
+        if num_class:
+            inputs["num_class"] = num_class
+        prediction = predict(noisy, timesteps, **inputs)
+        prior_loss = None
+        if num_class:
+            n = latents.shape[0] - num_class
+            prior_loss = F.mse_loss(prediction[n:].float(), target[n:].float())
+            prediction, target, timesteps = prediction[:n], target[:n], timesteps[:n]
+        if self.snr_gamma is None:
+            loss = F.mse_loss(prediction.float(), target.float())
+        else:
+            squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            per_sample = squared.mean(dim=tuple(range(1, squared.ndim)))
+            loss = (per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)).mean()
+        if prior_loss is not None:  # Min-SNR weights (if on) apply to the instance part only
+            self.log("train/prior_loss", prior_loss.detach(), on_step=True, batch_size=num_class)
+            loss = loss + self.prior_loss_weight * prior_loss
         bad = ~torch.isfinite(loss.detach())  # stays on the device: checked once per optimizer step
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
@@ -224,13 +284,20 @@ class PersonalizationModule(L.LightningModule):
         self.method.on_after_optimizer_step()
 
     def configure_optimizers(self):
-        params = list(self.method.trainable_parameters())
+        # A method may train some parameters at their own learning rate (extra_param_groups:
+        # [{"params": [...], "lr": ...}]); the rest form the first group, at optim.lr.
+        extra = self.method.extra_param_groups() if hasattr(self.method, "extra_param_groups") else []
+        grouped = {id(p) for group in extra for p in group["params"]}
+        params = [p for p in self.method.trainable_parameters() if id(p) not in grouped]
         if not params:
             raise ValueError(f"method {self.method.name!r} has no trainable parameters")
         optimizer = build_optimizer(params, self.optimizer_name, lr=self.lr, betas=self.betas,
                                     weight_decay=self.weight_decay, eps=self.eps)
-        warmup = max(0, int(self.warmup_steps))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        for group in extra:
+            optimizer.add_param_group(dict(group))
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        schedule = build_lr_scheduler(optimizer, self.lr_scheduler, int(self.warmup_steps), max_steps,
+                                      self.num_cycles, self.power)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

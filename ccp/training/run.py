@@ -26,10 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from ccp.config import ConfigError
 from ccp.methods import TRAINABLE
 from ccp.methods.base import Method, PromptTemplate
-from ccp.methods.export import write_export_info
+from ccp.io import remove_stale_temporaries
+from ccp.methods.export import EXPORT_INFO, write_export_info
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
 from ccp.training.callbacks import EMACallback, FileCheckpointIO
 from ccp.training.module import PersonalizationModule, accumulation_steps
+from ccp.training.class_images import class_images_config
 from ccp.training.optim import check_optimizer_name
 from ccp.training.runs import run_config, write_run_stamps
 
@@ -105,6 +107,33 @@ def check_precision(cfg: DictConfig) -> None:
                                "use bf16-mixed, or prior.dtype=float16")
 
 
+def check_training_options(cfg: DictConfig) -> None:
+    """``optim.lr_scheduler`` and its settings against ``trainer.max_steps``, ``loss.*`` and
+    ``trainer.allow_tf32`` (docs/training.md)."""
+    from ccp.training.schedules import check_loss_options, check_lr_schedule
+
+    optim, loss = cfg.optim, cfg.get("loss") or {}
+    try:
+        check_lr_schedule(str(optim.get("lr_scheduler", "constant")), optim.lr, optim.get("warmup_steps", 0),
+                          cfg.trainer.get("max_steps", -1), optim.get("num_cycles", 1), optim.get("power", 1.0))
+        check_loss_options(loss.get("snr_gamma"), loss.get("noise_offset", 0.0))
+    except ConfigError as err:
+        raise TrainConfigError(str(err)) from None
+    tf32 = cfg.trainer.get("allow_tf32")
+    if tf32 is not None and not isinstance(tf32, bool):
+        raise TrainConfigError(f"trainer.allow_tf32={tf32!r} must be true, false or null (null: leave torch's setting)")
+    try:  # prior_preservation.*, and whether the method supports it
+        node = cfg.get("prior_preservation")
+        prior_preservation = class_images_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)
+    except ConfigError as err:
+        raise TrainConfigError(str(err)) from None
+    cls = TRAINABLE.get(cfg.method.name)
+    if prior_preservation.enabled and cls is not None and not hasattr(cls, "use_class_prompt"):
+        supported = sorted(name for name, c in TRAINABLE.items() if hasattr(c, "use_class_prompt"))
+        raise TrainConfigError(f"prior_preservation.enabled=true: method {cfg.method.name!r} does not support prior "
+                               f"preservation (supported: {', '.join(supported)}); set prior_preservation.enabled=false")
+
+
 def precision_plugins(trainer_cfg: DictConfig) -> tuple[str | None, list]:
     """(precision, plugins) for the Trainer. fp16 autocast on the CPU gets its own GradScaler
     (Lightning would silently switch ``16-mixed`` to bf16 there)."""
@@ -172,8 +201,13 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise TrainConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. data.path=/path/to/images)")
-    method_class_of(cfg)
+    method_class_of(cfg).check_settings(**{k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items()
+                                           if not k.startswith("_")})
     check_precision(cfg)
+    from ccp.tracking import wandb_config
+
+    wandb_config(cfg)  # bad logger.wandb settings fail here, not after the prior has loaded
+    check_training_options(cfg)
     collective_timeout(cfg.trainer)
     try:
         check_optimizer_name(str(cfg.optim.get("name", "adamw")))
@@ -198,16 +232,22 @@ def template_from(cfg: DictConfig) -> PromptTemplate:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from ccp.tracking import group_for, run_id, wandb_config
+
     loggers = []
     if cfg.logger.csv:
         # version_N per launch, so a resume never overwrites earlier logs
         loggers.append(L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="csv"))
-    if cfg.logger.wandb.enabled:
+    wandb_cfg = wandb_config(cfg)
+    if wandb_cfg is not None:
+        # the id follows the run folder: a resume continues the same wandb run, another folder never does;
+        # create_new: never reuse (or finish) a run another job of this process has open
         loggers.append(
             L.pytorch.loggers.WandbLogger(
-                project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity, name=cfg.run_name,
-                save_dir=str(run_dir), offline=cfg.logger.wandb.mode == "offline", id=cfg.run_name.replace("/", "-"),
+                project=wandb_cfg.project, entity=wandb_cfg.entity, name=cfg.run_name,
+                save_dir=str(run_dir), offline=wandb_cfg.mode == "offline", id=run_id("train", cfg.run_name, run_dir),
                 resume="allow", config=OmegaConf.to_container(cfg, resolve=True),
+                group=group_for(cfg, cfg.run_name), job_type="train", reinit="create_new",
             )
         )
     return loggers
@@ -216,10 +256,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 def finish_wandb(trainer: L.Trainer) -> None:
     """End this run's wandb run: otherwise the next training in the same process (reproduce, the
     toy prior then the demo's concept model) logs into it."""
-    if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in trainer.loggers):
-        import wandb
-
-        wandb.finish()
+    for lg in trainer.loggers:
+        run = getattr(lg, "_experiment", None) if isinstance(lg, L.pytorch.loggers.WandbLogger) else None
+        if run is not None:  # None: never started (no step logged, or not rank 0)
+            run.finish()
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -255,6 +295,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
 
     prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype))
     template = template_from(cfg)
+    node = cfg.get("prior_preservation")
+    prior_preservation = class_images_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)
     method = build_method_on(rank_device(cfg.trainer), cfg, prior, template)
     module = PersonalizationModule(
         method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=cfg.optim.lr,
@@ -262,8 +304,15 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         warmup_steps=cfg.optim.warmup_steps, seed=cfg.seed, gradient_checkpointing=cfg.speed.gradient_checkpointing,
         channels_last=cfg.speed.channels_last, prior=prior, optimizer=str(cfg.optim.get("name", "adamw")),
         compile=bool(cfg.speed.compile), compile_backend=str(cfg.speed.get("compile_backend", "inductor")),
+        lr_scheduler=str(cfg.optim.get("lr_scheduler", "constant")), num_cycles=cfg.optim.get("num_cycles", 1),
+        power=cfg.optim.get("power", 1.0), snr_gamma=OmegaConf.select(cfg, "loss.snr_gamma"),
+        noise_offset=OmegaConf.select(cfg, "loss.noise_offset", default=0.0), allow_tf32=cfg.trainer.get("allow_tf32"),
+        class_prompt=prior_preservation.class_prompt if prior_preservation.enabled else None,
+        prior_loss_weight=prior_preservation.prior_loss_weight,
     )
     datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object").attach_vae(prior.vae)
+    if prior_preservation.enabled:
+        datamodule.attach_prior(prior, prior_preservation)
     t = cfg.trainer
     precision, plugins = precision_plugins(t)
     trainer = L.Trainer(
@@ -279,6 +328,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         log.info("resuming from %s", ckpt_path)
     if trainer.is_global_zero:
         write_run_stamps(cfg, run_dir)
+        remove_stale_temporaries(run_dir / "checkpoints")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
@@ -288,6 +338,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     if trainer.is_global_zero:
         ema = next((cb for cb in callbacks if isinstance(cb, EMACallback)), None)
         use_ema = ema is not None and cfg.export.use_ema
+        # the info file marks a finished export: gone while the folder is rewritten
+        (export_dir / EXPORT_INFO).unlink(missing_ok=True)
         if use_ema:
             with ema.swapped_in(module):
                 method.export(export_dir)
