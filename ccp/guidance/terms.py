@@ -24,12 +24,24 @@ class Condition:
     for a text denoiser, the empty prompt."""
 
     prompt: str | None = None
-    control_image: Any = None  # PIL image, array or tensor; only for ControlNet denoisers
-    control_scale: float = 1.0
+    # PIL image, array, tensor or path; a list: one per output; for a denoiser with several
+    # ControlNets, a tuple of one entry per ControlNet, each of those forms
+    control_image: Any = None
+    control_scale: float | tuple[float, ...] = 1.0  # or one per ControlNet
 
     def key(self) -> tuple:
         # Two sources with equal keys are evaluated once per step.
-        return (self.prompt, id(self.control_image) if self.control_image is not None else None, self.control_scale)
+        scale = tuple(self.control_scale) if isinstance(self.control_scale, (list, tuple)) else self.control_scale
+        return (self.prompt, _identity(self.control_image), scale)
+
+
+def _identity(image: Any) -> Any:
+    """Images compare by object; a tuple of them (one per ControlNet) by its members."""
+    if image is None:
+        return None
+    if isinstance(image, tuple):
+        return tuple(_identity(im) for im in image)
+    return id(image)
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,31 @@ class GuidanceSpec:
     def sources(self) -> list[Source]:
         return [self.unconditional] + [t.source for t in self.terms]
 
+    def for_outputs(self, positions: list[int], total: int) -> "GuidanceSpec":
+        """The spec for a batch of the outputs at `positions` of `total`: every per-output list of
+        control images (a list of exactly `total`, at any depth) cut to those outputs; the same
+        list cut once, so conditions that shared it still share it (and are evaluated once)."""
+        cut: dict[int, list] = {}
+
+        def select(image: Any) -> Any:
+            if isinstance(image, tuple):  # one entry per ControlNet
+                return tuple(select(im) for im in image)
+            if isinstance(image, list):
+                if len(image) == total and total > 1:
+                    return cut.setdefault(id(image), [image[p] for p in positions])
+                return [select(im) for im in image] if any(isinstance(im, list) for im in image) else image
+            return image
+
+        def source(src: Source) -> Source:
+            condition = src.condition
+            image = select(condition.control_image)
+            if image is condition.control_image:
+                return src
+            return Source(src.denoiser, Condition(condition.prompt, image, condition.control_scale))
+
+        terms = tuple(GuidanceTerm(t.name, source(t.source), t.weight) for t in self.terms)
+        return GuidanceSpec(terms=terms, unconditional=source(self.unconditional), rescale=self.rescale)
+
     # --- common special cases -------------------------------------------------------------
     @classmethod
     def cfg(cls, prompt: str, scale: float, negative_prompt: str | None = None, denoiser: str = "prior", rescale: float = 0.0):
@@ -94,10 +131,12 @@ class GuidanceSpec:
         def source(where: str, entry: Mapping[str, Any]) -> Source:
             if not isinstance(entry, Mapping) or "denoiser" not in entry:
                 raise GuidanceConfigError(f"{where}: needs a `denoiser` (e.g. {where}.denoiser=prior)")
-            image = entry.get("control_image")
-            if isinstance(image, str) and image in control_images:
-                image = control_images[image]
-            scale = _number(entry.get("control_scale", 1.0), f"{where}.control_scale")
+            image = _resolve_images(entry.get("control_image"), control_images)
+            scale = entry.get("control_scale", 1.0)
+            if isinstance(scale, (list, tuple)):
+                scale = tuple(_number(v, f"{where}.control_scale[{i}]") for i, v in enumerate(scale))
+            else:
+                scale = _number(scale, f"{where}.control_scale")
             prompt = entry.get("prompt")
             if prompt is not None and not isinstance(prompt, str):
                 raise GuidanceConfigError(f"{where}.prompt must be a string, got {prompt!r}")
@@ -116,6 +155,17 @@ class GuidanceSpec:
         if not 0.0 <= rescale <= 1.0:
             raise GuidanceConfigError(f"guidance.rescale must be in [0, 1], got {rescale}")
         return cls(terms=tuple(terms), unconditional=source("guidance.unconditional", uncond_cfg), rescale=rescale)
+
+
+def _resolve_images(image: Any, named: Mapping[str, Any]) -> Any:
+    """Names of loaded images replaced by the images, keeping lists (one per output) and tuples
+    (one per ControlNet) as they are."""
+    if isinstance(image, str):
+        return named.get(image, image)
+    if isinstance(image, (list, tuple)):
+        items = [_resolve_images(im, named) for im in image]
+        return tuple(items) if isinstance(image, tuple) else items
+    return image
 
 
 def _number(value: Any, where: str) -> float:

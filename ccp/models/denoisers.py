@@ -7,25 +7,30 @@ can be checked before any compute.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 
 @dataclass
 class BatchedCondition:
+    """For a denoiser with several ControlNets, the three control fields are tuples, one entry per ControlNet."""
+
     prompt_embeds: torch.Tensor | None = None  # [B, 77, D]
-    control_image: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1]
-    control_scale: torch.Tensor | None = None  # [B] per-sample ControlNet strength
-    uniform_control_scale: float | None = None  # the one strength when all samples share it (known on the host: no sync)
+    control_image: torch.Tensor | tuple[torch.Tensor, ...] | None = None  # [B, 3, H, W] in [0, 1]
+    control_scale: torch.Tensor | tuple[torch.Tensor, ...] | None = None  # [B] per-sample ControlNet strength
+    # the one strength when all samples share it (known on the host: no sync)
+    uniform_control_scale: float | tuple[float | None, ...] | None = None
 
     def to(self, dtype: torch.dtype) -> "BatchedCondition":
         """The floating tensors in `dtype` (a denoiser's own, when denoisers of several dtypes are mixed)."""
         cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
-        return BatchedCondition(cast(self.prompt_embeds), cast(self.control_image), self.control_scale,
-                                self.uniform_control_scale)
+        image = tuple(map(cast, self.control_image)) if isinstance(self.control_image, tuple) else cast(self.control_image)
+        return BatchedCondition(cast(self.prompt_embeds), image, self.control_scale, self.uniform_control_scale)
 
 
 class Denoiser(ABC):
@@ -67,31 +72,45 @@ class TextUNetDenoiser(Denoiser):
 
 
 class ControlNetDenoiser(Denoiser):
-    """A UNet steered by a ControlNet (control guidance, Fig. 4b)."""
+    """A UNet steered by one ControlNet, or by several whose residuals are summed as diffusers'
+    MultiControlNetModel sums them (control guidance, Fig. 4b)."""
 
     takes_prompt = True
     takes_control_image = True
     kind = "controlnet"
 
-    def __init__(self, unet: UNet2DConditionModel, controlnet: ControlNetModel):
+    def __init__(self, unet: UNet2DConditionModel, controlnet: ControlNetModel | MultiControlNetModel):
         self.unet = unet
         self.controlnet = controlnet
+        self.nets = list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
+
+    @property
+    def num_controlnets(self) -> int:
+        return len(self.nets)
 
     def __call__(self, latents, t, cond):
-        scale = cond.control_scale
-        uniform = scale is None or cond.uniform_control_scale is not None
-        down, mid = self.controlnet(
-            latents,
-            t,
-            encoder_hidden_states=cond.prompt_embeds,
-            controlnet_cond=cond.control_image,
-            conditioning_scale=1.0 if scale is None else (cond.uniform_control_scale if uniform else 1.0),
-            return_dict=False,
-        )
-        if not uniform:  # several control strengths in one batch: scale residuals per sample
-            per_sample = scale.to(device=mid.device, dtype=mid.dtype).view(-1, 1, 1, 1)
-            down = [d * per_sample for d in down]
-            mid = mid * per_sample
+        several = isinstance(self.controlnet, MultiControlNetModel)
+        images = cond.control_image if several else (cond.control_image,)
+        scales = cond.control_scale if several else (cond.control_scale,)
+        uniforms = cond.uniform_control_scale if several else (cond.uniform_control_scale,)
+        down, mid = None, None
+        for net, image, scale, uniform_scale in zip(self.nets, images, scales, uniforms):
+            uniform = scale is None or uniform_scale is not None
+            net_down, net_mid = net(
+                latents,
+                t,
+                encoder_hidden_states=cond.prompt_embeds,
+                controlnet_cond=image,
+                conditioning_scale=1.0 if scale is None else (uniform_scale if uniform else 1.0),
+                return_dict=False,
+            )
+            if not uniform:  # several control strengths in one batch: scale residuals per sample
+                per_sample = scale.to(device=net_mid.device, dtype=net_mid.dtype).view(-1, 1, 1, 1)
+                net_down = [d * per_sample for d in net_down]
+                net_mid = net_mid * per_sample
+            # summed in MultiControlNetModel's order, so one term equals diffusers' multi-ControlNet call
+            down = net_down if down is None else [a + b for a, b in zip(down, net_down)]
+            mid = net_mid if mid is None else mid + net_mid
         return self.unet(
             latents,
             t,
@@ -103,6 +122,38 @@ class ControlNetDenoiser(Denoiser):
 
     def modules(self):
         return [self.unet, self.controlnet]
+
+
+class LoRADenoiser(Denoiser):
+    """The prior UNet with one LoRA adapter switched on for this call only.
+
+    The adapter's layers wrap the prior's own modules (peft), so there is no second UNet: the
+    base weights are the prior's tensors, and the adapter is off for every other denoiser's call."""
+
+    takes_prompt = True
+    kind = "unet"
+
+    def __init__(self, unet: UNet2DConditionModel, adapter: str):
+        self.unet = unet
+        self.adapter = adapter
+
+    def __call__(self, latents, t, cond):
+        with adapter_enabled(self.unet, self.adapter):
+            return self.unet(latents, t, encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
+
+    def modules(self):
+        return [self.unet]
+
+
+@contextlib.contextmanager
+def adapter_enabled(unet: UNet2DConditionModel, adapter: str):
+    """`adapter` alone active inside the block; every adapter off after it (the prior's state)."""
+    unet.enable_adapters()
+    unet.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        unet.disable_adapters()
 
 
 class ConceptDenoiser(Denoiser):

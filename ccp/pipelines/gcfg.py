@@ -3,6 +3,10 @@
 Reads top to bottom as the algorithm: encode the prompts once, draw the initial latents exactly
 as diffusers does, then at every step evaluate each distinct denoiser once on all conditions
 that use it, combine the predictions with the guidance weights, and step the scheduler.
+
+Image to image (translation) and inpainting are the same loop started later: the schedule and
+the noised init latents are diffusers' img2img ones, and with a mask the known region is blended
+back after every step as diffusers' inpainting pipeline does for a non-inpainting UNet.
 """
 
 from __future__ import annotations
@@ -27,19 +31,30 @@ from diffusers import (
     ControlNetModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ccp.config import ConfigError
 from ccp.guidance import Condition, GuidanceConfigError, GuidancePlan, GuidanceSpec, combine, reference_prediction, rescale
-from ccp.models.denoisers import BatchedCondition, ConceptDenoiser, ControlNetDenoiser, Denoiser, TextUNetDenoiser
+from ccp.models.denoisers import (
+    BatchedCondition,
+    ConceptDenoiser,
+    ControlNetDenoiser,
+    Denoiser,
+    LoRADenoiser,
+    TextUNetDenoiser,
+)
 
 logger = logging.getLogger(__name__)
 EXTRA_DENOISERS = "ccp_extra_denoisers.json"  # beside model_index.json: denoiser name -> its components
@@ -50,12 +65,28 @@ class GCFGPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+class ImageInputError(ConfigError, ValueError):
+    """An init image, mask or strength that cannot start a sample; the message says how to fix it."""
+
+
+@dataclass
+class InitLatents:
+    """Where an image-to-image sample starts: the noised latents, and what inpainting blends back."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor | None = None  # inpainting only
+    image_latents: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # [B, 1, h, w] at latent size; 1 = repaint
+
+
 class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     """Text-to-image sampling where every guidance term may come from a different denoiser.
 
     Registered denoisers: ``prior`` (the SD UNet), ``concept`` (a null-text concept UNet, if
     given), ``controlnet`` (the prior UNet + ControlNet, if given); more with `add_denoiser`, whose
-    modules become components like the others.
+    modules become components like the others, and `add_lora_denoiser` (the prior UNet with a LoRA
+    adapter, no second UNet).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -86,9 +117,14 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         self.control_image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
+        # as StableDiffusionInpaintPipeline: grey, binarised at 0.5, 1 = repaint
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
         # Denoisers beyond the built-in three: name -> (UNet component, ControlNet component or None).
         # Their modules are registered components, so .to(), offload and save_pretrained see them.
         self._extra_denoisers: dict[str, tuple[str, str | None]] = {}
+        self._lora_denoisers: dict[str, str] = {}  # name -> adapter name on the prior UNet
         self._device_for_call: torch.device | None = None
         self._call_denoisers: dict[str, Denoiser] = {}  # built once per __call__, with their dtypes
         self._call_dtypes: dict[str, torch.dtype] = {}
@@ -147,14 +183,23 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         for name, (unet, controlnet) in self._extra_denoisers.items():
             found[name] = (ControlNetDenoiser(getattr(self, unet), getattr(self, controlnet)) if controlnet
                            else TextUNetDenoiser(getattr(self, unet)))
+        for name, adapter in self._lora_denoisers.items():
+            found[name] = LoRADenoiser(self.unet, adapter)
         return found
 
-    def add_denoiser(self, name: str, unet: UNet2DConditionModel, controlnet: ControlNetModel | None = None) -> None:
+    def add_denoiser(
+        self, name: str, unet: UNet2DConditionModel, controlnet: ControlNetModel | MultiControlNetModel | None = None
+    ) -> None:
         """Register another denoiser: any SD-family UNet checkpoint (it shares the prior's text
-        encoder, as SD v1.x fine-tunes do), optionally steered by a ControlNet. New modules become
-        pipeline components, so `.to()`, CPU offload and `save_pretrained` treat them like the prior's."""
+        encoder, as SD v1.x fine-tunes do), optionally steered by a ControlNet, or by several in a
+        diffusers `MultiControlNetModel` (a term then gives one control image and scale per
+        ControlNet). New modules become pipeline components, so `.to()`, CPU offload and
+        `save_pretrained` treat them like the prior's."""
         if not isinstance(unet, UNet2DConditionModel):
             raise TypeError(f"add_denoiser({name!r}): expected a UNet2DConditionModel, got {type(unet).__name__}")
+        if controlnet is not None and not isinstance(controlnet, (ControlNetModel, MultiControlNetModel)):
+            raise TypeError(f"add_denoiser({name!r}): expected a ControlNetModel or MultiControlNetModel, "
+                            f"got {type(controlnet).__name__}")
         if name in self._extra_denoisers:
             unet_key, controlnet_key = self._extra_denoisers[name]
             if getattr(self, unet_key) is unet and (controlnet_key and getattr(self, controlnet_key)) is controlnet:
@@ -165,6 +210,25 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         controlnet_name = name if "controlnet" in name else f"{name}_controlnet"
         controlnet_component = None if controlnet is None else self._register_component(controlnet, controlnet_name)
         self._extra_denoisers[name] = (unet_component, controlnet_component)
+
+    def add_lora_denoiser(self, name: str, lora: Any, weight_name: str | None = None) -> None:
+        """Register denoiser `name`: the prior UNet with the LoRA `lora` (a file, a folder with
+        diffusers' ``pytorch_lora_weights.safetensors``, or a state dict; diffusers, peft and kohya
+        formats, read by diffusers' ``lora_state_dict``).
+
+        The adapter is attached to the prior UNet itself and is on only during this denoiser's
+        call, so the added memory is the adapter's weights alone. Shapes are checked first: a LoRA
+        for another architecture raises `LoRAShapeError` and leaves the UNet untouched."""
+        from ccp.priors.lora import check_lora_fits, read_lora
+
+        if name in self.denoisers:
+            raise ValueError(f"a denoiser named {name!r} is already registered; pick another name")
+        state_dict, alphas, metadata = read_lora(lora, weight_name=weight_name)
+        check_lora_fits(state_dict, self.unet, where=f"LoRA denoiser {name!r}")
+        self.unet.load_lora_adapter(state_dict, network_alphas=alphas, adapter_name=name, prefix="unet",
+                                    metadata=metadata)
+        self.unet.disable_adapters()  # the prior's own calls see the base weights only
+        self._lora_denoisers[name] = name
 
     def _register_component(self, module: torch.nn.Module, wanted: str) -> str:
         """The component name of `module`: its existing one, or a new identifier made from `wanted`."""
@@ -189,6 +253,11 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """diffusers' layout, plus `EXTRA_DENOISERS` naming each extra denoiser's components."""
+        if self._lora_denoisers:
+            raise ConfigError(
+                f"cannot save a pipeline whose prior UNet carries LoRA adapters ({sorted(self._lora_denoisers)}): "
+                "keep the LoRA files and add them again with add_lora_denoiser after loading"
+            )
         super().save_pretrained(save_directory, **kwargs)
         if self._extra_denoisers:
             table = {name: {"unet": unet, "controlnet": cn} for name, (unet, cn) in self._extra_denoisers.items()}
@@ -218,8 +287,11 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         return pipe
 
     # --- checks, all before any denoising --------------------------------------------------------
-    def check_guidance(self, spec: GuidanceSpec) -> None:
-        check_guidance_against(spec, {name: d.kind for name, d in self.denoisers.items()})
+    def check_guidance(self, spec: GuidanceSpec, num_images: int = 1) -> None:
+        denoisers = self.denoisers
+        check_guidance_against(spec, {name: d.kind for name, d in denoisers.items()})
+        controlnets = {name: d.num_controlnets for name, d in denoisers.items() if isinstance(d, ControlNetDenoiser)}
+        check_control_inputs(spec, controlnets, num_images)
 
     # --- conditions --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -247,11 +319,15 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return embeds.to(dtype=self.text_encoder.dtype, device=device)
 
-    def prepare_control_image(self, image: Any, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """[1, 3, H, W] in [0, 1], preprocessed as StableDiffusionControlNetPipeline does."""
-        if isinstance(image, (str, Path)):
-            image = PIL.Image.open(image)
-        image = self.control_image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+    def prepare_control_image(
+        self, image: Any, height: int, width: int, dtype: torch.dtype, num_images: int = 1
+    ) -> torch.Tensor:
+        """[num_images, 3, H, W] in [0, 1], preprocessed as StableDiffusionControlNetPipeline does:
+        one image for every output, or a list of one per output."""
+        images = [open_image(im, "control image") for im in image] if isinstance(image, list) else open_image(image, "control image")
+        image = self.control_image_processor.preprocess(images, height=height, width=width).to(dtype=torch.float32)
+        if image.shape[0] == 1:
+            image = image.repeat_interleave(num_images, dim=0)
         return image.to(device=self.device_for_call, dtype=dtype)
 
     def batch_conditions(
@@ -271,15 +347,28 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                         prompt_cache[prompt] = self.encode_prompt(prompt)
                     embeds.append(prompt_cache[prompt].repeat(num_images, 1, 1))
                 if denoiser.takes_control_image:
-                    image = self.prepare_control_image(condition.control_image, height, width, dtype)
-                    images.append(image.repeat_interleave(num_images, dim=0))
-                    scales.append(float(condition.control_scale))
+                    several = denoiser.num_controlnets > 1
+                    per_net = condition.control_image if several else [condition.control_image]
+                    net_scales = _control_scales(condition.control_scale, denoiser.num_controlnets)
+                    images.append([self.prepare_control_image(im, height, width, dtype, num_images) for im in per_net])
+                    scales.append(net_scales)
+            control = None
+            if images:  # per ControlNet: its images and strengths over the call's conditions
+                control = []
+                for j in range(len(images[0])):
+                    net_scales = [s[j] for s in scales]
+                    control.append((
+                        torch.cat([im[j] for im in images]),
+                        torch.tensor(net_scales).repeat_interleave(num_images).to(self.device_for_call),
+                        net_scales[0] if len(set(net_scales)) == 1 else None,
+                    ))
+                several = len(control) > 1
+                pack = (lambda k: tuple(c[k] for c in control)) if several else (lambda k: control[0][k])
             batched[call.denoiser] = BatchedCondition(
                 prompt_embeds=torch.cat(embeds) if embeds else None,
-                control_image=torch.cat(images) if images else None,
-                control_scale=(torch.tensor(scales).repeat_interleave(num_images).to(self.device_for_call)
-                               if scales else None),
-                uniform_control_scale=scales[0] if scales and len(set(scales)) == 1 else None,
+                control_image=pack(0) if control else None,
+                control_scale=pack(1) if control else None,
+                uniform_control_scale=pack(2) if control else None,
             )
         return batched
 
@@ -291,6 +380,64 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         else:
             latents = latents.to(device=self.device_for_call, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
+
+    def preprocess_init(self, image: Any, mask_image: Any, height: int | None, width: int | None):
+        """(image in [-1, 1], mask in {0, 1} or None, height, width), preprocessed as diffusers'
+        img2img and inpainting pipelines do. Without height/width the first image's size (rounded
+        down to a multiple of 8) is used, as img2img does."""
+        images = [open_image(im, "init image") for im in _as_list(image)]
+        height, width = self.image_processor.get_default_height_width(images[0], height, width)
+        init = self.image_processor.preprocess(images, height=height, width=width).to(dtype=torch.float32)
+        mask = None
+        if mask_image is not None:
+            masks = [open_image(m, "mask image") for m in _as_list(mask_image)]
+            mask = self.mask_processor.preprocess(masks, height=height, width=width)
+        return init, mask, height, width
+
+    def prepare_init_latents(
+        self, init: torch.Tensor, mask: torch.Tensor | None, strength: float, timesteps: torch.Tensor,
+        num_images: int, dtype: torch.dtype, generator,
+    ) -> InitLatents:
+        """The noised init latents exactly as diffusers' img2img (no mask) or inpainting pipeline
+        (mask) draws them: the VAE's sample with the same generators, then the noise."""
+        device = self.device_for_call
+        init = init.to(device=device, dtype=self.vae.dtype)
+        timestep = timesteps[:1].repeat(num_images)
+        per_image = isinstance(generator, list)
+        if per_image and len(generator) != num_images:
+            raise ValueError(f"{len(generator)} generators for {num_images} images; pass one per image")
+        if mask is None and per_image and init.shape[0] == 1:
+            init = init.repeat(num_images, 1, 1, 1)  # img2img encodes one copy per generator
+        if per_image:
+            latents = torch.cat([self._encode(init[i : i + 1], generator[i]) for i in range(init.shape[0])])
+        else:
+            latents = self._encode(init, generator)
+        image_latents = latents.repeat(num_images // latents.shape[0], 1, 1, 1)
+        shape = (num_images, *image_latents.shape[1:])
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if mask is None:
+            return InitLatents(self.scheduler.add_noise(image_latents, noise, timestep), timesteps)
+        if strength == 1.0:  # inpainting at full strength starts from pure noise
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            latents = self.scheduler.add_noise(image_latents, noise, timestep)
+        size = (image_latents.shape[-2], image_latents.shape[-1])
+        mask = torch.nn.functional.interpolate(mask, size=size).to(device=device, dtype=dtype)
+        return InitLatents(latents, timesteps, noise, image_latents, mask.repeat(num_images // mask.shape[0], 1, 1, 1))
+
+    def _encode(self, image: torch.Tensor, generator) -> torch.Tensor:
+        latents = retrieve_latents(self.vae.encode(image), generator=generator).float()
+        # the inverse of decoding's latents / scaling_factor + shift_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return self.vae.config.scaling_factor * (latents - shift)
+
+    def blend_known_region(self, latents: torch.Tensor, init: InitLatents, i: int) -> torch.Tensor:
+        """Inpainting with a non-inpainting UNet: outside the mask, the init latents noised to the
+        next timestep (diffusers' StableDiffusionInpaintPipeline, 4-channel case)."""
+        known = init.image_latents
+        if i < len(init.timesteps) - 1:
+            known = self.scheduler.add_noise(known, init.noise, torch.tensor([init.timesteps[i + 1]]))
+        return (1 - init.mask) * known + init.mask * latents
 
     # --- sampling --------------------------------------------------------------------------------
     def predict_noise(
@@ -330,14 +477,25 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        image: Any = None,
+        strength: float = 1.0,
+        mask_image: Any = None,
     ):
+        """Text to image, or, with `image` (one, or a list of one per output), image to image from
+        `strength` in (0, 1] as diffusers' img2img; with `mask_image` too, inpainting (white =
+        repaint) as diffusers' inpainting pipeline with a non-inpainting UNet."""
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        check_init_inputs(image, mask_image, strength, num_images, num_inference_steps, latents)
+        self.check_guidance(guidance, num_images)
+        init = None
+        if image is not None:  # read and size the init images before any model runs
+            init = self.preprocess_init(image, mask_image, height, width)
+            height, width = init[2], init[3]
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        self.check_guidance(guidance)
         plan = GuidancePlan.from_spec(guidance)
         self._device_for_call = self._execution_device
         self._call_denoisers = self.denoisers
@@ -345,23 +503,34 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         try:
             # Latents, the scheduler and Eq. 3 run in fp32 whatever the denoisers' dtypes.
             return self._sample(plan, num_images, height, width, num_inference_steps, generator, latents, eta,
-                                output_type, return_dict, callback_on_step_end, torch.float32)
+                                output_type, return_dict, callback_on_step_end, torch.float32, init, strength)
         finally:
             self._device_for_call = None
             self._call_denoisers, self._call_dtypes = {}, {}
 
+    # diffusers' img2img schedule: the last `strength` of the steps, begin index set on the scheduler
+    get_timesteps = StableDiffusionImg2ImgPipeline.get_timesteps
+
     def _sample(self, plan, num_images, height, width, num_inference_steps, generator, latents, eta, output_type,
-                return_dict, callback_on_step_end, dtype):
+                return_dict, callback_on_step_end, dtype, init=None, strength=1.0):
 
         conditions = self.batch_conditions(plan, num_images, height, width, dtype)
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device_for_call)
-        latents = self.prepare_latents(num_images, height, width, dtype, generator, latents)
+        start = None
+        if init is None:
+            latents = self.prepare_latents(num_images, height, width, dtype, generator, latents)
+        else:
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, self.device_for_call)
+            start = self.prepare_init_latents(init[0], init[1], strength, timesteps, num_images, dtype, generator)
+            latents = start.latents
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 noise_pred = self.predict_noise(plan, latents, t, conditions)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if start is not None and start.mask is not None:
+                    latents = self.blend_known_region(latents, start, i)
                 if callback_on_step_end is not None:
                     callback_on_step_end(i, t, latents)
                 progress.update()
@@ -434,8 +603,115 @@ def check_guidance_against(spec: GuidanceSpec, denoiser_kinds: dict[str, str]) -
                     f"{where} uses the ControlNet denoiser {source.denoiser!r} but has no control image; "
                     f"set {where}.control_image=path/to/image.png"
                 )
-            if isinstance(image, (str, Path)) and not Path(image).is_file():
-                raise GuidanceConfigError(f"{where}.control_image: file {image} does not exist")
+            for file in _paths_in(image):
+                if not Path(file).expanduser().is_file():
+                    raise GuidanceConfigError(f"{where}.control_image: file {file} does not exist")
     for term in spec.terms:
         if not math.isfinite(term.weight):
             raise GuidanceConfigError(f"guidance.terms.{term.name}.weight must be finite, got {term.weight}")
+
+
+def _paths_in(value: Any) -> list:
+    if isinstance(value, (str, Path)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths_in(v)]
+    return []
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def open_image(image: Any, what: str) -> Any:
+    """A PIL image, array or tensor as given; a path opened, with an error that names it."""
+    if not isinstance(image, (str, Path)):
+        return image
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise ImageInputError(f"{what} {image} does not exist; pass an existing image file")
+    try:
+        with PIL.Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as err:
+        raise ImageInputError(f"{what} {image} cannot be read as an image ({err}); pass a PNG or JPEG file") from None
+
+
+def _image_count(value: Any) -> int:
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 4:
+        return value.shape[0]
+    return 1
+
+
+def check_init_inputs(image: Any, mask_image: Any, strength: Any, num_images: int, steps: int, latents: Any = None) -> None:
+    """Image-to-image inputs that cannot start a sample, found before any model runs."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ImageInputError(f"strength must be a number in (0, 1], got {strength!r}")
+    if image is None:
+        if mask_image is not None:
+            raise ImageInputError("a mask image needs an init image to inpaint: pass image=... with mask_image")
+        if strength != 1.0:
+            raise ImageInputError(f"strength={strength} needs an init image (image=...); text to image runs all steps")
+        return
+    if latents is not None:
+        raise ImageInputError("pass either latents or an init image, not both: the init image defines the start latents")
+    if not 0.0 < strength <= 1.0:
+        raise ImageInputError(
+            f"strength must be in (0, 1], got {strength}: the share of the schedule run from the init image "
+            "(1 = from pure noise, small = close to the image)"
+        )
+    if int(steps * strength) < 1:
+        raise ImageInputError(
+            f"strength {strength} of {steps} steps leaves no denoising step; raise strength to at least "
+            f"{1 / steps:.3g} or the number of steps"
+        )
+    for what, value in (("init image", image), ("mask image", mask_image)):
+        count = _image_count(value) if value is not None else 1
+        if count not in (1, num_images):
+            raise ImageInputError(
+                f"{count} {what}s for {num_images} output images; give one for all outputs or one per output"
+            )
+
+
+def _control_scales(scale: Any, count: int) -> list[float]:
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * count
+    return [float(s) for s in scales]
+
+
+def check_control_inputs(spec: GuidanceSpec, controlnets: dict[str, int], num_images: int) -> None:
+    """Every ControlNet term's images and strengths against its ControlNets and the batch.
+
+    `controlnets`: denoiser name -> its number of ControlNets. A term on one ControlNet takes one
+    image or a list of one per output; on several, a tuple of one entry per ControlNet (each one
+    image or a list per output) and one strength or one per ControlNet."""
+    for where, source in [("guidance.unconditional", spec.unconditional)] + [
+        (f"guidance.terms.{t.name}", t.source) for t in spec.terms
+    ]:
+        if where == "guidance.unconditional" and not spec.needs_unconditional:
+            continue
+        count = controlnets.get(source.denoiser)
+        if count is None:
+            continue
+        image, scale = source.condition.control_image, source.condition.control_scale
+        per_net = [image]
+        if count > 1:
+            if not isinstance(image, tuple) or len(image) != count:
+                given = f"{len(image)} control image entries" if isinstance(image, tuple) else f"a {type(image).__name__}"
+                raise GuidanceConfigError(
+                    f"{where}: denoiser {source.denoiser!r} has {count} ControlNets but got {given}; give a tuple "
+                    f"of {count} control images, one per ControlNet in order (a list means one image per output)"
+                )
+            per_net = list(image)
+        if isinstance(scale, (list, tuple)) and len(scale) != count:
+            raise GuidanceConfigError(
+                f"{where}.control_scale: {len(scale)} strengths for {count} ControlNet(s); give one number or {count}"
+            )
+        for entry in per_net:
+            n = len(entry) if isinstance(entry, list) else 1
+            if n not in (1, num_images):
+                raise GuidanceConfigError(
+                    f"{where}.control_image: a list of {n} images for {num_images} output images; give one "
+                    f"image for all outputs or a list of exactly {num_images}, one per output"
+                )

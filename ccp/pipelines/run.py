@@ -1,8 +1,9 @@
 """The ccp-sample job: sample images with Generalized Classifier-free Guidance from a config.
 
 Everything that can be checked without weights (guidance terms against the configured
-denoisers, weights, control images, model folders, scheduler) is checked before any model is
-loaded. Writes ``images/00000.png ...``, ``grid.png`` and the resolved ``config.yaml`` into the
+denoisers, weights, control images, init images and strength, model folders and single-file
+checkpoints, scheduler) is checked before any model is loaded; a LoRA's shapes right after the
+prior is loaded, before any denoising. Writes ``images/00000.png ...``, ``grid.png`` and the resolved ``config.yaml`` into the
 output folder; image i is image i of ``sampling.seed`` (`ccp.pipelines.sampling`), so images do
 not depend on the batch size or the device.
 """
@@ -22,9 +23,16 @@ from tqdm.auto import tqdm
 
 from ccp.config import ConfigError, with_output_dir
 from ccp.guidance import GuidanceSpec
-from ccp.pipelines.gcfg import GCFGPipeline, check_guidance_against
+from ccp.pipelines.gcfg import (
+    GCFGPipeline,
+    ImageInputError,
+    check_control_inputs,
+    check_guidance_against,
+    check_init_inputs,
+)
 from ccp.pipelines.sampling import sample_batches
 from ccp.priors.loading import looks_like_path, load_controlnet, load_prior, resolve_dtype
+from ccp.priors.single_file import SINGLE_FILE_SUFFIXES, SingleFileError, check_single_file, load_single_file_unet
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +65,28 @@ def configured_denoisers(cfg: DictConfig) -> dict[str, str]:
         kinds["concept"] = "concept"
     if cfg.controlnet.path:
         kinds["controlnet"] = "controlnet"
-    for name in cfg.denoiser_checkpoints or {}:
-        if name in kinds:
-            raise SampleConfigError(
-                f"denoiser_checkpoints.{name}: the name {name!r} is taken by a built-in denoiser; pick another"
-            )
-        kinds[str(name)] = "unet"
+    for group, kind in (("denoiser_checkpoints", "unet"), ("controlnets", "controlnet"), ("loras", "unet")):
+        for name in cfg.get(group) or {}:
+            if name in kinds:
+                raise SampleConfigError(
+                    f"{group}.{name}: the name {name!r} is taken by another denoiser; pick another"
+                )
+            kinds[str(name)] = kind
     return kinds
+
+
+def controlnet_counts(cfg: DictConfig) -> dict[str, int]:
+    """ControlNet denoiser name -> how many ControlNets it sums (a list of folders: several)."""
+    counts = {"controlnet": 1} if cfg.controlnet.path else {}
+    for name, paths in (cfg.get("controlnets") or {}).items():
+        counts[str(name)] = len(paths) if OmegaConf.is_list(paths) else 1
+    return counts
+
+
+def _references(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in _references(v)]
+    return [] if value is None else [str(value)]
 
 
 def load_control_images(cfg: DictConfig) -> dict[str, PIL.Image.Image]:
@@ -71,9 +94,9 @@ def load_control_images(cfg: DictConfig) -> dict[str, PIL.Image.Image]:
     named = {str(k): str(v) for k, v in (cfg.control_images or {}).items()}
     wanted: dict[str, tuple[str, str]] = {}  # reference -> (config key to fix, file)
     for name, term in (cfg.guidance.get("terms") or {}).items():
-        ref = None if term is None or not term.get("enabled", True) else term.get("control_image")
-        if ref is not None:
-            ref = str(ref)
+        refs = [] if term is None or not term.get("enabled", True) else _references(
+            OmegaConf.to_container(term, resolve=True).get("control_image"))
+        for ref in refs:
             if ref in named:
                 wanted[ref] = (f"control_images.{ref}", named[ref])
             else:
@@ -97,9 +120,68 @@ def build_guidance(cfg: DictConfig) -> GuidanceSpec:
     """The guidance spec, checked against the denoisers the config will load."""
     images = load_control_images(cfg)
     guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
+    counts = controlnet_counts(cfg)
+    for term in (guidance.get("terms") or {}).values():
+        # a denoiser over several ControlNets takes one image per ControlNet: a tuple (a list is one per output)
+        if isinstance(term, dict) and counts.get(str(term.get("denoiser")), 1) > 1:
+            for key in ("control_image", "control_scale"):
+                if isinstance(term.get(key), list):
+                    term[key] = tuple(term[key])
     spec = GuidanceSpec.from_config(guidance, control_images=images)
     check_guidance_against(spec, configured_denoisers(cfg))
+    check_control_inputs(spec, counts, cfg.sampling.num_images)
     return spec
+
+
+def load_init_images(cfg: DictConfig) -> tuple[Any, Any]:
+    """(init image(s), mask(s)) for image to image and inpainting, read and checked: missing or
+    unreadable files, counts that fit neither 1 nor sampling.num_images, sizes under init.size."""
+    init = cfg.get("init") or {}
+    image_ref, mask_ref = init.get("image"), init.get("mask")
+    if image_ref is None and mask_ref is None:
+        return None, None
+    if image_ref is None:
+        raise SampleConfigError("init.mask is set but init.image is not; inpainting needs init.image=photo.png")
+    policy = init.get("size", "resize")
+    if policy not in ("resize", "strict"):
+        raise SampleConfigError(f"init.size={policy!r}: use resize (to sampling.height x width) or strict")
+    loaded = []
+    for key, ref in (("init.image", image_ref), ("init.mask", mask_ref)):
+        if ref is None:
+            loaded.append(None)
+            continue
+        refs = _references(OmegaConf.to_container(ref) if OmegaConf.is_list(ref) else ref)
+        if len(refs) not in (1, cfg.sampling.num_images):
+            raise SampleConfigError(
+                f"{key}: {len(refs)} images for sampling.num_images={cfg.sampling.num_images}; give one image "
+                "for all outputs or one per output"
+            )
+        images = []
+        for file in refs:
+            path = Path(file).expanduser()
+            if not path.is_file():
+                raise SampleConfigError(f"{key}: file {file} does not exist; set {key}=path/to/image.png")
+            try:
+                with PIL.Image.open(path) as opened:
+                    images.append(opened.convert("RGB"))
+            except OSError as err:
+                raise SampleConfigError(f"{key}: cannot read {file} as an image ({err})") from None
+        loaded.append(images if len(images) > 1 else images[0])
+    if policy == "strict":
+        s = cfg.sampling
+        for key, value in (("init.image", loaded[0]), ("init.mask", loaded[1])):
+            for image in value if isinstance(value, list) else ([] if value is None else [value]):
+                wanted = (s.width or image.width, s.height or image.height)
+                if image.size != wanted or image.width % 8 or image.height % 8:
+                    raise SampleConfigError(
+                        f"{key}: an image of {image.width}x{image.height} under init.size=strict, which needs exactly "
+                        f"{wanted[0]}x{wanted[1]} (multiples of 8); resize it, or set init.size=resize"
+                    )
+    try:
+        check_init_inputs(loaded[0], loaded[1], init.get("strength", 1.0), cfg.sampling.num_images, cfg.sampling.steps)
+    except ImageInputError as err:
+        raise SampleConfigError(f"init: {err}") from None
+    return loaded[0], loaded[1]
 
 
 def check_model_folders(cfg: DictConfig) -> None:
@@ -108,10 +190,20 @@ def check_model_folders(cfg: DictConfig) -> None:
         ("concept.path", cfg.concept.path, ["config.json"]),
         ("controlnet.path", cfg.controlnet.path, ["config.json"]),
     ]
-    folders += [
-        (f"denoiser_checkpoints.{name}", path, ["config.json", "unet/config.json"])
-        for name, path in (cfg.denoiser_checkpoints or {}).items()
-    ]
+    for name, path in (cfg.denoiser_checkpoints or {}).items():
+        if str(path).endswith(SINGLE_FILE_SUFFIXES) or Path(str(path)).expanduser().is_file():
+            try:
+                check_single_file(str(path), f"denoiser_checkpoints.{name}")
+            except SingleFileError as err:
+                raise SampleConfigError(str(err)) from None
+        else:
+            folders.append((f"denoiser_checkpoints.{name}", path, ["config.json", "unet/config.json"]))
+    for name, paths in (cfg.get("controlnets") or {}).items():
+        for path in (paths if OmegaConf.is_list(paths) else [paths]):
+            folders.append((f"controlnets.{name}", path, ["config.json"]))
+    for name, path in (cfg.get("loras") or {}).items():
+        if looks_like_path(str(path)) and not Path(str(path)).expanduser().exists():
+            raise SampleConfigError(f"loras.{name}: {path} does not exist; set loras.{name}=path/to/lora.safetensors")
     for key, path, configs in folders:
         if not path or not looks_like_path(str(path)):  # unset, or a hub id
             continue
@@ -162,9 +254,15 @@ def check_sampling(cfg: DictConfig) -> None:
 
 
 # --- models ----------------------------------------------------------------------------------
-def load_unet_checkpoint(path: str, dtype: torch.dtype):
+def load_unet_checkpoint(path: str, dtype: torch.dtype, prior: str | None = None, where: str = "checkpoint"):
+    """A diffusers folder, or a single-file .safetensors checkpoint read with the prior's UNet config."""
     from diffusers import UNet2DConditionModel
 
+    if Path(path).expanduser().is_file():
+        try:
+            return load_single_file_unet(path, prior, dtype, where=where)
+        except SingleFileError as err:
+            raise SampleConfigError(str(err)) from None
     subfolder = "unet" if (Path(path).expanduser() / "unet").is_dir() else None
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
 
@@ -185,7 +283,23 @@ def load_pipeline(cfg: DictConfig, scheduler: Any, dtype: torch.dtype, device: t
         scheduler = scheduler.from_config(prior.scheduler.config)
     pipe = GCFGPipeline.from_prior(prior, concept_unet=concept_unet, controlnet=controlnet, scheduler=scheduler)
     for name, path in (cfg.denoiser_checkpoints or {}).items():
-        pipe.add_denoiser(str(name), load_unet_checkpoint(str(path), dtype))
+        pipe.add_denoiser(str(name), load_unet_checkpoint(str(path), dtype, str(cfg.prior.path),
+                                                          where=f"denoiser_checkpoints.{name}"))
+    for name, paths in (cfg.get("controlnets") or {}).items():
+        if OmegaConf.is_list(paths):
+            from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+            net = MultiControlNetModel([load_controlnet(str(p), dtype=dtype) for p in paths])
+        else:
+            net = load_controlnet(str(paths), dtype=dtype)
+        pipe.add_denoiser(str(name), pipe.unet, controlnet=net.to(prior.device))
+    for name, path in (cfg.get("loras") or {}).items():
+        from ccp.priors.lora import LoRAShapeError
+
+        try:
+            pipe.add_lora_denoiser(str(name), str(path))
+        except LoRAShapeError as err:
+            raise SampleConfigError(f"loras.{name}: {err}") from None
     pipe = pipe.to(device)  # every denoiser is a pipeline component, the extra ones too
     pipe.set_progress_bar_config(desc="steps", leave=False)
     return pipe
@@ -230,9 +344,10 @@ def run_sampling(cfg: DictConfig, out_dir: str | Path) -> Path:
     """Validate `cfg`, load the denoisers it names, sample, and write the outputs into `out_dir`."""
     cfg = with_output_dir(cfg, out_dir)
     check_required(cfg)
-    spec = build_guidance(cfg)
-    check_model_folders(cfg)
     check_sampling(cfg)
+    spec = build_guidance(cfg)
+    init_image, mask_image = load_init_images(cfg)
+    check_model_folders(cfg)
     scheduler = resolve_scheduler(cfg.sampling.scheduler)
     device = resolve_device(str(cfg.device))
     try:
@@ -249,8 +364,9 @@ def run_sampling(cfg: DictConfig, out_dir: str | Path) -> Path:
 
     s = cfg.sampling
     grid_images: list[PIL.Image.Image] = []
+    init = {} if init_image is None else dict(image=init_image, mask_image=mask_image, strength=float(cfg.init.strength))
     batches = sample_batches(pipe, spec, range(s.num_images), seed=s.seed, batch_size=s.batch_size,
-                             num_inference_steps=s.steps, height=s.height, width=s.width, eta=s.eta)
+                             num_inference_steps=s.steps, height=s.height, width=s.width, eta=s.eta, **init)
     with _once_per_run(logging.getLogger("ccp.pipelines.gcfg")):
         for indices, images in tqdm(batches, total=math.ceil(s.num_images / s.batch_size), desc="batches",
                                     unit="batch", disable=s.num_images <= s.batch_size):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ccp.guidance import GuidanceSpec
+from ccp.pipelines.gcfg import check_init_inputs
 
 
 def noise_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -35,15 +36,30 @@ def sample_batches(
     width: int | None = None,
     eta: float = 0.0,
     output_type: str = "pil",
+    image: Any = None,
+    strength: float = 1.0,
+    mask_image: Any = None,
 ) -> Iterator[tuple[list[int], Any]]:
-    """``(batch indices, images)`` for `indices` in calls of at most `batch_size` images."""
+    """``(batch indices, images)`` for `indices` in calls of at most `batch_size` images.
+
+    Image to image: `image` (and `mask_image`) is one image for every output or a list of one per
+    entry of `indices`; so are ControlNet terms' image lists. Each batch gets its outputs' own."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     indices = [int(i) for i in indices]
-    for start in range(0, len(indices), batch_size):
+    total = len(indices)
+    # every check the first call would make, now, over the whole run
+    check_init_inputs(image, mask_image, strength, total, num_inference_steps)
+    if hasattr(pipe, "check_guidance"):
+        pipe.check_guidance(guidance, total)
+    for start in range(0, total, batch_size):
         batch = indices[start : start + batch_size]
+        positions = list(range(start, start + len(batch)))
+        per_output = lambda value: [value[p] for p in positions] if _is_per_output(value, total) else value  # noqa: E731
+        extra = {} if image is None else dict(image=per_output(image), strength=strength,
+                                              mask_image=None if mask_image is None else per_output(mask_image))
         images = pipe(
-            guidance=guidance,
+            guidance=guidance.for_outputs(positions, total) if total > 1 else guidance,
             num_images=len(batch),
             height=height,
             width=width,
@@ -51,8 +67,13 @@ def sample_batches(
             generator=noise_generators(seed, batch),
             eta=eta,
             output_type=output_type,
+            **extra,
         ).images
         yield batch, images
+
+
+def _is_per_output(value: Any, total: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == total and total > 1
 
 
 def sample_images(pipe: Any, guidance: GuidanceSpec, indices: Sequence[int], **settings) -> Any:
