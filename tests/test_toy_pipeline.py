@@ -10,7 +10,7 @@ import math
 from ccp.reproduce import compose_reproduce, reproduce
 from ccp.priors.loading import load_prior
 
-ROWS = ["textual_inversion", "dreambooth", "dreambooth_long", "custom_diffusion", "oft", "ours"]
+ROWS = ["textual_inversion", "dreambooth", "dreambooth_long", "custom_diffusion", "oft", "lora", "ours"]
 
 
 def test_toy_scale_runs_every_stage(tmp_path):
@@ -24,7 +24,7 @@ def test_toy_scale_runs_every_stage(tmp_path):
         "figures.weight_grid.concept_weights=[1.0,2.0]", "figures.weight_grid.control_weights=[1.0,5.0]",
         "figures.rectification.seeds=[0]", "datasets=[bold,outlined]",
     ])
-    assert list(cfg.methods) == ROWS  # the default rows: the paper's five methods plus DreamBooth (long)
+    assert list(cfg.methods) == ROWS  # the default rows: the paper's five methods, DreamBooth (long) and LoRA
     reproduce(cfg, progress=False)
 
     prior = load_prior(str(tmp_path / "prior"))

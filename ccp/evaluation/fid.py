@@ -61,6 +61,9 @@ INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/down
 INCEPTION_FEATURES = 2048
 STATS_FORMAT_VERSION = 1
 REAL_PREPROCESS = "pil-rgb8-bicubic-resize-uint8"
+# after the barrier, how long a rank keeps looking for the shards of other nodes: a Cloud Storage FUSE
+# mount caches "not found" for a few seconds (docs/storage.md)
+SHARDS_VISIBLE_WAIT_S = 120.0
 
 
 class InceptionWeightsError(ConfigError, FileNotFoundError):
@@ -473,27 +476,111 @@ def _check_real_stats(real_stats: FeatureStats, fingerprint: str, dim: int) -> N
         )
 
 
-def fake_statistics(shard_dir: str | Path, num_samples: int) -> FeatureStats:
+def fake_statistics(shard_dir: str | Path, num_samples: int, wait_s: float = 0.0) -> FeatureStats:
     """Combined statistics of samples 0 .. num_samples-1 from a shard folder, shard by shard in
-    index order: the same whichever ranks (and how many) wrote the shards."""
+    index order: the same whichever ranks (and how many) wrote the shards (`wait_s`: see
+    `iter_shard_features`)."""
     shard_dir = Path(shard_dir)
     meta_file = shard_dir / "meta.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{shard_dir} is not a sample shard folder (no meta.json)")
     meta = json.loads(meta_file.read_text())
     stats = None
-    for features in iter_shard_features(shard_dir, num_samples, meta["shard_size"], meta["hash"]):
+    for features in iter_shard_features(shard_dir, num_samples, meta["shard_size"], meta["hash"], wait_s=wait_s):
         part = FeatureStats.from_features(features)
         stats = part if stats is None else stats.add_(part)
     stats.info = {"features": meta["features"], "count": stats.count, "shard_dir": str(shard_dir)}
     return stats
 
 
-def fid_from_shards(shard_dir: str | Path, num_samples: int, real_stats: FeatureStats) -> float:
+def fid_from_shards(shard_dir: str | Path, num_samples: int, real_stats: FeatureStats, wait_s: float = 0.0) -> float:
     """FID of finished shards against real statistics (e.g. after independent per-rank jobs)."""
-    fake = fake_statistics(shard_dir, num_samples)
+    fake = fake_statistics(shard_dir, num_samples, wait_s=wait_s)
     _check_real_stats(real_stats, fake.info["features"], fake.num_features)
     return frechet_distance(real_stats, fake)
+
+
+# --- KID: the same features, unbiased at small counts ----------------------------------------------
+KID_FORMAT_VERSION = 1
+
+
+def real_features(
+    source: str | Path,
+    feature_extractor: nn.Module,
+    *,
+    resolution: int | None,
+    center_crop: bool = False,
+    max_images: int | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 50,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """[n, D] features of every image of a real folder (what KID needs; FID keeps only the moments),
+    preprocessed as `real_statistics` does and cached beside its statistics under the same key
+    (``<folder>-<res>px-<key>.features.safetensors``). Unreadable files are skipped."""
+    keyed = real_stats_key(source, feature_extractor, resolution, center_crop, max_images)
+    parts, key = keyed
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(source)).name)[:48] or "images"
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_root() / "fid_stats"
+    path = folder / f"{name}-{f'{resolution}px' if resolution else 'native'}-{key}.features.safetensors"
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") == str(KID_FORMAT_VERSION):
+                return f.get_tensor("features")
+    root = Path(source).expanduser().resolve()
+    files = list_image_files(root)[:max_images]
+    loader = DataLoader(_FolderImages(files, resolution, center_crop), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate)
+    chunks = []
+    with tqdm(total=len(files), unit="img", desc="real KID features", disable=not progress, dynamic_ncols=True) as bar:
+        for batch, failures in loader:
+            if batch is not None:
+                chunks.append(extract_features(feature_extractor, batch).detach().to("cpu").float())
+            bar.update(len(failures) + (0 if batch is None else batch.shape[0]))
+    if not chunks:
+        raise ValueError(f"no readable image in {root} for KID")
+    features = torch.cat(chunks).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: save_file({"features": features}, tmp, metadata={
+        "format": str(KID_FORMAT_VERSION), "info": json.dumps(parts)}))
+    return features
+
+
+def fake_features(shard_dir: str | Path, num_samples: int) -> torch.Tensor:
+    """[num_samples, D] features of samples 0 .. num_samples-1 of a finished shard folder."""
+    meta_file = Path(shard_dir) / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{shard_dir} is not a sample shard folder (no meta.json)")
+    meta = json.loads(meta_file.read_text())
+    return torch.cat(list(iter_shard_features(shard_dir, num_samples, meta["shard_size"], meta["hash"])))
+
+
+def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                              degree: int = 3, gamma: float | None = None, coef: float = 1.0,
+                              seed: int = 0) -> tuple[float, float]:
+    """(mean, std) of KID over `subsets` random subsets of `subset_size` of each side, by torchmetrics'
+    ``KernelInceptionDistance.compute`` (polynomial-kernel unbiased MMD^2; std with ddof=0 as
+    torchmetrics reports it) on given features, in float64. The subsets are drawn from torch's
+    generator seeded with `seed`, inside a forked RNG state (the caller's state is untouched)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(len(real), len(fake))
+    if subset_size > size:
+        raise FIDConfigError(f"KID subset_size={subset_size} exceeds the {size} features available on one side; "
+                             f"set kid.subset_size <= {size}")
+    with warnings.catch_warnings():  # "will save all extracted features": these are already in memory
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=_FeatureDim(real.shape[1]), subsets=int(subsets),
+                                         subset_size=int(subset_size), degree=int(degree), gamma=gamma,
+                                         coef=float(coef), sync_on_compute=False)
+    metric.real_features.append(real.detach().to("cpu").double())
+    metric.fake_features.append(fake.detach().to("cpu").double())
+    metric._update_count = 1  # states filled directly, as `update` would have
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 def fid_over_samples(
@@ -548,9 +635,11 @@ def fid_over_samples(
     )
     import torch.distributed as dist
 
+    wait_s = 0.0
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()
-    return fid_from_shards(shard_dir, num_samples, real_stats)
+        wait_s = SHARDS_VISIBLE_WAIT_S
+    return fid_from_shards(shard_dir, num_samples, real_stats, wait_s=wait_s)
 
 
 # --- config-driven ----------------------------------------------------------------------------------

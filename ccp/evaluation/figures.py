@@ -1,7 +1,8 @@
 """The paper's evaluation figures, drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
 * Fig. 9 (Appendix A): fidelity vs controllability, x = -ln(FID / 100), y = text-guided
-  alignment, circle area proportional to the trainable parameters (`fidelity_control_scatter`).
+  alignment, circle area proportional to the trainable parameters (`fidelity_control_scatter`);
+  records aggregated over seeds (`ccp.evaluation.intervals`) get 95% error bars on both axes.
 * Fig. 8a (§5.4): ours sampled on a grid of concept weight (rows) x control weight (columns),
   same seed in every cell (`sample_weight_grid`, `weight_grid_figure`).
 * Fig. 8b / Fig. 10 (§5.4, Appendix B): a baseline sampled with its own unconditional
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -68,6 +69,9 @@ class ScatterResult:
     points: dict[str, tuple[float, float]]  # method -> (x, y) as plotted (read back from the artist)
     areas: dict[str, float]  # method -> marker area in points^2 as plotted
     paper_points: dict[str, tuple[float, float]]
+    # method -> {"x": (low, high), "y": (low, high)} as drawn (read back from the error bar artists)
+    errorbars: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    figure: Figure | None = None
 
 
 def scatter_points(records: Sequence[Mapping[str, Any]], dataset: str = "face") -> dict[str, tuple[float, float, float]]:
@@ -82,6 +86,27 @@ def scatter_points(records: Sequence[Mapping[str, Any]], dataset: str = "face") 
         out[r["method"]] = (fidelity(r["fid"]), float(r["text_alignment"]), float(r["params"]))
     # the tables' row order: a variant row (DreamBooth (long)) next to its method
     return {m: out[m] for m in ordered_methods(r for r in records if r["method"] in out)}
+
+
+def scatter_intervals(records: Sequence[Mapping[str, Any]], dataset: str = "face"
+                      ) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """For records aggregated over seeds (with ``per_seed`` values): method -> {"x": (mean, low,
+    high), "y": (mean, low, high)}, each the 95% Student t interval over seeds. x is taken per seed,
+    -ln(FID_s / 100), then averaged (an interval of FID itself may reach below 0, where the axis
+    has no value); y is the text alignment. Empty for single-run records or a single seed."""
+    from ccp.evaluation.intervals import t_interval
+
+    out = {}
+    for r in records:
+        values = r.get("per_seed") or {}
+        if r.get("dataset") != dataset or "fid" not in values or "text_alignment" not in values:
+            continue
+        x = t_interval(fidelity(v) for v in values["fid"].values())
+        y = t_interval(values["text_alignment"].values())
+        if x.low is None or y.low is None:
+            continue
+        out[r["method"]] = {"x": (x.mean, x.low, x.high), "y": (y.mean, y.low, y.high)}
+    return out
 
 
 def marker_areas(params: Sequence[float], max_area: float = 2000.0, min_area: float = 12.0) -> list[float]:
@@ -100,6 +125,9 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
     labels = row_labels(records)
     if not points:
         raise ValueError(f"no record of dataset {dataset!r} has fid, text_alignment and params")
+    spans = scatter_intervals(records, dataset)
+    for m, span in spans.items():  # over seeds: the point is the mean of the per-seed x
+        points[m] = (span["x"][0], span["y"][0], points[m][2])
     fig = Figure(figsize=figsize)
     ax = fig.add_subplot(1, 1, 1)
     names = list(points)
@@ -107,7 +135,13 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
     ys = [points[m][1] for m in names]
     areas = marker_areas([points[m][2] for m in names])
     measured = ax.scatter(xs, ys, s=areas, alpha=0.6, c=[f"C{i}" for i in range(len(names))], edgecolors="k",
-                          label="this run")
+                          label="this run" if not spans else "mean over seeds, 95% interval")
+    bars: dict[str, Any] = {}
+    for i, m in enumerate(names):
+        if m in spans:
+            (x, xlo, xhi), (y, ylo, yhi) = spans[m]["x"], spans[m]["y"]
+            bars[m] = ax.errorbar([x], [y], xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], fmt="none",
+                                  ecolor=f"C{i}", elinewidth=1.2, capsize=3)
     for i, (m, x, y) in enumerate(zip(names, xs, ys)):  # labels staggered: tiny-scale points overlap
         ax.annotate(labels[m], (x, y), textcoords="offset points", xytext=(8, 22 - 11 * i), fontsize=9)
     paper_points: dict[str, tuple[float, float]] = {}
@@ -123,7 +157,8 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
                         fontsize=7, color="grey")
     ax.set_xlabel("fidelity: -ln(FID / 100)")
     ax.set_ylabel("controllability: text-guided alignment")
-    ax.set_title(title or f"Fig. 9: fidelity vs controllability ({dataset}); area ∝ #params")
+    ax.set_title(title or f"Fig. 9: fidelity vs controllability ({dataset}); area ∝ #params"
+                 + ("\nerror bars: 95% Student t interval over seeds" if spans else ""), fontsize=10)
     legend = ax.legend(loc="best", fontsize=8)
     for handle in legend.legend_handles:
         handle.set_sizes([40])
@@ -131,12 +166,20 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
     ax.grid(alpha=0.3)
     size = _save_figure(fig, Path(out_path), dpi)
     plotted = np.asarray(measured.get_offsets(), dtype=np.float64)
+    errorbars = {}
+    for m, container in bars.items():
+        xbar, ybar = container.lines[2]  # (x LineCollection, y LineCollection)
+        (x0, _), (x1, _) = xbar.get_segments()[0]
+        (_, y0), (_, y1) = ybar.get_segments()[0]
+        errorbars[m] = {"x": (float(min(x0, x1)), float(max(x0, x1))), "y": (float(min(y0, y1)), float(max(y0, y1)))}
     return ScatterResult(
         path=Path(out_path),
         size=size,
         points={m: (float(plotted[i, 0]), float(plotted[i, 1])) for i, m in enumerate(names)},
         areas={m: float(a) for m, a in zip(names, measured.get_sizes())},
         paper_points=paper_points,
+        errorbars=errorbars,
+        figure=fig,
     )
 
 

@@ -52,6 +52,18 @@ def _missing(path: Any) -> bool:
     return path is None or str(path) in ("", "???") or not Path(str(path)).expanduser().exists()
 
 
+def check_preference(cfg: DictConfig) -> list[str]:
+    """``preference``: dataset -> a preference study of that dataset (its analysis.json or database)."""
+    problems = []
+    for d, path in (cfg.get("preference") or {}).items():
+        if d not in cfg.datasets:
+            problems.append(f"preference.{d}: {d!r} is not in datasets {list(cfg.datasets)}; key each study by its dataset")
+        elif path is None or not Path(str(path)).is_file():
+            problems.append(f"preference.{d}={path}: not a file; give the study's analysis.json (ccp-study analyze) "
+                            "or its .sqlite database")
+    return problems
+
+
 def check_inputs(cfg: DictConfig) -> None:
     """Every problem that needs no model, all at once, before anything is trained or sampled."""
     from ccp.methods import METHODS
@@ -74,6 +86,7 @@ def check_inputs(cfg: DictConfig) -> None:
             problems.append(f"datasets lists {d!r} but data.{d} is not configured")
     problems += check_digit_inputs(cfg)
     problems += check_weight_search(cfg)
+    problems += check_preference(cfg)
     tiny = bool(cfg.toy_data)
     if not tiny:
         if _missing(cfg.prior.path) and not cfg.prior.get("write_tiny", False) and not cfg.prior.get("train_toy", False):

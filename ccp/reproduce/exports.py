@@ -33,6 +33,9 @@ def train_config(cfg: DictConfig, dataset: str, method: str) -> DictConfig:
         if layer is not None:  # (an empty DictConfig is falsy but still a config)
             for key, value in (OmegaConf.to_container(layer, resolve=True) or {}).items():
                 OmegaConf.update(train_cfg, key, value, force_add=True)
+    run_seed = int(cfg.get("run_seed") or 0)
+    if run_seed:  # run seed s of several (`ccp.reproduce.seeds`): the experiment's training seed + s
+        train_cfg.seed = int(train_cfg.get("seed") or 0) + run_seed
     if spec is not None:
         factor = spec.get("step_factor", 1)
         if factor != 1:

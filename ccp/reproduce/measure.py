@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ccp.evaluation.alignment import SamplingConfig, SpatialAlignmentConfig, TextAlignmentConfig
-from ccp.evaluation.fid import FIDConfig, RandomConvFeatures
+from ccp.evaluation.fid import FIDConfig, RandomConvFeatures, kernel_inception_distance
 from ccp.evaluation.generation import ShardDirMismatchError
 from ccp.evaluation.metrics import fid_metric, spatial_metric, text_metric
 from ccp.io import folder_stamp, write_json_atomic
@@ -40,18 +40,24 @@ def sampling_config(cfg: DictConfig, weights: dict[str, float], seed: int = 0) -
                           seed=int(seed), **weights)
 
 
+def fid_extractor(cfg: DictConfig, classifier):
+    f = cfg.fid
+    return (RandomConvFeatures(int(f.toy_seed)) if f.feature_extractor == "toy"
+            else classifier().feature_extractor() if f.feature_extractor == "digit" else None)
+
+
 def measure_fid(cfg: DictConfig, cell: Cell, progress: bool, classifier=None, weights: dict[str, float] | None = None,
-                shard_dir: Path | None = None) -> float:
+                shard_dir: Path | None = None, seed: int | None = None) -> float:
     f = cfg.fid
     fid_cfg = FIDConfig(
         real_path=fid_real_path(cfg, cell.dataset), shard_dir=str(shard_dir or cell.dir / "fid_shards"),
         resolution=int(f.resolution), num_samples=int(f.num_samples), shard_size=int(f.shard_size),
-        batch_size=int(cfg.sampling.batch_size), seed=int(f.seed), inception_weights=f.inception_weights,
+        batch_size=int(cfg.sampling.batch_size), seed=int(f.seed if seed is None else seed),
+        inception_weights=f.inception_weights,
         max_real_images=f.max_real_images, stats_cache_dir=str(f.stats_cache_dir) if f.stats_cache_dir else None,
         num_workers=int(f.num_workers),
     )
-    extractor = (RandomConvFeatures(int(f.toy_seed)) if f.feature_extractor == "toy"
-                 else classifier().feature_extractor() if f.feature_extractor == "digit" else None)
+    extractor = fid_extractor(cfg, classifier)
     fid_cfg.check(need_weights=extractor is None)
     sampling = sampling_config(cfg, weights or weights_for(cfg, cell.method))
 
@@ -85,6 +91,56 @@ def search_fid(cfg: DictConfig, cell: Cell, fid_at_configured: float | None, pro
             cfg, cell, progress, classifier, weights, shard_dir=cell.dir / f"fid_shards_{tag}"), weights=weights)
     best = min(fids, key=fids.get)
     return {"weight": name, "fid": fids, "best_weight": float(best), "best_fid": fids[best]}
+
+
+def kid_subset_size(cfg: DictConfig) -> int:
+    """``kid.subset_size``, at most the sample count (torchmetrics' default 1,000 exceeds the toy's 359;
+    the real side bounds it too, in `measure_kid`)."""
+    return min(int(cfg.kid.subset_size), int(cfg.fid.num_samples))
+
+
+def measure_kid(cfg: DictConfig, cell: Cell, progress: bool, classifier) -> dict[str, float]:
+    """KID (mean and std over subsets, `ccp.evaluation.fid.kernel_inception_distance`) of the cell's
+    FID samples against the real folder's features: the same samples and features as its FID. The
+    FID shards are reused (measured again only when they are gone)."""
+    from ccp.evaluation.fid import fake_features, inception_feature_extractor, real_features
+    from ccp.evaluation.generation import MissingShardsError
+
+    f, k = cfg.fid, cfg.kid
+    extractor = fid_extractor(cfg, classifier)
+    if extractor is None:
+        extractor = inception_feature_extractor(f.inception_weights, cfg.device)
+    shard_dir = cell.dir / "fid_shards"
+    try:
+        fake = fake_features(shard_dir, int(f.num_samples))
+    except (FileNotFoundError, MissingShardsError):
+        measure_fid(cfg, cell, progress, classifier)
+        fake = fake_features(shard_dir, int(f.num_samples))
+    real = real_features(fid_real_path(cfg, cell.dataset), extractor, resolution=int(f.resolution),
+                         max_images=f.max_real_images, cache_dir=str(f.stats_cache_dir) if f.stats_cache_dir else None,
+                         num_workers=int(f.num_workers), progress=progress)
+    size = min(kid_subset_size(cfg), int(real.shape[0]))
+    mean, std = kernel_inception_distance(real, fake, subsets=int(k.subsets), subset_size=size,
+                                          degree=int(k.get("degree", 3)), seed=int(k.get("seed", 0)))
+    return {"kid": mean, "kid_std": std, "subset_size": size, "subsets": int(k.subsets),
+            "num_real": int(real.shape[0]), "num_fake": int(fake.shape[0])}
+
+
+def sampling_spread(cfg: DictConfig, cell: Cell, fid_at_base: float, progress: bool, classifier) -> dict:
+    """FID of one trained model (this cell's) at several sampling seeds: sample seed j draws
+    images ``fid.seed + j * seed_stride + i`` into its own shard folder; j = 0 is the table's FID.
+    The spread of these FIDs is the evaluation's own, next to the spread over training seeds."""
+    stride = int(cfg.get("seed_stride", 1_000_000))
+    fids = []
+    for j in cfg.sample_spread.sampling_seeds:
+        seed = int(cfg.fid.seed) + int(j) * stride
+        if seed == int(cfg.fid.seed):
+            fids.append(fid_at_base)
+            continue
+        fids.append(cell.metric(f"fid_sampling/seed={seed}", lambda: measure_fid(
+            cfg, cell, progress, classifier, shard_dir=cell.dir / f"fid_shards_seed{seed}", seed=seed)))
+    return {"sampling_seeds": [int(j) for j in cfg.sample_spread.sampling_seeds], "fid": fids,
+            "num_samples": int(cfg.fid.num_samples)}
 
 
 def measure_text(cfg: DictConfig, cell: Cell, progress: bool, classifier=None) -> float:

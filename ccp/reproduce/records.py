@@ -34,6 +34,10 @@ def _settings(cfg: DictConfig, metric: str, method: str, stamp: str,
     section = "fid" if metric.startswith("fid_search/") else {"text_alignment_parts": "text_alignment"}.get(metric, metric)
     if section in ("fid", "text_alignment", "spatial_alignment", "drift"):
         parts[section] = OmegaConf.to_container(cfg[section], resolve=True)
+    if metric == "kid" or metric.startswith("fid_sampling/"):  # computed on FID's samples
+        parts["fid"] = OmegaConf.to_container(cfg.fid, resolve=True)
+        if metric == "kid":
+            parts["kid"] = OmegaConf.to_container(cfg.kid, resolve=True)
     if section != "params" and cfg.get("classifier") is not None and uses_digit_classifier(cfg):
         parts["classifier"] = OmegaConf.to_container(cfg.classifier, resolve=True)
     return parts
