@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -32,7 +33,10 @@ class ResumableSampler(Sampler[int]):
     def _epoch(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_items)
-        return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+        # (seed, epoch) mixed, not added: seed + epoch would give seed s at epoch e + 1 the order of
+        # seed s + 1 at epoch e, correlating runs that differ only in their seed
+        mixed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(mixed))
 
     def __iter__(self) -> Iterator[int]:
         position = self.start * self.world_size + self.rank  # position in the global stream
