@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 
-.PHONY: setup test test-fast demo demo-tiny toy-prior bench-sampling bench-training tiny-prior sample-tiny reproduce-tables gpu-wheels gpu-check gpu-check-smoke check-sd15 image gcp-examples clean mutation reproduce-seeds gallery
+.PHONY: setup test test-fast demo demo-tiny toy-prior bench-sampling bench-training tiny-prior sample-tiny reproduce-tables gpu-wheels gpu-check gpu-check-smoke check-sd15 image gcp-examples clean mutation reproduce-seeds gallery toy-gallery
 
 setup: $(BIN)/ccp-sample
 
@@ -159,3 +159,9 @@ gallery: setup
 	cp $(GALLERY_DIR)/photo/grid.png docs/images/translation_init.png
 	for s in 0.3 0.6 1.0; do cp $(GALLERY_DIR)/translate_$$s/grid.png docs/images/translation_strength_$$s.png; done
 	cp $(GALLERY_DIR)/stylize/grid.png docs/images/stylize_single_file.png
+
+# The same on the toy prior (ccp/toy/gallery.py): plain digits drawn by the prior, translated into the bold concept at
+# three strengths, and concept + a LoRA fine-tuned from the toy prior + prompt. Needs the toy reproduction's exports
+# (make reproduce-tables SCALE=toy); writes docs/images/toy_translation.png.
+toy-gallery: setup
+	$(BIN)/python -m ccp.toy.gallery --out docs/images/toy_translation.png

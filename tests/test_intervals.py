@@ -124,8 +124,8 @@ def test_tables_over_seeds_show_mean_and_interval_with_the_footnote(tmp_path):
     mean, low, high = hand_interval([FID[s][0] for s in SEEDS])
     assert f"| Ours | 1K | {mean:.2f} [{low:.2f}, {high:.2f}] |" in md1
     assert "Student t over seeds" in md1 and "3 seeds [0, 1, 2]" in md1
-    kmean, klow, khigh = hand_interval([1e3 * FID[s][0] / 1e5 for s in SEEDS])
-    assert f"{kmean:.2f} [{klow:.2f}, {khigh:.2f}]" in md1  # KID x 10^3, an interval over seeds
+    kmean, klow, khigh = hand_interval([FID[s][0] / 1e5 for s in SEEDS])
+    assert f"{kmean:.3g} [{klow:.3g}, {khigh:.3g}]" in md1  # KID, 3 significant digits, an interval over seeds
     rows = json.loads(paths["table1.json"].read_text())["rows"]
     ours = next(r for r in rows if r["method"] == "ours")
     assert ours["fid_bold_low"] == pytest.approx(low) and ours["fid_bold_high"] == pytest.approx(high)

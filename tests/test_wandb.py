@@ -290,3 +290,35 @@ def test_dashboard_bad_settings_are_named(tmp_path):
     with pytest.raises(DashboardConfigError, match="group="):
         write_dashboard(compose("dashboard", overrides=[*base, "group=\"it's\""]))
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_training_after_another_wandb_run_in_the_same_process_stays_offline(tiny_prior_dir, tmp_path):
+    """ccp-reproduce logs a seed's results, then trains the next seed in the same process: the
+    training must not fall back to online mode (and ask for an API key) because wandb was set up
+    by the earlier run without WANDB_MODE. A fresh process, as a user's command would be."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import PIL.Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    code = f"""
+from ccp.config import compose
+from ccp.tracking import log_job
+from ccp.training.run import run_training
+cfg = compose("train", overrides=["experiment=tiny/ours", "prior.path={tiny_prior_dir}", "data.path={images}",
+                                  "data.cache_dir={tmp_path / 'cache'}", "logger=default", "trainer.max_steps=1",
+                                  "validation.every_n_steps=0"])
+log_job(cfg, "eval", "first", "{tmp_path / 'first'}", name="first", summary={{"x": 1.0}})
+run_training(cfg, "{tmp_path / 'run'}")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_SILENT="true")  # no API key anywhere
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "the training wrote no offline run"

@@ -199,13 +199,18 @@ def _cell(row: Mapping[str, Any], key: str, digits: int) -> str:
     return text
 
 
+def _sig(value: float | None) -> str:
+    """Three significant digits: KID's scale follows the features' (Inception's ~1e-2, the toy
+    classifier's far larger), so no fixed number of decimals fits both."""
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _kid_cell(row: Mapping[str, Any], d: str) -> str:
-    """KID x 10^3: over seeds "mean [low, high]", for one run "mean ± std over subsets"."""
-    scaled = {k: (None if row.get(k) is None else 1e3 * row[k]) for k in (f"kid_{d}", f"kid_{d}_low", f"kid_{d}_high",
-                                                                         f"kid_std_{d}")}
-    if scaled[f"kid_{d}_low"] is not None or scaled[f"kid_std_{d}"] is None:
-        return _cell(scaled, f"kid_{d}", 2)
-    return f"{scaled[f'kid_{d}']:.2f} ± {scaled[f'kid_std_{d}']:.2f}"
+    """KID: over seeds "mean [low, high]", for one run "mean ± std over subsets"."""
+    mean, low, std = row.get(f"kid_{d}"), row.get(f"kid_{d}_low"), row.get(f"kid_std_{d}")
+    if low is not None:
+        return f"{_sig(mean)} [{_sig(low)}, {_sig(row.get(f'kid_{d}_high'))}]"
+    return _sig(mean) if std is None else f"{_sig(mean)} ± {_sig(std)}"
 
 
 def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -217,7 +222,7 @@ def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def table1_markdown(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str] = DATASETS, title: str | None = None,
                     paper: bool = True, note: str | None = None) -> str:
     """Markdown Table 1: Method | #param | FID per dataset, then (``paper=True``) the paper's
-    #param and FIDs in columns labelled "paper", then KID x 10^3 per dataset when the rows have it
+    #param and FIDs in columns labelled "paper", then KID per dataset (3 significant digits) when the rows have it
     (mean ± std over subsets for one run). `note`: a footnote (e.g. how intervals are computed)."""
     kid = any(f"kid_{d}" in r for r in rows for d in datasets)
     pref = [d for d in datasets if any(r.get(f"pref_{d}") is not None for r in rows)]
@@ -236,7 +241,7 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str] =
             cells += [_kid_cell(r, d) if f"kid_{d}" in r else "-" for d in datasets]
         body.append(cells)
     if kid:
-        header += [f"{DATASET_LABELS.get(d, d)} KID ×10³ ↓" for d in datasets]
+        header += [f"{DATASET_LABELS.get(d, d)} KID ↓" for d in datasets]
     text = _md(header, body)
     footer = ("\n(paper) columns: Cao et al., Table 1, reproduced results at 512x512 with 50k samples"
               + ("" if pref else "; human-preference columns come only from a study (ccp-study, docs/study.md)")
@@ -365,7 +370,7 @@ def spread_markdown(rows: Sequence[Mapping[str, Any]], dataset: str, seeds: Sequ
     name = DATASET_LABELS.get(dataset, dataset)
     header = ["Method", f"{name} FID, one model, sampling seeds: mean [95%] (std)",
               f"{name} FID over run seeds: mean [95%] (std)", "std ratio (sampling / run seeds)",
-              "KID ×10³, first seed (± std over subsets)"]
+              "KID, first seed (± std over subsets)"]
 
     def span(r: Mapping[str, Any], side: str) -> str:
         if r.get(f"{side}_low") is None:
@@ -374,7 +379,7 @@ def spread_markdown(rows: Sequence[Mapping[str, Any]], dataset: str, seeds: Sequ
                 f"({r[f'{side}_std']:.1f}, n={r[f'{side}_n']})")
 
     body = [[r["label"], span(r, "sampling"), span(r, "seeds"), _fmt(r.get("std_ratio"), 2),
-             "-" if r.get("kid") is None else f"{1e3 * r['kid']:.2f} ± {1e3 * (r.get('kid_std') or 0.0):.2f}"]
+             "-" if r.get("kid") is None else f"{_sig(r['kid'])} ± {_sig(r.get('kid_std') or 0.0)}"]
             for r in rows]
     counts = {r.get("num_samples") for r in rows}
     note = (f"\nTwo sources of spread. Sampling seeds: the first run seed's ({seeds[0]}) trained model, FID of "

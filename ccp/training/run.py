@@ -248,6 +248,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
                 save_dir=str(run_dir), offline=wandb_cfg.mode == "offline", id=run_id("train", cfg.run_name, run_dir),
                 resume="allow", config=OmegaConf.to_container(cfg, resolve=True),
                 group=group_for(cfg, cfg.run_name), job_type="train", reinit="create_new",
+                # the mode as an init argument: `offline` alone only sets WANDB_MODE, which wandb ignores once
+                # an earlier run in this process (an eval or reproduce log) has set it up
+                mode=str(wandb_cfg.mode),
             )
         )
     return loggers
