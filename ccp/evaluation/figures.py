@@ -143,7 +143,8 @@ def fidelity_control_scatter(records: Sequence[Mapping[str, Any]], out_path: str
             bars[m] = ax.errorbar([x], [y], xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], fmt="none",
                                   ecolor=f"C{i}", elinewidth=1.2, capsize=3)
     for i, (m, x, y) in enumerate(zip(names, xs, ys)):  # labels staggered: tiny-scale points overlap
-        ax.annotate(labels[m], (x, y), textcoords="offset points", xytext=(8, 22 - 11 * i), fontsize=9)
+        ax.annotate(labels[m], (x, y), textcoords="offset points", xytext=(8, 22 - 11 * i), fontsize=9,
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})  # which point a staggered label names
     paper_points: dict[str, tuple[float, float]] = {}
     pnames = [m for m in METHOD_ORDER if m in PAPER and dataset in PAPER[m].fid]  # none for toy datasets
     if show_paper and pnames:
