@@ -8,6 +8,7 @@ can be checked before any compute.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -18,19 +19,29 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 @dataclass
 class BatchedCondition:
-    """For a denoiser with several ControlNets, the three control fields are tuples, one entry per ControlNet."""
+    """For a denoiser with several ControlNets, the three control fields are tuples, one entry per ControlNet.
+    SDXL adds the pooled text embedding and the size/crop time ids (its UNet's added conditioning)."""
 
     prompt_embeds: torch.Tensor | None = None  # [B, 77, D]
     control_image: torch.Tensor | tuple[torch.Tensor, ...] | None = None  # [B, 3, H, W] in [0, 1]
     control_scale: torch.Tensor | tuple[torch.Tensor, ...] | None = None  # [B] per-sample ControlNet strength
     # the one strength when all samples share it (known on the host: no sync)
     uniform_control_scale: float | tuple[float | None, ...] | None = None
+    pooled_embeds: torch.Tensor | None = None  # [B, P] SDXL: text_encoder_2's projected output
+    time_ids: torch.Tensor | None = None  # [B, 6] SDXL: original size, crop top-left, target size
 
     def to(self, dtype: torch.dtype) -> "BatchedCondition":
         """The floating tensors in `dtype` (a denoiser's own, when denoisers of several dtypes are mixed)."""
         cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
         image = tuple(map(cast, self.control_image)) if isinstance(self.control_image, tuple) else cast(self.control_image)
-        return BatchedCondition(cast(self.prompt_embeds), image, self.control_scale, self.uniform_control_scale)
+        return dataclasses.replace(self, prompt_embeds=cast(self.prompt_embeds), control_image=image,
+                                   pooled_embeds=cast(self.pooled_embeds), time_ids=cast(self.time_ids))
+
+    def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
+        """SDXL's added conditioning for a text UNet or ControlNet (None on SD v1.x/2.x)."""
+        if self.pooled_embeds is None and self.time_ids is None:
+            return None
+        return {"text_embeds": self.pooled_embeds, "time_ids": self.time_ids}
 
 
 class Denoiser(ABC):
@@ -65,7 +76,8 @@ class TextUNetDenoiser(Denoiser):
         self.unet = unet
 
     def __call__(self, latents, t, cond):
-        return self.unet(latents, t, encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
+        return self.unet(latents, t, encoder_hidden_states=cond.prompt_embeds,
+                         added_cond_kwargs=cond.added_cond_kwargs(), return_dict=False)[0]
 
     def modules(self):
         return [self.unet]
@@ -93,6 +105,7 @@ class ControlNetDenoiser(Denoiser):
         images = cond.control_image if several else (cond.control_image,)
         scales = cond.control_scale if several else (cond.control_scale,)
         uniforms = cond.uniform_control_scale if several else (cond.uniform_control_scale,)
+        added = cond.added_cond_kwargs()
         down, mid = None, None
         for net, image, scale, uniform_scale in zip(self.nets, images, scales, uniforms):
             uniform = scale is None or uniform_scale is not None
@@ -102,6 +115,7 @@ class ControlNetDenoiser(Denoiser):
                 encoder_hidden_states=cond.prompt_embeds,
                 controlnet_cond=image,
                 conditioning_scale=1.0 if scale is None else (uniform_scale if uniform else 1.0),
+                added_cond_kwargs=added,
                 return_dict=False,
             )
             if not uniform:  # several control strengths in one batch: scale residuals per sample
@@ -117,6 +131,7 @@ class ControlNetDenoiser(Denoiser):
             encoder_hidden_states=cond.prompt_embeds,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
+            added_cond_kwargs=added,
             return_dict=False,
         )[0]
 
@@ -139,7 +154,8 @@ class LoRADenoiser(Denoiser):
 
     def __call__(self, latents, t, cond):
         with adapter_enabled(self.unet, self.adapter):
-            return self.unet(latents, t, encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
+            return self.unet(latents, t, encoder_hidden_states=cond.prompt_embeds,
+                             added_cond_kwargs=cond.added_cond_kwargs(), return_dict=False)[0]
 
     def modules(self):
         return [self.unet]
@@ -157,7 +173,8 @@ def adapter_enabled(unet: UNet2DConditionModel, adapter: str):
 
 
 class ConceptDenoiser(Denoiser):
-    """The null-text concept UNet: no text, no condition (concept guidance)."""
+    """The null-text concept UNet: no text, no condition (concept guidance). On SDXL it still takes
+    the size/crop time ids, which describe the image; its pooled text part is a fixed buffer."""
 
     kind = "concept"
 
@@ -165,7 +182,10 @@ class ConceptDenoiser(Denoiser):
         self.unet = unet
 
     def __call__(self, latents, t, cond):
-        return self.unet(latents, t, encoder_hidden_states=None, return_dict=False)[0]
+        if cond.time_ids is None:
+            return self.unet(latents, t, encoder_hidden_states=None, return_dict=False)[0]
+        return self.unet(latents, t, encoder_hidden_states=None, added_cond_kwargs={"time_ids": cond.time_ids},
+                         return_dict=False)[0]
 
     def modules(self):
         return [self.unet]

@@ -151,26 +151,36 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         scheduler: Any = "dpmsolver++",
     ) -> "GCFGPipeline":
         """Wrap a loaded SD pipeline. `scheduler`: "dpmsolver++" (the paper's DPM-Solver++, default),
-        "prior" (keep the prior's own), or a diffusers scheduler instance."""
+        "prior" (keep the prior's own), or a diffusers scheduler instance.
+
+        An SDXL prior gives a `GCFGXLPipeline` (the same guidance, with SDXL's two text encoders
+        and added conditioning)."""
+        from ccp.pipelines.gcfg_xl import GCFGXLPipeline
+        from ccp.priors.families import family_of
+
+        if (family_of(prior) == "sdxl") != issubclass(cls, GCFGXLPipeline):
+            if cls is GCFGPipeline:
+                return GCFGXLPipeline.from_prior(prior, concept_unet, controlnet, scheduler)
+            raise ConfigError(
+                f"{cls.__name__} does not take a {family_of(prior)} prior ({type(prior).__name__}); "
+                f"{'GCFGXLPipeline' if family_of(prior) == 'sdxl' else 'GCFGPipeline'}.from_prior does"
+            )
         if scheduler == "dpmsolver++":
             scheduler = DPMSolverMultistepScheduler.from_config(prior.scheduler.config)
         elif scheduler == "prior":
             scheduler = prior.scheduler
-        pipe = cls(
-            vae=prior.vae,
-            text_encoder=prior.text_encoder,
-            tokenizer=prior.tokenizer,
-            unet=prior.unet,
-            scheduler=scheduler,
-            concept_unet=concept_unet,
-            controlnet=controlnet,
-        )
+        pipe = cls(**cls._prior_components(prior), scheduler=scheduler, concept_unet=concept_unet, controlnet=controlnet)
         # Only the new models join the prior's device: the prior's own parts stay where they are
         # (during training its VAE is on the GPU and its UNet on the CPU until a sample needs it).
         for model in (concept_unet, controlnet):
             if model is not None:
                 model.to(prior.device)
         return pipe
+
+    @classmethod
+    def _prior_components(cls, prior) -> dict[str, Any]:
+        """What this pipeline takes from the prior, besides the scheduler."""
+        return dict(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer, unet=prior.unet)
 
     # --- denoisers ---------------------------------------------------------------------------
     @property
@@ -267,6 +277,12 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GCFGPipeline":
         """diffusers' loading, plus the extra denoisers a local folder's `EXTRA_DENOISERS` names."""
         folder = Path(pretrained_model_name_or_path)
+        index_file = folder / "model_index.json"
+        if cls is GCFGPipeline and index_file.is_file():
+            if json.loads(index_file.read_text()).get("_class_name") == "GCFGXLPipeline":
+                from ccp.pipelines.gcfg_xl import GCFGXLPipeline
+
+                return GCFGXLPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if not (folder / EXTRA_DENOISERS).is_file():
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         index = json.loads((folder / "model_index.json").read_text())
@@ -319,6 +335,14 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return embeds.to(dtype=self.text_encoder.dtype, device=device)
 
+    def encode_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The `BatchedCondition` fields of one prompt on a text denoiser, each with batch 1."""
+        return {"prompt_embeds": self.encode_prompt(prompt)}
+
+    def image_conditions(self, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Fields every condition carries whatever its text, each with batch 1 (none on SD v1.x/2.x)."""
+        return {}
+
     def prepare_control_image(
         self, image: Any, height: int, width: int, dtype: torch.dtype, num_images: int = 1
     ) -> torch.Tensor:
@@ -335,17 +359,22 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     ) -> dict[str, BatchedCondition]:
         """Per denoiser, the conditions of its call stacked in call order, each repeated per image
         (control images in `dtype`; `predict_noise` casts each call's tensors to its denoiser's dtype)."""
-        prompt_cache: dict[str, torch.Tensor] = {}
+        prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
+        shared = self.image_conditions(height, width)
         batched = {}
         for call in plan.calls:
             denoiser = self.denoisers[call.denoiser]
-            embeds, images, scales = [], [], []
+            fields: dict[str, list[torch.Tensor]] = {}
+            images, scales = [], []
             for condition in call.conditions:
+                tensors = dict(shared)
                 if denoiser.takes_prompt:
                     prompt = condition.prompt or ""
                     if prompt not in prompt_cache:
-                        prompt_cache[prompt] = self.encode_prompt(prompt)
-                    embeds.append(prompt_cache[prompt].repeat(num_images, 1, 1))
+                        prompt_cache[prompt] = self.encode_text(prompt)
+                    tensors.update(prompt_cache[prompt])
+                for key, value in tensors.items():
+                    fields.setdefault(key, []).append(value.repeat(num_images, *[1] * (value.ndim - 1)))
                 if denoiser.takes_control_image:
                     several = denoiser.num_controlnets > 1
                     per_net = condition.control_image if several else [condition.control_image]
@@ -365,7 +394,7 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 several = len(control) > 1
                 pack = (lambda k: tuple(c[k] for c in control)) if several else (lambda k: control[0][k])
             batched[call.denoiser] = BatchedCondition(
-                prompt_embeds=torch.cat(embeds) if embeds else None,
+                **{key: torch.cat(values) for key, values in fields.items()},
                 control_image=pack(0) if control else None,
                 control_scale=pack(1) if control else None,
                 uniform_control_scale=pack(2) if control else None,
@@ -538,15 +567,19 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         if output_type == "latent":
             images = latents
         else:
-            # the inverse of training's (latents - shift_factor) * scaling_factor
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            latents = (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
-            decoded = self.vae.decode(latents, return_dict=False, generator=generator)[0].float()
+            decoded = self.decode_latents(latents, generator)
             images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * len(decoded))
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return GCFGPipelineOutput(images=images)
+
+    def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] (fp32) from final latents, as diffusers' SD pipelines decode them."""
+        # the inverse of training's (latents - shift_factor) * scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
+        return self.vae.decode(latents, return_dict=False, generator=generator)[0].float()
 
     # Same as diffusers' StableDiffusionPipeline: pass eta/generator only to schedulers that take them.
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs

@@ -53,7 +53,7 @@ def check_required(cfg: DictConfig) -> None:
     }
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith(tuple(disabled)))
     if missing:
-        hints = {"prior.path": "/path/to/sd-v1-5 (or a folder written by ccp-tiny-prior)"}
+        hints = {"prior.path": "/path/to/sd-v1-5 (or an SD 2.x/SDXL folder, or one written by ccp-tiny-prior)"}
         fixes = " ".join(f"{key}={hints.get(key, '...')}" for key in missing)
         raise SampleConfigError(f"required value(s) not set: {', '.join(missing)}; pass {fixes}")
 
@@ -268,7 +268,7 @@ def load_unet_checkpoint(path: str, dtype: torch.dtype, prior: str | None = None
 
 
 def load_pipeline(cfg: DictConfig, scheduler: Any, dtype: torch.dtype, device: torch.device) -> GCFGPipeline:
-    prior = load_prior(cfg.prior.path, dtype=dtype)
+    prior = load_prior(cfg.prior.path, dtype=dtype, family=cfg.prior.get("family"))
     controlnet = load_controlnet(cfg.controlnet.path, dtype=dtype) if cfg.controlnet.path else None
     concept_unet = None
     if cfg.concept.path:

@@ -1,7 +1,11 @@
 """Randomly initialised SD-shaped priors, built from config: no download, deterministic per seed.
 
-`build_tiny_prior` is what the tests and the toy experiments use; `build_sd15_shaped_*` give the
-real SD v1.5 architectures with random weights, for parameter counts and speed benchmarks.
+`build_tiny_prior` is what the tests and the toy experiments use, in the shape of SD v1.5 (default),
+SD 2.x (`family="sd2"`: OpenCLIP-style text encoder, linear projections, v-prediction) or SDXL
+(`family="sdxl"`: two text encoders, the second with a projection whose pooled output and the
+size/crop time ids are the UNet's added conditioning). `build_sd15_shaped_*` and
+`build_sdxl_shaped_unet` give the real architectures with random weights, for parameter counts,
+the null-text error at initialisation and speed benchmarks.
 """
 
 from __future__ import annotations
@@ -9,9 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ccp.priors.families import FAMILIES
 from ccp.priors.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 # SD v1.5's scheduler config (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
@@ -110,27 +124,132 @@ TINY_VAE_CONFIG = dict(
 )
 
 
+# SD 2.1's scheduler (stabilityai/stable-diffusion-2-1, 768 px): DDIM over v-prediction.
+SD2_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="v_prediction",
+    trained_betas=None,
+)
+
+# SDXL base 1.0's scheduler (stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    timestep_spacing="leading",
+    steps_offset=1,
+    trained_betas=None,
+)
+
+# SDXL base 1.0's UNet (unet/config.json), for the architecture with random weights.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the pooled 1280-d text embedding
+    norm_num_groups=32,
+)
+
+# Tiny SD 2.x: the SD v1.5-sized tiny shapes with SD 2's linear projections, per-level heads and GELU text encoder.
+TINY_SD2_UNET_CONFIG = dict(TINY_UNET_CONFIG, attention_head_dim=(2, 4), use_linear_projection=True)
+TINY_SD2_TEXT_ENCODER_CONFIG = dict(TINY_TEXT_ENCODER_CONFIG, hidden_act="gelu")
+
+# Tiny SDXL: SDXL's layout (no attention at the top level, deeper transformers lower down, text_time
+# added conditioning) at tiny width. Text: 32-d CLIP-L-like + 32-d bigG-like with a 32-d projection.
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    cross_attention_dim=64,  # the two text encoders' hidden states concatenated: 32 + 32
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + the pooled 32-d embedding
+    norm_num_groups=16,
+)
+TINY_SDXL_TEXT_ENCODER_2_CONFIG = dict(TINY_TEXT_ENCODER_CONFIG, hidden_act="gelu", projection_dim=32)
+TINY_SDXL_VAE_CONFIG = dict(TINY_VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)
+
+
 def _seeded(seed: int, build):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
 
-def build_tiny_prior(seed: int = 0) -> StableDiffusionPipeline:
-    """A random SD-shaped text-to-image pipeline; the same seed gives the same weights."""
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**TINY_UNET_CONFIG))
+def build_tiny_prior(seed: int = 0, family: str = "sd1") -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A random SD-shaped text-to-image pipeline of `family` (sd1, sd2, sdxl); the same seed gives the same weights."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: use one of {sorted(FAMILIES)}")
+    if family == "sdxl":
+        return _build_tiny_sdxl(seed)
+    sd2 = family == "sd2"
+    unet = _seeded(seed, lambda: UNet2DConditionModel(**(TINY_SD2_UNET_CONFIG if sd2 else TINY_UNET_CONFIG)))
     vae = _seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE_CONFIG))
-    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG)))
+    text_config = CLIPTextConfig(**(TINY_SD2_TEXT_ENCODER_CONFIG if sd2 else TINY_TEXT_ENCODER_CONFIG))
+    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(text_config))
     return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
-        tokenizer=build_clip_tokenizer(),
+        # SD 2.x's (OpenCLIP) tokenizer pads with "!" (id 0), SD v1.x's with the EOS
+        tokenizer=build_clip_tokenizer(pad_token="!") if sd2 else build_clip_tokenizer(),
         unet=unet.eval(),
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        scheduler=(DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG) if sd2
+                   else PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
+    unet = _seeded(seed, lambda: UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG))
+    vae = _seeded(seed + 1, lambda: AutoencoderKL(**TINY_SDXL_VAE_CONFIG))
+    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG)))
+    text_encoder_2 = _seeded(
+        seed + 4, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER_2_CONFIG))
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),  # SDXL's second (OpenCLIP bigG) tokenizer pads with "!"
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )
+
+
+def build_sdxl_shaped_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SDXL base's UNet architecture (2.6 B parameters) with random weights."""
+    return _seeded(seed, lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG))
 
 
 def build_tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
@@ -167,10 +286,10 @@ def build_sd15_shaped_prior(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def save_tiny_prior(out_dir: str | Path, seed: int = 0, with_controlnet: bool = False) -> Path:
-    """Write a tiny prior folder laid out like SD v1.5 (plus `controlnet/` when asked)."""
+def save_tiny_prior(out_dir: str | Path, seed: int = 0, with_controlnet: bool = False, family: str = "sd1") -> Path:
+    """Write a tiny prior folder laid out like SD v1.5, SD 2.x or SDXL (plus `controlnet/` when asked)."""
     out_dir = Path(out_dir)
-    pipe = build_tiny_prior(seed)
+    pipe = build_tiny_prior(seed, family=family)
     pipe.save_pretrained(out_dir)
     if with_controlnet:
         build_tiny_controlnet(pipe.unet, seed + 3).save_pretrained(out_dir / "controlnet")

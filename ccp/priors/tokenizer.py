@@ -39,8 +39,11 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_clip_tokenizer() -> CLIPTokenizer:
-    """SD v1.x's tokenizer (openai/clip-vit-large-patch14): lower-case BPE, 77 tokens, EOS as padding."""
+def build_clip_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+    """SD v1.x's tokenizer (openai/clip-vit-large-patch14): lower-case BPE, 77 tokens, EOS as padding.
+
+    ``pad_token="!"`` gives the OpenCLIP variant (SD 2.x's tokenizer, SDXL's tokenizer_2): same
+    vocabulary and merges, padded with "!" (id 0) after the EOS."""
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(
         vocab=dict(vocab),
@@ -48,6 +51,6 @@ def build_clip_tokenizer() -> CLIPTokenizer:
         unk_token=EOS,
         bos_token=BOS,
         eos_token=EOS,
-        pad_token=EOS,
+        pad_token=pad_token,
         model_max_length=CLIP_MAX_LENGTH,
     )
