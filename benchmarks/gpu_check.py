@@ -11,6 +11,8 @@ written to the JSON as soon as it ends (so a killed run keeps what finished):
   training_steady    50 steps of ours (bf16 autocast, fp32 master weights, AdamW): finite loss,
                      steady step time (median, p90/median, first vs. last 10 steps);
   cost               benchmarks/cost.py's device-hours of the full recipe from the sections above;
+  sampling_sdxl      benchmarks/sampling.py's (a)-(d) on SDXL base's architecture (random weights) at
+                     1024 px, batch 1 and 4 (the smoke run: the tiny SDXL prior);
   training_compile   the training variants again under torch.compile (with and without
                      channels_last). Last, because compile time is the one thing that cannot be
                      predicted: it never pushes the sections above out of the budget;
@@ -55,9 +57,9 @@ from common import device_slug, machine, step_times, write_json  # noqa: E402
 # come from the measured variants. Full: an H100/H200; smoke: a 2-core CPU.
 ESTIMATES = {
     "full": {"sampling": 80, "null_text_forward": 15, "eager_variant": 20, "compile_variant": 120, "steady": 40,
-             "cost": 5, "validation_memory": 45},
+             "cost": 5, "validation_memory": 45, "sampling_sdxl": 150},
     "smoke": {"sampling": 15, "null_text_forward": 5, "eager_variant": 6, "compile_variant": 20, "steady": 8,
-              "cost": 3, "validation_memory": 15},
+              "cost": 3, "validation_memory": 15, "sampling_sdxl": 15},
 }
 TARGETS = {
     "ours_training_images_per_s": (">=", 80.0),
@@ -68,7 +70,7 @@ TARGETS = {
 STEADY_LIMITS = {"p90_over_median": 1.25, "last10_over_first10_median": 0.15}  # the second: allowed |ratio - 1|
 HARD_STOP_GRACE_S = 10  # a section still running this long after the budget is stopped (SIGALRM)
 SECTIONS = ("sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory",
-            "training_compile")
+            "sampling_sdxl", "training_compile")
 
 
 def log(message: str, started: float) -> None:
@@ -310,8 +312,8 @@ class GPUCheck:
         built = []
         original = sampling.build_prior
 
-        def build_and_keep(size):  # the null-text forward section measures this prior's UNet
-            built.append(original(size))
+        def build_and_keep(size, family="sd1"):  # the null-text forward section measures this prior's UNet
+            built.append(original(size, family))
             return built[-1]
 
         if self.device.type == "cuda":
@@ -332,6 +334,27 @@ class GPUCheck:
                 "b_over_a": row["ratios"]["b_over_a"],
             }
             self.log(f"sampling batch {row['batch']}: " + ", ".join(f"{k}={v:.3f}" for k, v in rows[str(row["batch"])].items()))
+        return {"summary": rows, **peak_memory(self.device), "result": result}
+
+    def sampling_sdxl(self) -> dict:
+        """GCFG's three terms on SDXL: the batched plan's overhead (a/d) and the unbatched ratio (b/a)."""
+        import sampling
+
+        from ccp.priors.loading import resolve_dtype
+
+        a = self.args
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        size, resolution = ("tiny", 64) if self.mode == "smoke" else ("full", 1024)
+        result = sampling.run(size, self.device, resolve_dtype(a.sampling_dtype), resolution, [1, 4],
+                              a.sampling_steps, a.sampling_repeats, family="sdxl")
+        rows = {str(row["batch"]): {"a_per_image_s": row["per_image_s"]["a_batched_gcfg"], **row["ratios"]}
+                for row in result["results"]}
+        for batch, row in rows.items():
+            self.log(f"sampling SDXL batch {batch}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         return {"summary": rows, **peak_memory(self.device), "result": result}
 
     def null_text_forward(self) -> dict:
@@ -600,6 +623,7 @@ class GPUCheck:
         else:
             self.section("cost", self.cost, e["cost"])
         self.section("validation_memory", self.validation_memory, e["validation_memory"])
+        self.section("sampling_sdxl", self.sampling_sdxl, e["sampling_sdxl"])
         self.section("training_compile", self.training_compile, e["compile_variant"])
 
 

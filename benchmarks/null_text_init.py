@@ -83,10 +83,12 @@ def relative_errors(model, pairs, reference) -> dict:
 
 def time_and_count(prior, null_model, x, t, text, repeats) -> dict:
     """Median seconds and FLOPs of one forward each; repeats alternate so load drifts hit both alike."""
-    calls = {
-        "prior": lambda: prior(x, t, encoder_hidden_states=text),
-        "null_text": lambda: null_model(x, t),
-    }
+    return time_calls({"prior": lambda: prior(x, t, encoder_hidden_states=text), "null_text": lambda: null_model(x, t)},
+                      x, repeats)
+
+
+def time_calls(calls: dict, x: torch.Tensor, repeats: int) -> dict:
+    """`calls` = {"prior": f, "null_text": g}: FLOPs of one call each, median seconds over interleaved repeats."""
     flops = {}
     times = {name: [] for name in calls}
     with torch.no_grad():
@@ -104,6 +106,7 @@ def time_and_count(prior, null_model, x, t, text, repeats) -> dict:
     prior_s, null_s = statistics.median(times["prior"]), statistics.median(times["null_text"])
     return {
         "batch": x.shape[0],
+        "latent_size": x.shape[-1],
         "repeats": repeats,
         "prior_s": prior_s,
         "null_text_s": null_s,

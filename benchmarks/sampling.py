@@ -7,7 +7,9 @@
 (d) the limit: per step one batched forward per distinct denoiser, timed alone.
 
     python benchmarks/sampling.py --size tiny            # CPU, tiny prior
+    python benchmarks/sampling.py --size tiny --family sdxl
     python benchmarks/sampling.py --size sd15 --device cuda --dtype bfloat16 --resolution 512
+    python benchmarks/sampling.py --size full --family sdxl --device cuda --dtype bfloat16 --resolution 1024
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_seconds, write_json  # noqa: E402
 
 from ccp.guidance import Condition, GuidancePlan, GuidanceSpec, GuidanceTerm, Source  # noqa: E402
-from ccp.models.null_text_unet import NullTextUNet2DConditionModel  # noqa: E402
+from ccp.models.denoisers import BatchedCondition  # noqa: E402
+from ccp.models.null_text_unet import null_text_from_pipeline  # noqa: E402
 from ccp.pipelines.gcfg import GCFGPipeline  # noqa: E402
 from ccp.priors.loading import resolve_dtype  # noqa: E402
 from ccp.priors.tiny import (  # noqa: E402
@@ -32,14 +35,17 @@ from ccp.priors.tiny import (  # noqa: E402
     TINY_VAE_CONFIG,
     build_sd15_shaped_text_encoder,
     build_sd15_shaped_unet,
+    build_sdxl_shaped_prior,
     build_tiny_prior,
 )
 from ccp.priors.tokenizer import build_clip_tokenizer  # noqa: E402
 
 
-def build_prior(size: str) -> StableDiffusionPipeline:
+def build_prior(size: str, family: str = "sd1") -> StableDiffusionPipeline:
     if size == "tiny":
-        return build_tiny_prior(0)
+        return build_tiny_prior(0, family=family)
+    if family == "sdxl":  # SDXL base's UNet and text encoders, random weights; the tiny VAE
+        return build_sdxl_shaped_prior(0)
     # SD v1.5 UNet and text encoder with random weights; the VAE is not timed (latent output).
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**TINY_VAE_CONFIG),
@@ -62,27 +68,39 @@ def three_term_spec() -> GuidanceSpec:
     )
 
 
+def rows(cond: BatchedCondition, start: int, n: int = 1) -> BatchedCondition:
+    """Rows start..start+n of a batched condition (the text and, on SDXL, pooled and time ids)."""
+    pick = lambda v: None if v is None else v[start : start + n]  # noqa: E731
+    return BatchedCondition(prompt_embeds=pick(cond.prompt_embeds), pooled_embeds=pick(cond.pooled_embeds),
+                            time_ids=pick(cond.time_ids))
+
+
 @torch.no_grad()
-def unbatched_sample(pipe: GCFGPipeline, spec: GuidanceSpec, num_images: int, latent_hw: int, steps: int) -> torch.Tensor:
+def unbatched_sample(pipe: GCFGPipeline, conditions: dict, num_images: int, latent_hw: int, steps: int) -> torch.Tensor:
     """Algorithm 1 literally: each term, each image, its own model call."""
-    embeds = {p: pipe.encode_prompt(p) for p in ("", "wearing glasses")}
+    prior, concept = pipe.denoisers["prior"], pipe.denoisers["concept"]
+    # the prior's call holds the unconditional then the control condition, num_images rows each
+    uncond_in = [rows(conditions["prior"], i) for i in range(num_images)]
+    control_in = [rows(conditions["prior"], num_images + i) for i in range(num_images)]
+    concept_in = [rows(conditions["concept"], i) for i in range(num_images)]
     pipe.scheduler.set_timesteps(steps, device=pipe.device)
     latents = torch.randn(num_images, 4, latent_hw, latent_hw, device=pipe.device, dtype=pipe.unet.dtype)
     for t in pipe.scheduler.timesteps:
         out = []
         for i in range(num_images):
             x = latents[i : i + 1]
-            uncond = pipe.unet(x, t, encoder_hidden_states=embeds[""]).sample
-            control = pipe.unet(x, t, encoder_hidden_states=embeds["wearing glasses"]).sample
-            concept = pipe.concept_unet(x, t).sample
-            out.append(uncond + 1.5 * (concept - uncond) + 5.0 * (control - uncond))
+            uncond = prior(x, t, uncond_in[i])
+            control = prior(x, t, control_in[i])
+            concept_eps = concept(x, t, concept_in[i])
+            out.append(uncond + 1.5 * (concept_eps - uncond) + 5.0 * (control - uncond))
         latents = pipe.scheduler.step(torch.cat(out), t, latents).prev_sample
     return latents
 
 
-def run(size: str, device: torch.device, dtype: torch.dtype, resolution: int, batches: list[int], steps: int, repeats: int) -> dict:
-    prior = build_prior(size)
-    concept = NullTextUNet2DConditionModel.from_prior(prior.unet, prior.text_encoder, prior.tokenizer, definition="value_mean")
+def run(size: str, device: torch.device, dtype: torch.dtype, resolution: int, batches: list[int], steps: int, repeats: int,
+        family: str = "sd1") -> dict:
+    prior = build_prior(size, family)
+    concept = null_text_from_pipeline(prior, definition="value_mean")
     prior = prior.to(device, dtype)
     concept = concept.to(device, dtype).eval()
     prior.set_progress_bar_config(disable=True)
@@ -95,11 +113,12 @@ def run(size: str, device: torch.device, dtype: torch.dtype, resolution: int, ba
     for batch in tqdm(batches, desc="batch sizes"):
         kw = dict(height=resolution, width=resolution, num_inference_steps=steps, output_type="latent")
         t_batched = median_seconds(lambda: pipe(spec, num_images=batch, **kw), device, repeats)
-        t_unbatched = median_seconds(lambda: unbatched_sample(pipe, spec, batch, latent_hw, steps), device, max(1, repeats // 2))
+        conditions = pipe.batch_conditions(plan, batch, resolution, resolution, dtype)
+        t_unbatched = median_seconds(lambda: unbatched_sample(pipe, conditions, batch, latent_hw, steps), device,
+                                     max(1, repeats // 2))
         t_diffusers = median_seconds(
             lambda: prior("wearing glasses", guidance_scale=7.5, num_images_per_prompt=batch, **kw), device, repeats
         )
-        conditions = pipe.batch_conditions(plan, batch, resolution, resolution, dtype)
         x = torch.randn(batch, 4, latent_hw, latent_hw, device=device, dtype=dtype)
         t = torch.tensor(500, device=device)
 
@@ -110,10 +129,11 @@ def run(size: str, device: torch.device, dtype: torch.dtype, resolution: int, ba
                     pipe.denoisers[call.denoiser](torch.cat([x] * len(call.conditions)), t, conditions[call.denoiser])
 
         t_limit = median_seconds(forwards_only, device, repeats)
-        prior_in = conditions["prior"].prompt_embeds[:batch]
+        prior_in = rows(conditions["prior"], 0, batch)
         with torch.no_grad():
-            t_prior_fwd = median_seconds(lambda: pipe.unet(x, t, encoder_hidden_states=prior_in), device, repeats * 3)
-            t_concept_fwd = median_seconds(lambda: concept(x, t), device, repeats * 3)
+            t_prior_fwd = median_seconds(lambda: pipe.denoisers["prior"](x, t, prior_in), device, repeats * 3)
+            t_concept_fwd = median_seconds(lambda: pipe.denoisers["concept"](x, t, conditions["concept"]), device,
+                                           repeats * 3)
         row = {
             "batch": batch,
             "per_image_s": {
@@ -137,6 +157,7 @@ def run(size: str, device: torch.device, dtype: torch.dtype, resolution: int, ba
         "machine": machine(device),
         "model": {
             "size": size,
+            "family": family,
             "unet_params": sum(p.numel() for p in prior.unet.parameters()),
             "null_text_unet_params": sum(p.numel() for p in concept.parameters()),
             "dtype": str(dtype).replace("torch.", ""),
@@ -152,7 +173,9 @@ def run(size: str, device: torch.device, dtype: torch.dtype, resolution: int, ba
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "sd15", "full"], default="tiny",
+                        help="tiny: the tiny prior of --family; sd15/full: the family's real architecture, random weights")
+    parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="sd1")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--resolution", type=int, default=None, help="pixels; default 64 (tiny) or 512 (sd15)")
@@ -166,9 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    resolution = args.resolution or (64 if args.size == "tiny" else 512)
-    payload = run(args.size, device, resolve_dtype(args.dtype), resolution, args.batches, args.steps, args.repeats)
-    tag = f"{args.size}_{device.type}_{args.dtype}_{resolution}px"
+    if args.size != "tiny" and args.family == "sd2" or args.size == "sd15" and args.family != "sd1":
+        parser.error(f"--size {args.size} --family {args.family}: the real architectures here are SD v1.5's "
+                     "(--size sd15) and SDXL's (--size full --family sdxl); SD 2.x runs at --size tiny")
+    resolution = args.resolution or (64 if args.size == "tiny" else 1024 if args.family == "sdxl" else 512)
+    payload = run(args.size, device, resolve_dtype(args.dtype), resolution, args.batches, args.steps, args.repeats,
+                  args.family)
+    family = "" if args.family == "sd1" else f"{args.family}_"
+    tag = f"{family}{args.size}_{device.type}_{args.dtype}_{resolution}px"
     print(f"wrote {write_json(args.out, f'sampling_{tag}.json', payload)}")
 
 

@@ -16,7 +16,9 @@ activations); on CPU the process's max RSS (resource.getrusage) minus its RSS ju
 step. The ratio ours/dreambooth is taken from the same invocation.
 
     python benchmarks/training.py --size tiny                      # CPU, tiny prior, 64 px
+    python benchmarks/training.py --size tiny --family sdxl        # CPU, tiny SDXL prior
     python benchmarks/training.py --size sd15 --device cuda --dtype bf16-mixed --resolution 512
+    python benchmarks/training.py --size full --family sdxl --device cuda --dtype bf16-mixed --resolution 1024
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ MOSAICML_ANCHOR = (
 DTYPES = {"float32": None, "bf16-mixed": torch.bfloat16}
 
 
-def build_prior(size: str):
+def build_prior(size: str, family: str = "sd1"):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
 
     from ccp.priors.tiny import (
@@ -55,12 +57,19 @@ def build_prior(size: str):
         SD15_VAE_CONFIG,
         build_sd15_shaped_text_encoder,
         build_sd15_shaped_unet,
+        build_sdxl_shaped_prior,
         build_tiny_prior,
     )
     from ccp.priors.tokenizer import build_clip_tokenizer
 
     if size == "tiny":
-        return build_tiny_prior(0)
+        return build_tiny_prior(0, family=family)
+    if family == "sdxl":
+        # SDXL base's UNet and text encoders; its VAE has SD's architecture with another latent scale
+        prior = build_sdxl_shaped_prior(0)
+        torch.manual_seed(2)
+        prior.register_modules(vae=AutoencoderKL(**dict(SD15_VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)).eval())
+        return prior
     # SD v1.5 UNet, text encoder and VAE with random weights (no download).
     torch.manual_seed(2)
     vae = AutoencoderKL(**SD15_VAE_CONFIG)
@@ -90,7 +99,7 @@ def max_rss_bytes() -> int:
 
 
 def run_variant(variant: str, size: str, device_name: str, dtype_name: str, resolution: int, batch: int,
-                steps: int, warmup: int, threads: int) -> dict:
+                steps: int, warmup: int, threads: int, family: str = "sd1") -> dict:
     """One variant, in its own process. Returns step time, images/s, memory and model sizes."""
     from diffusers import DDPMScheduler
 
@@ -104,8 +113,9 @@ def run_variant(variant: str, size: str, device_name: str, dtype_name: str, reso
     autocast_dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
 
-    prior = build_prior(size)
-    sizes = {"unet_params": count(prior.unet), "text_encoder_params": count(prior.text_encoder), "vae_params": count(prior.vae)}
+    prior = build_prior(size, family)
+    sizes = {"unet_params": count(prior.unet), "vae_params": count(prior.vae),
+             "text_encoder_params": count(prior.text_encoder) + count(getattr(prior, "text_encoder_2", None))}
     template = PromptTemplate()
     if variant == "ours":
         method = build_method("ours", prior, template, definition="value_mean")  # value_mean: no calibration run
@@ -137,7 +147,10 @@ def run_variant(variant: str, size: str, device_name: str, dtype_name: str, reso
 
     # Count what runs per step, so the JSON states it rather than assumes it.
     calls = {"vae.encode": 0, "text_encoder": 0}
-    frozen_runs = {"vae.encode": vae.encoder if vae is not None else None, "text_encoder": method._frozen.get("text_encoder")}
+    encoders = method._frozen.get("text_encoder")
+    if isinstance(encoders, torch.nn.ModuleList):  # SDXL: both encoders run; count the first
+        encoders = encoders[0]
+    frozen_runs = {"vae.encode": vae.encoder if vae is not None else None, "text_encoder": encoders}
     def counter(name):
         # not traced: a compiled forward would otherwise guard on the count and recompile every step
         return torch.compiler.disable(lambda *_: calls.__setitem__(name, calls[name] + 1))
@@ -196,13 +209,13 @@ def run_variant(variant: str, size: str, device_name: str, dtype_name: str, reso
 
 
 def run(size: str, device: torch.device, dtype_name: str, resolution: int, batch: int, steps: int, warmup: int,
-        threads: int) -> dict:
+        threads: int, family: str = "sd1") -> dict:
     results = {}
     ctx = mp.get_context("spawn")
     for variant in VARIANTS:
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:  # a fresh process per variant
             row = pool.submit(run_variant, variant, size, str(device), dtype_name, resolution, batch, steps, warmup,
-                              threads).result()
+                              threads, family).result()
         results[variant] = row
         print(f"{variant}: {row['images_per_s']:.2f} images/s ({row['step_s'] * 1000:.1f} ms/step)", flush=True)
     sizes = results["ours"].pop("prior_sizes")
@@ -213,7 +226,7 @@ def run(size: str, device: torch.device, dtype_name: str, resolution: int, batch
         "benchmark": "training",
         "machine": machine(device),
         "torch": torch.__version__,
-        "model": {"size": size, **sizes},
+        "model": {"size": size, "family": family, **sizes},
         "dtype": dtype_name,
         "resolution": resolution,
         "batch": batch,
@@ -236,7 +249,9 @@ def run(size: str, device: torch.device, dtype_name: str, resolution: int, batch
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "sd15", "full"], default="tiny",
+                        help="tiny: the tiny prior of --family; sd15/full: the family's real architecture, random weights")
+    parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], default="sd1")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", "--precision", dest="dtype", choices=sorted(DTYPES), default="float32",
                         help="float32, or bf16-mixed (autocast bfloat16, trainable weights fp32, frozen VAE/text encoder bf16)")
@@ -252,12 +267,17 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the variant processes
         torch.set_num_threads(args.threads)
-    resolution = args.resolution or (64 if args.size == "tiny" else 512)
+    if args.size != "tiny" and args.family == "sd2" or args.size == "sd15" and args.family != "sd1":
+        parser.error(f"--size {args.size} --family {args.family}: the real architectures here are SD v1.5's "
+                     "(--size sd15) and SDXL's (--size full --family sdxl); SD 2.x runs at --size tiny")
+    resolution = args.resolution or (64 if args.size == "tiny" else 1024 if args.family == "sdxl" else 512)
     if resolution % 8:
         parser.error("--resolution must be a multiple of 8 (the VAE's downsampling)")
-    payload = run(args.size, device, args.dtype, resolution, args.batch, args.steps, args.warmup, args.threads)
+    payload = run(args.size, device, args.dtype, resolution, args.batch, args.steps, args.warmup, args.threads,
+                  args.family)
     if not args.no_write:
-        tag = f"{args.size}_{device.type}_{args.dtype}_{resolution}px"
+        family = "" if args.family == "sd1" else f"{args.family}_"
+        tag = f"{family}{args.size}_{device.type}_{args.dtype}_{resolution}px"
         print(f"wrote {write_json(args.out, f'training_{tag}.json', payload)}")
 
 

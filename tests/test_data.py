@@ -389,7 +389,7 @@ def test_datamodule_batches_pixels_without_cache_and_latents_with_it(image_folde
     plain.prepare_data()
     plain.setup("fit")
     batch = next(iter(plain.train_dataloader()))
-    assert batch.keys() == {"pixel_values"} and batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch.keys() == {"pixel_values", "original_size", "crop_top_left"} and batch["pixel_values"].shape == (2, 3, 64, 64)
 
     cached = datamodule(image_folder, tmp_path, latent_cache={"enabled": True, "shard_size": 2, "dtype": "float32"})
     with pytest.raises(ValueError, match="attach_vae"):
@@ -399,7 +399,7 @@ def test_datamodule_batches_pixels_without_cache_and_latents_with_it(image_folde
     with EncoderCalls(vae) as calls:
         batches = list(itertools.islice(cached.train_dataloader(), 4))  # the training stream is endless
     assert calls.count == 0
-    assert [b.keys() for b in batches] == [{"latents"}] * 4
+    assert [b.keys() for b in batches] == [{"latents", "original_size", "crop_top_left"}] * 4
     assert [b["latents"].shape[0] for b in batches] == [2] * 4 and batches[0]["latents"].shape[1:] == (4, 8, 8)
 
 
@@ -445,7 +445,7 @@ def test_lightning_fit_takes_the_vae_from_the_module_and_sees_only_latents(image
         enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(probe, datamodule=dm)
-    assert probe.keys == [{"latents"}] * 2
+    assert probe.keys == [{"latents", "original_size", "crop_top_left"}] * 2
     assert (dm.latent_cache_dir / MANIFEST).is_file()
 
 

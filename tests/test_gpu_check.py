@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-SECTIONS = {"sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory",
+SECTIONS = {"sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory", "sampling_sdxl",
             "training_compile"}
 TARGETS = {"ours_training_images_per_s", "gcfg_three_term_unet_rows_per_s", "gcfg_a_over_d",
            "null_text_forward_time_ratio_minus_flop_ratio"}
@@ -61,7 +61,8 @@ def test_every_section_runs_and_is_written_as_it_ends(smoke):
     assert result["machine"]["device"] == "cpu" and result["preflight"]["missing"] == {}
     # one atomic write after each section, each logged with its progress line
     assert sum("] wrote " in line for line in log.splitlines()) >= len(SECTIONS)
-    order = ["sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory", "training_compile"]
+    order = ["sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory", "sampling_sdxl",
+             "training_compile"]
     starts = [sections[name]["started_s"] for name in order]
     assert starts == sorted(starts)  # in this order, the one whose time cannot be predicted (compile) last
     grids = sections["validation_memory"]["rows"]
@@ -190,3 +191,15 @@ def test_gpu_wheels_are_pinned_as_in_constraints():
     constraints = requirement_pins((ROOT / "constraints.txt").read_text())
     assert {"diffusers", "hydra-core", "omegaconf", "antlr4-python3-runtime", "clip-anytorch", "torch-fidelity"} <= set(wheels)
     assert {name: constraints.get(name) for name in wheels} == wheels
+
+
+def test_sdxl_sampling_section_runs_the_sdxl_prior(smoke):
+    _, result = smoke
+    section = result["sections"]["sampling_sdxl"]
+    model = section["result"]["model"]
+    assert model["family"] == "sdxl" and model["size"] == "tiny" and model["resolution"] == 64
+    # the null-text concept UNet of SDXL drops every cross-attention: fewer parameters than the prior's
+    assert model["null_text_unet_params"] < model["unet_params"]
+    assert set(section["summary"]) == {"1", "4"}
+    for row in section["summary"].values():
+        assert row["a_per_image_s"] > 0 and row["b_over_a"] > 0 and row["a_over_d"] > 0

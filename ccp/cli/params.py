@@ -1,4 +1,4 @@
-"""`ccp-params [--json PATH] [--tiny] [--methods NAME ...] [--memory [--optimizer adamw8bit] [--ema]
+"""`ccp-params [--json PATH] [--tiny] [--family sd1|sdxl] [--methods NAME ...] [--memory [--optimizer adamw8bit] [--ema]
 [--ema-on-cpu] [--frozen-dtype bfloat16] [--device cpu]]`: trainable parameters per method, or the
 bytes a training run holds on the device and in host memory (weights, gradients, optimizer state,
 EMA, frozen parts; `ccp.methods.params.memory_estimate`).
@@ -6,6 +6,8 @@ EMA, frozen parts; `ccp.methods.params.memory_estimate`).
 Builds SD v1.5's architecture with random weights (no download: only shapes matter) and each method
 on it; the counts stand next to the paper's Table 1 ``#param``. The --memory options are ccp-train's
 optim.name, ema.enabled, ema.device=cpu and prior.dtype. ``--tiny``: the tiny test prior (seconds).
+``--family sdxl``: SDXL base 1.0's architecture (UNet and both text encoders) on the meta device, shapes
+only, counts in seconds (no --memory there); with ``--tiny``, the tiny SDXL prior.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import json
 import time
 from pathlib import Path
 
-from ccp.methods.params import OPTIMIZERS, report
+from ccp.methods.params import ARCHITECTURES, OPTIMIZERS, report
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ccp-params", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the result as JSON to this path")
     parser.add_argument("--tiny", action="store_true", help="the tiny test prior instead of SD v1.5's shapes")
+    parser.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                        help="sd1: SD v1.5's architecture; sdxl: SDXL base 1.0's (meta device)")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (registry names)")
     parser.add_argument("--memory", action="store_true", help="bytes of a training run (GiB) instead of counts")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
@@ -31,10 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training runs (cpu: process totals)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    print(f"building the {'tiny' if args.tiny else 'SD v1.5-shaped'} prior (random weights)...", flush=True)
+    arch = {("sd1", False): "sd15", ("sd1", True): "tiny", ("sdxl", False): "sdxl", ("sdxl", True): "tiny_sdxl"}[
+        (args.family, args.tiny)]
+    if args.memory and arch == "sdxl":
+        parser.error("--memory needs real tensors; SDXL's architecture is counted on the meta device "
+                     "(use --tiny --family sdxl for the tiny SDXL prior)")
+    print(f"building the {ARCHITECTURES[arch]}-shaped prior (random weights)...", flush=True)
     memory = dict(optimizer=args.optimizer, ema=args.ema or args.ema_on_cpu, ema_on_cpu=args.ema_on_cpu,
                   frozen_dtype=args.frozen_dtype, device=args.device) if args.memory else None
-    result, text = report("tiny" if args.tiny else "sd15", args.methods, memory)
+    result, text = report(arch, args.methods, memory)
     print(text)
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:

@@ -7,6 +7,7 @@ method owns only what differs between ours and the four baselines.
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from ccp.config import ConfigError
 from ccp.guidance import GuidanceSpec
+from ccp.methods.conditioning import added_cond_kwargs, is_sdxl, sdxl_time_ids, target_size_of, vae_scale_factor
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ class Method(nn.Module, ABC):
         # Frozen prior parts: kept out of state_dict/parameters so checkpoints stay small and the
         # optimiser never sees them. `move_frozen` puts them on the training device.
         self._frozen: dict[str, nn.Module] = {}
+        # SDXL: every prediction also takes the pooled text and the size/crop time ids
+        self.sdxl = is_sdxl(prior)
+        self.vae_scale = vae_scale_factor(prior) if prior is not None else 8
+        if self.sdxl:
+            type(self).check_prior("sdxl")
 
     @property
     def training_prompt(self) -> str | None:
@@ -75,6 +83,18 @@ class Method(nn.Module, ABC):
         """Refuse settings (``method.module``'s keys) that cannot build the method, before any
         model loads; the message names the key and a valid value."""
 
+    @classmethod
+    def takes_time_ids(cls) -> bool:
+        return "time_ids" in inspect.signature(cls.predict_noise).parameters
+
+    @classmethod
+    def check_prior(cls, family: str, **settings) -> None:
+        """Refuse a prior family (sd1, sd2, sdxl) the method cannot train on, before any model loads."""
+        if family == "sdxl" and not cls.takes_time_ids():
+            raise ConfigError(f"method {cls.name!r} does not train on SDXL priors yet (its prediction takes no "
+                              "size/crop time ids); use an SD v1.x/2.x prior, or ours, dreambooth, "
+                              "custom_diffusion or oft")
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
@@ -89,12 +109,23 @@ class Method(nn.Module, ABC):
 
     def batch_inputs(self, batch: dict, generator: torch.Generator) -> dict:
         """Extra keyword arguments of `predict_noise` taken from the batch (e.g. per-item captions);
-        draws only from `generator`, so a resumed run repeats them. Personalization methods have none."""
-        return {}
+        draws only from `generator`, so a resumed run repeats them. On SDXL: ``time_ids`` [B, 6] from
+        the items' original sizes and crops, the target size the batch's image size; otherwise none."""
+        if not self.sdxl:
+            return {}
+        return {"time_ids": sdxl_time_ids(batch, target_size_of(batch, self.vae_scale))}
+
+    def added_cond_kwargs(self, noisy_latents: torch.Tensor, dtype: torch.dtype, pooled: torch.Tensor | None,
+                          time_ids: torch.Tensor | None) -> dict | None:
+        """The UNet's added conditioning on SDXL (None otherwise); no `time_ids`: GCFG's sampling default."""
+        if not self.sdxl:
+            return None
+        return added_cond_kwargs(noisy_latents, dtype, self.vae_scale, pooled, time_ids)
 
     @abstractmethod
     def predict_noise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The model prediction the loss is taken on, under the method's training condition."""
+        """The model prediction the loss is taken on, under the method's training condition. A method
+        that trains on SDXL also takes ``time_ids=None`` (`batch_inputs`) and passes the added conditioning."""
 
     def on_after_optimizer_step(self) -> None:
         """Hook for methods that must restore frozen state after an update."""

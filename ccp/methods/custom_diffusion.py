@@ -19,6 +19,10 @@ only installs the processors when called with the private ``_pipeline=`` argumen
 returns without changing the UNet), and it cannot read the safetensors file its own
 ``save_attn_procs`` writes (the untrained self-attention entries are dropped, so its processor
 count check fails).
+
+On SDXL (2048-d cross-attention) the processors are the same; the modifier token gets one trained
+row per text encoder, the prompt (and class prompt) is encoded through both as GCFG encodes it,
+and the token file holds ``clip_l``/``clip_g`` rows (diffusers' SDXL textual-inversion layout).
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ from torch import nn
 
 from ccp.methods.base import Method, PromptTemplate
 from ccp.methods.dreambooth import baseline_guidance, encode_tokens, frozen_copy, tokenize
-from ccp.methods.textual_inversion import EMBEDS_FILE, TokenTrainingMixin, pipeline_with_token, save_learned_embeds
+from ccp.methods.textual_inversion import (
+    EMBEDS_FILE,
+    TokenTrainingMixin,
+    pipeline_with_token,
+    save_learned_embeds,
+    save_sdxl_embeds,
+)
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 WEIGHTS_FILE_BIN = "pytorch_custom_diffusion_weights.bin"  # what diffusers' example writes by default
@@ -131,7 +141,7 @@ class CustomDiffusion(TokenTrainingMixin, Method):
         # Module names cannot contain "."; the processors are the same objects the UNet runs.
         self.processors = nn.ModuleDict({name.replace(".", "__"): p for name, p in processors.items()})
         self._frozen["unet"] = unet
-        self._init_token(prior)
+        self._init_token(prior)  # on SDXL: one row per text encoder (`TokenTrainingMixin`)
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -140,14 +150,32 @@ class CustomDiffusion(TokenTrainingMixin, Method):
     def use_class_prompt(self, class_prompt: str) -> None:
         """Prior preservation: rows after the instance rows (``num_class`` of `predict_noise`) are
         conditioned on `class_prompt` (usually without the modifier token)."""
+        if self.sdxl:
+            self._sdxl_class_prompt = class_prompt
+            self._sdxl_class_ids = self._sdxl_text.tokenize(class_prompt)
+            return
         self.register_buffer("class_prompt_ids", tokenize(self.tokenizer, class_prompt), persistent=False)
 
-    def predict_noise(self, noisy_latents, timesteps, num_class: int = 0):
-        embeds = self.condition(noisy_latents.shape[0] - num_class, self.unet.dtype)
+    def _sdxl_condition(self, num: int, num_class: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled = self.sdxl_condition(num, dtype)  # gradients reach the token rows
+        if num_class:
+            class_embeds, class_pooled = self._sdxl_text.encode(self._sdxl_class_ids, self._sdxl_class_prompt)
+            embeds = torch.cat([embeds, class_embeds.to(dtype).expand(num_class, -1, -1)])
+            pooled = torch.cat([pooled, class_pooled.to(dtype).expand(num_class, -1)])
+        return embeds, pooled
+
+    def predict_noise(self, noisy_latents, timesteps, num_class: int = 0, time_ids=None):
+        dtype, n = self.unet.dtype, noisy_latents.shape[0]
+        if self.sdxl:
+            embeds, pooled = self._sdxl_condition(n - num_class, num_class, dtype)
+            added = self.added_cond_kwargs(noisy_latents, dtype, pooled, time_ids)
+            return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=embeds,
+                             added_cond_kwargs=added, return_dict=False)[0]
+        embeds = self.condition(n - num_class, dtype)
         if num_class:
             class_embeds = encode_tokens(self._frozen["text_encoder"], self.class_prompt_ids)
-            embeds = torch.cat([embeds, class_embeds.to(self.unet.dtype).expand(num_class, -1, -1)])
-        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+            embeds = torch.cat([embeds, class_embeds.to(dtype).expand(num_class, -1, -1)])
+        return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
 
     def export(self, out_dir):
         out_dir = Path(out_dir)
@@ -155,12 +183,15 @@ class CustomDiffusion(TokenTrainingMixin, Method):
         processors = {name.replace("__", "."): p for name, p in self.processors.items()}
         state = {k: v.detach().cpu().contiguous() for k, v in custom_diffusion_state_dict(processors).items()}
         safetensors.torch.save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-        save_learned_embeds(out_dir, self.template.placeholder, self.token_embeds)
+        if self.sdxl:
+            save_sdxl_embeds(out_dir, self.template.placeholder, self.token_embeds, self.token_embeds_2)
+        else:
+            save_learned_embeds(out_dir, self.template.placeholder, self.token_embeds)
         return out_dir
 
     def sampling_pipeline(self, prior):
         # The UNet copy the method trains through: the prior's weights (shared) with the method's
-        # processors installed, plus the method's tokenizer and text encoder with the current token.
+        # processors installed, plus the method's tokenizer(s) and text encoder(s) with the current token.
         pipe = self.pipeline_with_own_token(prior)
         pipe.add_denoiser(self.name, self.unet)
         return pipe, self.name
@@ -170,10 +201,11 @@ class CustomDiffusion(TokenTrainingMixin, Method):
         export_dir = Path(export_dir)
         unet = frozen_copy(prior.unet)
         load_custom_diffusion_processors(unet, read_custom_diffusion_weights(export_dir))
-        pipe = pipeline_with_token(prior, export_dir / EMBEDS_FILE)
+        pipe = pipeline_with_token(prior, export_dir / EMBEDS_FILE)  # SDXL: clip_l/clip_g rows
         pipe.add_denoiser(cls.name, unet.eval())
         return pipe, cls.name
 
     @classmethod
     def default_guidance(cls, denoiser, template, control_prompt=None, concept_weight=1.0, control_weight=5.0):
         return baseline_guidance(cls, denoiser, template, control_prompt, control_weight)
+

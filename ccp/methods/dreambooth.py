@@ -31,6 +31,7 @@ from torch import nn
 from ccp.config import ConfigError
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
 from ccp.methods.base import Method, PromptTemplate
+from ccp.methods.conditioning import SDXLText, is_sdxl
 from ccp.models.denoisers import TextUNetDenoiser
 from ccp.pipelines.gcfg import GCFGPipeline
 
@@ -162,11 +163,24 @@ def baseline_guidance(cls, denoiser: str, template: PromptTemplate, control_prom
 
 class FixedPromptMixin:
     """For methods whose condition is a fixed prompt through a frozen text encoder: the embedding
-    is cached once in a non-persistent buffer (moves with the method, never checkpointed)."""
+    is cached once in a non-persistent buffer (moves with the method, never checkpointed). On SDXL
+    the prompt goes through both encoders as GCFG encodes it, and the pooled embedding is cached too."""
 
     def _init_fixed_prompt(self, prior: StableDiffusionPipeline, encode_every_step: bool) -> None:
-        text_encoder = frozen_copy(prior.text_encoder)
         self.encode_prompt_every_step = bool(encode_every_step)
+        if self.sdxl:
+            text = SDXLText.of(prior, encoders=[frozen_copy(e) if e is not None else None
+                                                for e in (prior.text_encoder, prior.text_encoder_2)])
+            self._sdxl_text = text
+            if self.encode_prompt_every_step:
+                self._frozen["text_encoder"] = text.encoders
+            self._sdxl_prompt_ids = text.tokenize(self.training_prompt)
+            with torch.no_grad():
+                embeds, pooled = text.encode(self._sdxl_prompt_ids, self.training_prompt)
+            self.register_buffer("prompt_embeds", embeds.detach(), persistent=False)
+            self.register_buffer("pooled_prompt_embeds", pooled.detach(), persistent=False)
+            return
+        text_encoder = frozen_copy(prior.text_encoder)
         if self.encode_prompt_every_step:  # otherwise the encoder is not needed after this
             self._frozen["text_encoder"] = text_encoder
         self.register_buffer("prompt_ids", tokenize(prior.tokenizer, self.training_prompt), persistent=False)
@@ -178,10 +192,26 @@ class FixedPromptMixin:
         """[B, 77, D] embedding of the training prompt."""
         if self.encode_prompt_every_step:
             with torch.no_grad():
-                embeds = encode_tokens(self._frozen["text_encoder"], self.prompt_ids)
+                if self.sdxl:
+                    embeds = self._sdxl_text.encode(self._sdxl_prompt_ids, self.training_prompt)[0]
+                else:
+                    embeds = encode_tokens(self._frozen["text_encoder"], self.prompt_ids)
         else:
             embeds = self.prompt_embeds
         return embeds.to(dtype).expand(batch_size, -1, -1)
+
+    def pooled_condition(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B, P] pooled embedding of the training prompt on SDXL (None otherwise)."""
+        if not self.sdxl:
+            return None
+        return self.pooled_prompt_embeds.to(dtype).expand(batch_size, -1)
+
+    def fixed_prompt_prediction(self, unet, noisy_latents, timesteps, time_ids=None):
+        """`unet`'s prediction under the training prompt (and on SDXL its pooled text and `time_ids`)."""
+        dtype, n = unet.dtype, noisy_latents.shape[0]
+        added = self.added_cond_kwargs(noisy_latents, dtype, self.pooled_condition(n, dtype), time_ids)
+        return unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=self.condition(n, dtype),
+                    added_cond_kwargs=added, return_dict=False)[0]
 
 
 def export_folder(export_dir: str | Path, subfolder: str) -> Path:
@@ -216,8 +246,10 @@ class DreamBooth(FixedPromptMixin, Method):
 
     def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate, encode_prompt_every_step: bool = False,
                  train_text_encoder: bool = False, text_encoder_lr: float | None = None):
-        super().__init__(prior, template)
         check_text_encoder_options(train_text_encoder, text_encoder_lr)
+        if is_sdxl(prior):
+            type(self).check_prior("sdxl", train_text_encoder=train_text_encoder)
+        super().__init__(prior, template)
         self.unet = copy.deepcopy(prior.unet).requires_grad_(True).train()
         self.train_text_encoder, self.text_encoder_lr = train_text_encoder, text_encoder_lr
         # what encodes a class prompt given later (`use_class_prompt`); a tuple stays out of the module tree
@@ -233,6 +265,16 @@ class DreamBooth(FixedPromptMixin, Method):
     def check_settings(cls, train_text_encoder: bool = False, text_encoder_lr: float | None = None, **_) -> None:
         check_text_encoder_options(train_text_encoder, text_encoder_lr)
 
+    @classmethod
+    def check_prior(cls, family: str, train_text_encoder: bool = False, **settings) -> None:
+        super().check_prior(family, **settings)
+        if family == "sdxl" and train_text_encoder:
+            # two encoders, per-denoiser encoding of both and their export: not built for SDXL
+            raise DreamBoothConfigError(
+                "method.module.train_text_encoder=true: DreamBooth tunes the text encoder on SD v1.x/2.x priors "
+                "only; an SDXL prior has two text encoders, which ccp does not tune. Set "
+                "method.module.train_text_encoder=false (the UNet still trains), or use an SD v1.x/2.x prior")
+
     def extra_param_groups(self) -> list[dict]:
         """The text encoder at its own learning rate (an optimizer parameter group), when set."""
         if not self.train_text_encoder or self.text_encoder_lr is None:
@@ -241,7 +283,14 @@ class DreamBooth(FixedPromptMixin, Method):
 
     def use_class_prompt(self, class_prompt: str) -> None:
         """Prior preservation: rows after the instance rows (``num_class`` of `predict_noise`) are
-        conditioned on `class_prompt`, through the same encoder as the instance prompt."""
+        conditioned on `class_prompt`, through the same encoder(s) as the instance prompt."""
+        if self.sdxl:
+            with torch.no_grad():
+                embeds, pooled = self._sdxl_text.encode(self._sdxl_text.tokenize(class_prompt), class_prompt)
+            device = self.prompt_embeds.device
+            self.register_buffer("class_prompt_embeds", embeds.detach().to(device), persistent=False)
+            self.register_buffer("class_pooled_prompt_embeds", pooled.detach().to(device), persistent=False)
+            return
         tokenizer, text_encoder = self._prompt_encoding
         self.register_buffer("class_prompt_ids", tokenize(tokenizer, class_prompt), persistent=False)
         if not self.train_text_encoder:
@@ -258,12 +307,23 @@ class DreamBooth(FixedPromptMixin, Method):
             embeds = getattr(self, embeds_name)
         return embeds.to(dtype).expand(batch_size, -1, -1)
 
-    def predict_noise(self, noisy_latents, timesteps, num_class: int = 0):
+    def _pooled(self, batch_size: int, num_class: int, dtype: torch.dtype) -> torch.Tensor | None:
+        if not self.sdxl:
+            return None
+        pooled = self.pooled_condition(batch_size - num_class, dtype)
+        if num_class:
+            pooled = torch.cat([pooled, self.class_pooled_prompt_embeds.to(dtype).expand(num_class, -1)])
+        return pooled
+
+    def predict_noise(self, noisy_latents, timesteps, num_class: int = 0, time_ids=None):
         dtype = self.unet.dtype
         embeds = self._embeds("prompt_ids", "prompt_embeds", noisy_latents.shape[0] - num_class, dtype)
         if num_class:
             embeds = torch.cat([embeds, self._embeds("class_prompt_ids", "class_prompt_embeds", num_class, dtype)])
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+        added = self.added_cond_kwargs(noisy_latents, dtype, self._pooled(noisy_latents.shape[0], num_class, dtype),
+                                       time_ids)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                         return_dict=False)[0]
 
     def export(self, out_dir):
         path = Path(out_dir) / EXPORT_SUBFOLDER

@@ -106,9 +106,8 @@ class LoRA(FixedPromptMixin, Method):
         """The UNet copy with the LoRA layers injected (what runs)."""
         return self._frozen["unet"]
 
-    def predict_noise(self, noisy_latents, timesteps):
-        embeds = self.condition(noisy_latents.shape[0], self.unet.dtype)
-        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+    def predict_noise(self, noisy_latents, timesteps, time_ids=None):
+        return self.fixed_prompt_prediction(self.unet, noisy_latents, timesteps, time_ids)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter in diffusers' key layout, without the ``unet.`` prefix (`save_lora_weights` adds it)."""

@@ -9,7 +9,8 @@ only the b(b-1)/2 free entries of each skew-symmetric block, so the same model c
 trainable parameters here. ``r=2`` gives 23.3M in peft's count, but with twice-as-large blocks it
 is a larger model than the paper's; see docs/methods.md.
 
-The prompt carries no token (Appendix D.2) and runs through the frozen text encoder: cached.
+The prompt carries no token (Appendix D.2) and runs through the frozen text encoder: cached (on
+SDXL through both, with the pooled embedding, as GCFG encodes it; see `FixedPromptMixin`).
 Export: ``out_dir/oft`` via peft's ``save_pretrained`` (``adapter_config.json`` +
 ``adapter_model.safetensors``). Loading applies the adapter to a copy of the prior UNet with peft
 and merges it (``merge_and_unload``), so sampling runs a plain UNet at the prior's speed; in memory
@@ -92,9 +93,8 @@ class OFT(FixedPromptMixin, Method):
         """The UNet copy with the OFT layers injected (what runs)."""
         return self.peft_unet.get_base_model()
 
-    def predict_noise(self, noisy_latents, timesteps):
-        embeds = self.condition(noisy_latents.shape[0], self.unet.dtype)
-        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+    def predict_noise(self, noisy_latents, timesteps, time_ids=None):
+        return self.fixed_prompt_prediction(self.unet, noisy_latents, timesteps, time_ids)
 
     def export(self, out_dir):
         path = Path(out_dir) / EXPORT_SUBFOLDER

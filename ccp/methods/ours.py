@@ -1,4 +1,7 @@
-"""Ours (§4.3): the null-text concept UNet, every UNet parameter trained, no text in the loop."""
+"""Ours (§4.3): the null-text concept UNet, every UNet parameter trained, no text in the loop.
+
+On SDXL the model's pooled text is a fixed buffer and the size/crop time ids stay inputs: training
+feeds the concept images' real sizes (`Method.batch_inputs`), GCFG the sample's."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
 from ccp.methods.base import Method, PromptTemplate
-from ccp.models.null_text_unet import NullTextUNet2DConditionModel
+from ccp.models.null_text_unet import NullTextUNet2DConditionModel, null_text_from_pipeline
 
 EXPORT_SUBFOLDER = "concept_unet"
 
@@ -19,15 +22,20 @@ class NullTextConcept(Method):
     def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate, definition: str | None = None):
         super().__init__(prior, template)
         kwargs = {"definition": definition} if definition else {}
-        self.unet = NullTextUNet2DConditionModel.from_prior(prior.unet, prior.text_encoder, prior.tokenizer, **kwargs)
+        if self.sdxl:  # both encoders; the pooled null text becomes a buffer, the time ids stay inputs
+            self.unet = null_text_from_pipeline(prior, **kwargs)
+        else:
+            self.unet = NullTextUNet2DConditionModel.from_prior(prior.unet, prior.text_encoder, prior.tokenizer, **kwargs)
         self.unet.requires_grad_(True).train()
 
     @property
     def training_prompt(self) -> None:
         return None  # no captions: the null-text model has no text input
 
-    def predict_noise(self, noisy_latents, timesteps):
-        return self.unet(noisy_latents, timesteps, return_dict=False)[0]
+    def predict_noise(self, noisy_latents, timesteps, time_ids=None):
+        # SDXL: the images' size/crop time ids (the real sizes in training), no text
+        added = self.added_cond_kwargs(noisy_latents, self.unet.dtype, None, time_ids)
+        return self.unet(noisy_latents, timesteps, added_cond_kwargs=added, return_dict=False)[0]
 
     def export(self, out_dir):
         path = Path(out_dir) / EXPORT_SUBFOLDER

@@ -3,7 +3,12 @@ counted on a prior's architecture.
 
 `count` builds each method of `ROWS` on a prior (weights do not matter: the counts depend only on
 the architecture) and reports its trainable parameters next to the paper's number, with a note on
-how ours and the paper count differently where they do.
+how ours and the paper count differently where they do. SDXL's architecture (2.6 B UNet, CLIP-L and
+OpenCLIP bigG text encoders: 13 GB in fp32) is built on the meta device (`sdxl_shaped_prior`): shapes
+only, no memory; the methods are built there too, except the two whose construction copies or
+computes from weight values: ours (counted on the null-text UNet built from the same config) and
+Custom Diffusion (its own processors installed on a meta copy of the UNet, plus one token row per
+text encoder).
 
 `memory_estimate` states the bytes a training process holds besides activations: trainable weights
 (always fp32), their gradients, the optimiser state, the EMA shadow, and every frozen tensor resident
@@ -14,11 +19,14 @@ with it are counted once).
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
+
+from ccp.config import ConfigError
 
 
 # (row label, registry name, constructor kwargs, paper's Table 1 #param)
@@ -38,9 +46,14 @@ class Row:
     label: str
     method: str
     kwargs: dict
-    trainable: int
+    trainable: int | None  # None: the method does not train on this prior's family
     paper: str | None
     notes: list[str] = field(default_factory=list)
+
+
+def _token_rows(method) -> list[int]:
+    """The trained token rows' sizes: one per text encoder (two on SDXL)."""
+    return [getattr(method, k).weight.numel() for k in ("token_embeds", "token_embeds_2") if hasattr(method, k)]
 
 
 def _notes(method, prior) -> list[str]:
@@ -52,8 +65,8 @@ def _notes(method, prior) -> list[str]:
     elif name == "dreambooth":
         notes.append(f"= all {unet_total:,} prior UNet parameters")
     elif name == "custom_diffusion":
-        token = method.token_embeds.weight.numel()
-        notes.append(f"{method.num_trainable_parameters() - token:,} attention + {token} token")
+        token = _token_rows(method)
+        notes.append(f"{method.num_trainable_parameters() - sum(token):,} attention + {' + '.join(map(str, token))} token")
     elif name == "oft":
         # The original OFT code stores each block as a full b x b matrix (using its skew part);
         # peft stores only the b(b-1)/2 free entries.
@@ -63,18 +76,67 @@ def _notes(method, prior) -> list[str]:
         notes.append(f"rank {method.rank}, alpha {method.alpha:g}: rank x (in + out) per attention projection; "
                      "not in the paper")
     elif name == "textual_inversion":
-        notes.append("= text encoder hidden size")
+        notes.append("= text encoder hidden size" + (" (one row per encoder)" if len(_token_rows(method)) > 1 else ""))
     return notes
 
 
+def is_meta(prior) -> bool:
+    return prior.unet.device.type == "meta"
+
+
+def _null_text_count(prior, label: str, kwargs: dict) -> Row:
+    """Ours on a meta-device prior: the null-text UNet of the prior's config, every parameter trained
+    (the conversion needs weight values to compute its features; the count does not)."""
+    from ccp.models.null_text_unet import NullTextUNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = NullTextUNet2DConditionModel.from_config(prior.unet.config)
+    unet_total = sum(p.numel() for p in prior.unet.parameters())
+    return Row(label, "ours", kwargs, sum(p.numel() for p in unet.parameters()), None,
+               [f"prior UNet {unet_total:,} minus attn2+norm2 of every transformer block; counted on the "
+                "null-text UNet built from the config"])
+
+
+def _custom_diffusion_count(prior, label: str, kwargs: dict) -> Row:
+    """Custom Diffusion on a meta-device prior: its processors on a meta copy of the UNet (they copy
+    the projections they start from) plus the modifier token's row in each text encoder."""
+    from ccp.methods.custom_diffusion import add_custom_diffusion_processors
+    from ccp.methods.dreambooth import frozen_copy
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")  # meta: shapes only
+        processors = add_custom_diffusion_processors(frozen_copy(prior.unet), **kwargs)
+    attention = sum(p.numel() for m in processors.values() for p in m.parameters() if p.requires_grad)
+    token = [e.config.hidden_size for e in (prior.text_encoder, getattr(prior, "text_encoder_2", None)) if e is not None]
+    return Row(label, "custom_diffusion", kwargs, attention + sum(token), None,
+               [f"{attention:,} attention + {' + '.join(map(str, token))} token"])
+
+
+# Rows counted without building the method on a meta-device prior (its construction needs values)
+META_COUNTS = {"ours": _null_text_count, "custom_diffusion": _custom_diffusion_count}
+
+
 def count(prior: StableDiffusionPipeline, methods: list[str] | None = None) -> list[Row]:
+    """One row per method of `ROWS` (or those named in `methods`). On a prior other than SD v1.x
+    the paper's column is empty (its numbers are SD v1.5's); a method that refuses the prior's
+    family gets no count (None) and its reason as the note."""
     from ccp.methods import build_method
+    from ccp.priors.families import family_of
 
     rows = []
+    meta, family = is_meta(prior), family_of(prior)
     for label, name, kwargs, paper in ROWS:
         if methods and name not in methods and label not in methods:
             continue
-        method = build_method(name, prior, **kwargs)
+        paper = paper if family == "sd1" else None
+        if meta and name in META_COUNTS:
+            rows.append(META_COUNTS[name](prior, label, kwargs))
+            continue
+        try:
+            method = build_method(name, prior, **kwargs)
+        except ConfigError as err:
+            rows.append(Row(label, name, kwargs, None, paper, [str(err).split(";")[0]]))
+            continue
         rows.append(Row(label, name, kwargs, method.num_trainable_parameters(), paper, _notes(method, prior)))
         del method
         gc.collect()
@@ -90,7 +152,9 @@ def human(n: int) -> str:
 
 def format_table(rows: list[Row]) -> str:
     header = ("method", "trainable", "", "paper #param", "notes")
-    lines = [header] + [(r.label, f"{r.trainable:,}", human(r.trainable), r.paper or "-", "; ".join(r.notes)) for r in rows]
+    lines = [header] + [(r.label, "-" if r.trainable is None else f"{r.trainable:,}",
+                         "" if r.trainable is None else human(r.trainable), r.paper or "-", "; ".join(r.notes))
+                        for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
     out = []
     for i, line in enumerate(lines):
@@ -240,16 +304,42 @@ def sd15_memory_prior(seed: int = 0) -> StableDiffusionPipeline:
     return prior
 
 
+# SDXL base 1.0's text encoders (text_encoder/ and text_encoder_2/config.json): CLIP ViT-L/14 and
+# OpenCLIP ViT-bigG/14 with its 1280-d projection.
+def sdxl_shaped_prior():
+    """SDXL base's architecture on the meta device (`build_sdxl_shaped_prior`): every shape, no weight memory."""
+    from ccp.priors.tiny import build_sdxl_shaped_prior
+
+    return build_sdxl_shaped_prior(meta=True)
+
+
+ARCHITECTURES = {"sd15": "SD v1.5", "tiny": "tiny", "sdxl": "SDXL base 1.0", "tiny_sdxl": "tiny SDXL"}
+
+
 def report(arch: str, methods: list[str] | None = None, memory: dict | None = None) -> tuple[dict, str]:
-    """What ccp-params prints and writes: trainable counts per method on `arch` ("sd15" | "tiny"), or
-    with `memory` (`memory_estimate`'s options; frozen_dtype by name) the bytes of a training run."""
+    """What ccp-params prints and writes: trainable counts per method on `arch` (`ARCHITECTURES`),
+    or with `memory` (`memory_estimate`'s options; frozen_dtype by name) the bytes of a training run
+    (not on "sdxl": its meta-device tensors have no bytes to count)."""
     from ccp.priors.loading import resolve_dtype
     from ccp.priors.tiny import build_sd15_shaped_prior, build_tiny_prior
 
-    prior = build_tiny_prior(0) if arch == "tiny" else sd15_memory_prior(0) if memory else build_sd15_shaped_prior(0)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+    if memory and arch == "sdxl":
+        raise ValueError("--memory counts the bytes of real tensors; SDXL's architecture is built on the meta "
+                         "device (13 GB in fp32), so its memory is not estimated here; use --tiny --family sdxl "
+                         "for the tiny SDXL prior")
+    if arch == "sdxl":
+        prior = sdxl_shaped_prior()
+    elif arch.startswith("tiny"):
+        prior = build_tiny_prior(0, family="sdxl" if arch == "tiny_sdxl" else "sd1")
+    else:
+        prior = sd15_memory_prior(0) if memory else build_sd15_shaped_prior(0)
     out = {"architecture": arch, "unet_parameters": sum(p.numel() for p in prior.unet.parameters()),
            "text_encoder_hidden_size": prior.text_encoder.config.hidden_size}
-    where = f"the {'tiny' if arch == 'tiny' else 'SD v1.5'} architecture (UNet {out['unet_parameters']:,} parameters)"
+    if getattr(prior, "text_encoder_2", None) is not None:
+        out["text_encoder_2_hidden_size"] = prior.text_encoder_2.config.hidden_size
+    where = f"the {ARCHITECTURES[arch]} architecture (UNet {out['unet_parameters']:,} parameters)"
     if memory:
         out["options"] = dict(memory)
         out["rows"] = memory_table(prior, methods, **{**memory, "frozen_dtype": resolve_dtype(memory["frozen_dtype"])})

@@ -9,6 +9,14 @@ and no restore-after-step is needed.
 
 Export: diffusers' textual-inversion file ``learned_embeds.safetensors`` = ``{placeholder:
 tensor[1, hidden]}``, which ``pipe.load_textual_inversion(folder)`` reads.
+
+On SDXL the token is added to both tokenizers and encoders, one trained row each (``token_embeds``:
+text_encoder's, ``token_embeds_2``: text_encoder_2's); the condition is the prompt as
+`GCFGXLPipeline.encode_text` encodes it (both penultimate hidden states, text_encoder_2's pooled
+output) plus the size/crop time ids. The file holds ``clip_l`` [1, D1] and ``clip_g`` [1, D2], the
+layout diffusers documents for SDXL embeddings (``load_textual_inversion(state["clip_g"], token=...,
+text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)``, and clip_l likewise); that layout
+names no token, so ours is in the file's metadata (``token``).
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from torch import nn
 
 from ccp.methods.base import Method, PromptTemplate
+from ccp.methods.conditioning import SDXLText, is_sdxl
 from ccp.methods.dreambooth import baseline_guidance, encode_tokens, frozen_copy, tokenize
 
 EMBEDS_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
+SDXL_EMBEDS_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL textual-inversion layout: one row set per encoder
 
 
 class AddedTokens(nn.Module):
@@ -94,13 +105,54 @@ def save_learned_embeds(out_dir: str | Path, placeholder: str, added: AddedToken
     return path
 
 
-def pipeline_with_token(prior: StableDiffusionPipeline, embeds_path: str | Path):
-    """A GCFG pipeline on copies of the prior's tokenizer and text encoder with the learned token
-    loaded by diffusers' `load_textual_inversion` (the prior itself is not changed: loading
-    replaces the copy's embedding table by a larger one and leaves the shared weights alone)."""
+def save_sdxl_embeds(out_dir: str | Path, placeholder: str, added: AddedTokens, added_2: AddedTokens) -> Path:
+    """``{"clip_l": [n, D1], "clip_g": [n, D2]}`` with the token in the metadata (the layout has no name)."""
+    path = Path(out_dir) / EMBEDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {key: a.weight.detach().float().cpu().contiguous() for key, a in zip(SDXL_EMBEDS_KEYS, (added, added_2))}
+    safetensors.torch.save_file(rows, str(path), metadata={"token": placeholder})
+    return path
+
+
+def _embeds_file(embeds_path: str | Path) -> Path:
+    embeds_path = Path(embeds_path)
+    return embeds_path / EMBEDS_FILE if embeds_path.is_dir() else embeds_path
+
+
+def read_sdxl_embeds(embeds_path: str | Path, token: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(token, {"clip_l": ..., "clip_g": ...}) of an SDXL embeddings file; `token` names it when the
+    file's metadata does not (files from other tools)."""
+    path = _embeds_file(embeds_path)
+    with safe_open(str(path), framework="pt") as f:
+        missing = [k for k in SDXL_EMBEDS_KEYS if k not in f.keys()]
+        if missing:
+            raise ValueError(f"{path} has no {' or '.join(missing)} rows: not an SDXL textual-inversion file "
+                             f"(keys {sorted(f.keys())}); an SD v1.x/2.x embedding cannot condition an SDXL prior")
+        token = token or (f.metadata() or {}).get("token")
+        rows = {key: f.get_tensor(key) for key in SDXL_EMBEDS_KEYS}
+    if not token:
+        raise ValueError(f"{path} names no token (no 'token' in its metadata); pass the placeholder it was trained for")
+    return token, rows
+
+
+def pipeline_with_token(prior: StableDiffusionPipeline, embeds_path: str | Path, token: str | None = None):
+    """A GCFG pipeline on copies of the prior's tokenizer(s) and text encoder(s) with the learned
+    token loaded by diffusers' `load_textual_inversion` (the prior itself is not changed: loading
+    replaces the copy's embedding table by a larger one and leaves the shared weights alone). On
+    SDXL the clip_l rows go to the first pair and the clip_g rows to the second, as diffusers
+    documents; `token` overrides the file's (SDXL files name none themselves)."""
     from ccp.pipelines.gcfg import GCFGPipeline
 
     pipe = GCFGPipeline.from_prior(prior)
+    if is_sdxl(prior):
+        token, rows = read_sdxl_embeds(embeds_path, token)
+        pipe.register_modules(tokenizer=copy.deepcopy(prior.tokenizer), text_encoder=frozen_copy(prior.text_encoder),
+                              tokenizer_2=copy.deepcopy(prior.tokenizer_2),
+                              text_encoder_2=frozen_copy(prior.text_encoder_2))
+        pipe.load_textual_inversion(rows["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(rows["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+        return pipe
     pipe.register_modules(tokenizer=copy.deepcopy(prior.tokenizer), text_encoder=frozen_copy(prior.text_encoder))
     embeds_path = Path(embeds_path)
     if embeds_path.is_dir():
@@ -114,6 +166,8 @@ class TokenTrainingMixin:
     """Placeholder token trained through a frozen text encoder that runs every step."""
 
     def _init_token(self, prior: StableDiffusionPipeline) -> None:
+        if self.sdxl:
+            return self._init_sdxl_token(prior)
         t = self.template
         tokenizer, text_encoder, self.token_embeds = add_placeholder_token(
             prior.tokenizer, prior.text_encoder, t.placeholder, t.initializer
@@ -125,9 +179,33 @@ class TokenTrainingMixin:
         if not (self.prompt_ids == self.placeholder_id).any():
             raise ValueError(f"training prompt {self.training_prompt!r} does not contain the placeholder {t.placeholder!r}")
 
+    def _init_sdxl_token(self, prior) -> None:
+        """The token added to both tokenizers and encoders (copies), one trained row each
+        (``token_embeds``: text_encoder's, ``token_embeds_2``: text_encoder_2's)."""
+        t = self.template
+        if prior.text_encoder is None:
+            raise ValueError("textual inversion on SDXL needs both text encoders; this prior has no text_encoder")
+        tokenizer, encoder, self.token_embeds = add_placeholder_token(
+            prior.tokenizer, prior.text_encoder, t.placeholder, t.initializer)
+        tokenizer_2, encoder_2, self.token_embeds_2 = add_placeholder_token(
+            prior.tokenizer_2, prior.text_encoder_2, t.placeholder, t.initializer)
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.placeholder_id = tokenizer.convert_tokens_to_ids(t.placeholder)
+        self._sdxl_text = SDXLText.of(prior, [tokenizer, tokenizer_2], [encoder, encoder_2])
+        self._frozen["text_encoder"] = self._sdxl_text.encoders
+        self._sdxl_prompt_ids = self._sdxl_text.tokenize(self.training_prompt)
+        if not (self._sdxl_prompt_ids[0] == self.placeholder_id).any():
+            raise ValueError(f"training prompt {self.training_prompt!r} does not contain the placeholder {t.placeholder!r}")
+
     def condition(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
         embeds = encode_tokens(self._frozen["text_encoder"], self.prompt_ids)  # gradients reach the token
         return embeds.to(dtype).expand(batch_size, -1, -1)
+
+    def sdxl_condition(self, batch_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds [B, 77, D1 + D2], pooled [B, P]) of the training prompt, as
+        `GCFGXLPipeline.encode_text` computes them; gradients reach both rows."""
+        embeds, pooled = self._sdxl_text.encode(self._sdxl_prompt_ids, self.training_prompt)
+        return embeds.to(dtype).expand(batch_size, -1, -1), pooled.to(dtype).expand(batch_size, -1)
 
     def pipeline_with_own_token(self, prior: StableDiffusionPipeline):
         """`prior`'s GCFG pipeline with the method's own tokenizer and text encoder, the placeholder
@@ -137,12 +215,17 @@ class TokenTrainingMixin:
         from ccp.pipelines.gcfg import GCFGPipeline
 
         pipe = GCFGPipeline.from_prior(prior)  # moves the prior's parts to its device; ours join after
-        pipe.register_modules(tokenizer=self.tokenizer, text_encoder=self._frozen["text_encoder"])
+        if self.sdxl:
+            first, second = self._sdxl_text.encoders
+            pipe.register_modules(tokenizer=self.tokenizer, text_encoder=first, tokenizer_2=self.tokenizer_2,
+                                  text_encoder_2=second)
+        else:
+            pipe.register_modules(tokenizer=self.tokenizer, text_encoder=self._frozen["text_encoder"])
         return pipe
 
     @property
     def learned_embedding(self) -> torch.Tensor:
-        """[1, hidden] the trained placeholder vector."""
+        """[1, hidden] the trained placeholder vector (on SDXL text_encoder's; `token_embeds_2` holds text_encoder_2's)."""
         return self.token_embeds.weight
 
 
@@ -159,11 +242,19 @@ class TextualInversion(TokenTrainingMixin, Method):
     def unet(self):
         return self._frozen["unet"]
 
-    def predict_noise(self, noisy_latents, timesteps):
-        embeds = self.condition(noisy_latents.shape[0], self.unet.dtype)
-        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+    def predict_noise(self, noisy_latents, timesteps, time_ids=None):
+        dtype, n = self.unet.dtype, noisy_latents.shape[0]
+        if self.sdxl:
+            embeds, pooled = self.sdxl_condition(n, dtype)
+            added = self.added_cond_kwargs(noisy_latents, dtype, pooled, time_ids)
+            return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=embeds,
+                             added_cond_kwargs=added, return_dict=False)[0]
+        embeds = self.condition(n, dtype)
+        return self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
 
     def export(self, out_dir):
+        if self.sdxl:
+            return save_sdxl_embeds(out_dir, self.template.placeholder, self.token_embeds, self.token_embeds_2)
         return save_learned_embeds(out_dir, self.template.placeholder, self.token_embeds)
 
     def sampling_pipeline(self, prior):

@@ -1,6 +1,7 @@
 from ccp.models.null_text_unet import (
     DEFAULT_NULL_TEXT_DEFINITION,
     NULL_TEXT_DEFINITIONS,
+    NULL_TEXT_SOURCES,
     NullTextCalibration,
     NullTextCrossAttention,
     NullTextFeaturesMissingError,
@@ -8,12 +9,16 @@ from ccp.models.null_text_unet import (
     UnsupportedPriorError,
     calibrated_features,
     empty_prompt_embedding,
+    null_text_from_pipeline,
+    sdxl_empty_prompt,
+    size_time_ids,
     value_mean_features,
 )
 
 __all__ = [
     "DEFAULT_NULL_TEXT_DEFINITION",
     "NULL_TEXT_DEFINITIONS",
+    "NULL_TEXT_SOURCES",
     "NullTextCalibration",
     "NullTextCrossAttention",
     "NullTextFeaturesMissingError",
@@ -21,5 +26,8 @@ __all__ = [
     "UnsupportedPriorError",
     "calibrated_features",
     "empty_prompt_embedding",
+    "null_text_from_pipeline",
+    "sdxl_empty_prompt",
+    "size_time_ids",
     "value_mean_features",
 ]

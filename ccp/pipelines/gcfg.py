@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -91,6 +91,15 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["concept_unet", "controlnet"]
+    prior_families: ClassVar[tuple[str, ...]] = ("sd1", "sd2")
+    # family -> the pipeline class for it: sibling classes register themselves (GCFGXLPipeline: sdxl),
+    # so this module needs no import of theirs; ccp.pipelines imports them all
+    _family_classes: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for family in cls.__dict__.get("prior_families", ()):
+            GCFGPipeline._family_classes[family] = cls
 
     def __init__(
         self,
@@ -155,15 +164,16 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
         An SDXL prior gives a `GCFGXLPipeline` (the same guidance, with SDXL's two text encoders
         and added conditioning)."""
-        from ccp.pipelines.gcfg_xl import GCFGXLPipeline
         from ccp.priors.families import family_of
 
-        if (family_of(prior) == "sdxl") != issubclass(cls, GCFGXLPipeline):
-            if cls is GCFGPipeline:
-                return GCFGXLPipeline.from_prior(prior, concept_unet, controlnet, scheduler)
+        family = family_of(prior)
+        if family not in cls.prior_families:
+            other = cls._family_classes.get(family)
+            if cls is GCFGPipeline and other is not None:
+                return other.from_prior(prior, concept_unet, controlnet, scheduler)
             raise ConfigError(
-                f"{cls.__name__} does not take a {family_of(prior)} prior ({type(prior).__name__}); "
-                f"{'GCFGXLPipeline' if family_of(prior) == 'sdxl' else 'GCFGPipeline'}.from_prior does"
+                f"{cls.__name__} does not take a {family} prior ({type(prior).__name__}); "
+                f"{other.__name__ if other else 'GCFGPipeline'}.from_prior does"
             )
         if scheduler == "dpmsolver++":
             scheduler = DPMSolverMultistepScheduler.from_config(prior.scheduler.config)
@@ -279,10 +289,10 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         folder = Path(pretrained_model_name_or_path)
         index_file = folder / "model_index.json"
         if cls is GCFGPipeline and index_file.is_file():
-            if json.loads(index_file.read_text()).get("_class_name") == "GCFGXLPipeline":
-                from ccp.pipelines.gcfg_xl import GCFGXLPipeline
-
-                return GCFGXLPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            saved_as = json.loads(index_file.read_text()).get("_class_name")
+            for other in set(cls._family_classes.values()):
+                if other.__name__ == saved_as:
+                    return other.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if not (folder / EXTRA_DENOISERS).is_file():
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         index = json.loads((folder / "model_index.json").read_text())

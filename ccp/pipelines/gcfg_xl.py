@@ -47,6 +47,7 @@ class GCFGXLPipeline(GCFGPipeline):
     are the base's."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    prior_families = ("sdxl",)
 
     def __init__(
         self,

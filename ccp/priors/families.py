@@ -75,7 +75,7 @@ def family_from_index(index: dict, unet_config: dict | None, where: str) -> str:
         raise UnsupportedPriorFamilyError(
             f"{where} is {kind}: transformer-based priors are not supported yet (there is no UNet whose "
             f"cross-attention the null-text concept model replaces). Supported: {SUPPORTED} "
-            "(docs/sdxl.md says what a transformer prior would take)."
+            "(docs/transformer_priors.md says what one would take)."
         )
     if "text_encoder_2" in index or class_name.startswith("StableDiffusionXL"):
         return "sdxl"

@@ -170,6 +170,16 @@ SDXL_UNET_CONFIG = dict(
     norm_num_groups=32,
 )
 
+# SDXL base 1.0's text encoders: CLIP ViT-L (penultimate layer used) and OpenCLIP bigG with its projection.
+SDXL_TEXT_ENCODER_CONFIG = dict(
+    TINY_TEXT_ENCODER_CONFIG, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    projection_dim=768,
+)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    TINY_TEXT_ENCODER_CONFIG, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280,
+)
+
 # Tiny SD 2.x: the SD v1.5-sized tiny shapes with SD 2's linear projections, per-level heads and GELU text encoder.
 TINY_SD2_UNET_CONFIG = dict(TINY_UNET_CONFIG, attention_head_dim=(2, 4), use_linear_projection=True)
 TINY_SD2_TEXT_ENCODER_CONFIG = dict(TINY_TEXT_ENCODER_CONFIG, hidden_act="gelu")
@@ -250,6 +260,34 @@ def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
 def build_sdxl_shaped_unet(seed: int = 0) -> UNet2DConditionModel:
     """SDXL base's UNet architecture (2.6 B parameters) with random weights."""
     return _seeded(seed, lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG))
+
+
+def build_sdxl_shaped_prior(seed: int = 0, meta: bool = False) -> StableDiffusionXLPipeline:
+    """SDXL base's UNet and text encoders (random weights; on the meta device with `meta`: shapes
+    only, no memory) with the tiny SDXL VAE, for parameter counts and speed benchmarks."""
+    def build():
+        unet = build_sdxl_shaped_unet(seed)
+        text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)))
+        text_encoder_2 = _seeded(
+            seed + 4, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
+        )
+        return unet, text_encoder, text_encoder_2
+
+    if meta:
+        with torch.device("meta"):
+            unet, text_encoder, text_encoder_2 = build()
+    else:
+        unet, text_encoder, text_encoder_2 = build()
+    return StableDiffusionXLPipeline(
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**TINY_SDXL_VAE_CONFIG)).eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )
 
 
 def build_tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:

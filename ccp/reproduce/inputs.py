@@ -21,8 +21,10 @@ def prepare_inputs(cfg: DictConfig, progress: bool = False) -> None:
     if cfg.prior.get("write_tiny", False) and not dir_complete(str(cfg.prior.path)):
         from ccp.priors.tiny import save_tiny_prior
 
+        family = cfg.prior.get("family") or "auto"
+        family = "sd1" if family == "auto" else family  # the tiny prior's shape: sd1 (default), sd2 or sdxl
         write_dir_atomic(Path(str(cfg.prior.path)),
-                                 lambda tmp: save_tiny_prior(tmp, seed=seed, with_controlnet=True))
+                         lambda tmp: save_tiny_prior(tmp, seed=seed, with_controlnet=True, family=family))
     elif cfg.prior.get("train_toy", False):
         from ccp.toy.prior import ensure_toy_prior
 

@@ -213,7 +213,8 @@ def _reproduce(cfg: DictConfig, progress: bool) -> dict[str, Any]:
 
     def prior():
         if "prior" not in cache:
-            cache["prior"] = load_prior(str(cfg.prior.path), dtype=cfg.prior.dtype, device=cfg.device)
+            cache["prior"] = load_prior(str(cfg.prior.path), dtype=cfg.prior.dtype, device=cfg.device,
+                                        family=cfg.prior.get("family"))
         return cache["prior"]
 
     def controlnet():

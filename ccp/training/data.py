@@ -1,7 +1,8 @@
 """Image-only training data (paper App. D.1): an image folder, resized without crop, and its latents.
 
 `ImageFolderDataset` reads every .jpg/.jpeg/.png/.webp (any case) below a folder, in sorted order,
-and gives ``{"pixel_values": [3, H, W] in [-1, 1]}``. Images are resized straight to
+and gives ``{"pixel_values": [3, H, W] in [-1, 1], "original_size", "crop_top_left"}``; the last two
+(LongTensor [2], (h, w) of the file and (y, x)) are SDXL's size/crop conditioning, unused on SD v1.x. Images are resized straight to
 (resolution, resolution): FFHQ's 1024x1024 becomes 512x512 with nothing cut, and a non-square
 image is squashed, unless ``center_crop`` first cuts its central square.
 
@@ -208,6 +209,17 @@ class WithCaptions(Dataset):
 
 
 # --- datasets --------------------------------------------------------------------------------
+def crop_top_left(height: int, width: int, resolution: int, center_crop: bool) -> tuple[int, int]:
+    """(y, x) of the crop as diffusers' SDXL scripts report it: the centre crop's top-left in the image
+    resized to `resolution` on its short side (torchvision's Resize); (0, 0) without crop (squashed)."""
+    if not center_crop:
+        return 0, 0
+    short, long = min(height, width), max(height, width)
+    resized_long = int(resolution * long / short)
+    h, w = (resolution, resized_long) if height <= width else (resized_long, resolution)
+    return max(0, int(round((h - resolution) / 2.0))), max(0, int(round((w - resolution) / 2.0)))
+
+
 class ImageFolderDataset(Dataset):
     """``{"pixel_values": [3, resolution, resolution]}`` in [-1, 1] for every usable image below `root`.
 
@@ -253,9 +265,16 @@ class ImageFolderDataset(Dataset):
             raise OSError(f"cannot read {path} (it passed the scan; did it change since?): {err}") from err
         return to_tensor(resize_to_square(image, self.resolution, self.center_crop))
 
+    def geometry(self, index: int) -> dict[str, torch.Tensor]:
+        """``original_size`` (h, w of the file) and ``crop_top_left`` (`crop_top_left`), LongTensor [2] each."""
+        with Image.open(self.root / self.scan.images[index][0]) as image:  # the header only
+            width, height = image.size
+        crop = crop_top_left(height, width, self.resolution, self.center_crop)
+        return {"original_size": torch.tensor([height, width]), "crop_top_left": torch.tensor(crop)}
+
     def item(self, index: int, flipped: bool) -> dict[str, torch.Tensor]:
         pixels = self.pixels(index)
-        return {"pixel_values": pixels.flip(-1) if flipped else pixels}
+        return {"pixel_values": pixels.flip(-1) if flipped else pixels, **self.geometry(index)}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.item(index, self.random_flip and bool(torch.rand(()) < 0.5))
@@ -372,13 +391,15 @@ class ConceptDataModule(L.LightningDataModule):
         self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
         self.scan_cache = scan_cache
         self._vae = vae
+        self._upcast_vae = False
         self._scan: FolderScan | None = None
         self.train_dataset: Dataset | None = None
         self.image_dataset: ImageFolderDataset | None = None
         self.latent_cache_dir: Path | None = None
 
-    def attach_vae(self, vae: torch.nn.Module) -> ConceptDataModule:
-        self._vae = vae
+    def attach_vae(self, vae: torch.nn.Module, upcast: bool = False) -> ConceptDataModule:
+        """The prior's VAE for the latent cache; `upcast`: an SDXL prior's (an fp16 one encodes in fp32)."""
+        self._vae, self._upcast_vae = vae, bool(upcast)
         return self
 
     def attach_prior(self, prior, class_images: Mapping[str, Any] | ClassImagesConfig | None = None) -> ConceptDataModule:
@@ -402,6 +423,9 @@ class ConceptDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.world_size > 1:
             return lambda: self.trainer.strategy.barrier("ccp_latent_cache")
         return None
+
+    def _lightning_module(self):
+        return self.trainer.lightning_module if self.trainer is not None else None
 
     def _resolve_vae(self) -> torch.nn.Module:
         vae = self._vae
@@ -480,6 +504,7 @@ class ConceptDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             barrier=self._barrier(),
             progress=rank == 0,
+            upcast=self._upcast_vae or bool(getattr(self._lightning_module(), "upcast_vae", False)),
         )
         if own:
             self.latent_cache_dir = folder

@@ -7,7 +7,8 @@ step samples ``mean + exp(logvar / 2) * eps`` afresh, exactly what encoding ever
 Layout, under ``<root>/<key>/``::
 
     meta.json                     what was encoded (files, resolution, VAE, shapes, shard size)
-    shard-00000.safetensors       "mean", "logvar": [K, 2, C, h, w], index 1 of dim 1 = mirrored
+    shard-00000.safetensors       "mean", "logvar": [K, 2, C, h, w], index 1 of dim 1 = mirrored;
+                                  "original_size", "crop_top_left": [K, 2] (SDXL's time ids; flip-independent)
     ...
     manifest.json                 written last: the cache is complete
 
@@ -15,7 +16,9 @@ The key hashes the VAE (config and encoder weights), the resolution, the crop mo
 and encoding dtypes and the file list (relative paths, sizes, mtimes): it does not depend on the
 method, so every method and every later run with the same data and prior reuses one cache.
 Shards are written atomically (temporary file, then `os.replace`), so an interrupted build resumes
-where it stopped. Under DDP rank r builds shards r, r + W, ... and all ranks meet at a barrier;
+where it stopped. An fp16 VAE whose config says ``force_upcast`` encodes in fp32 on SDXL priors
+(`needs_upcast`), as diffusers' SDXL pipelines and training scripts do (SDXL's fp16 VAE overflows).
+Under DDP rank r builds shards r, r + W, ... and all ranks meet at a barrier;
 the cache folder must be visible to all ranks (one node, or a shared filesystem).
 """
 
@@ -41,8 +44,9 @@ from ccp.priors.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: shards also hold each image's original size and crop
 MANIFEST = "manifest.json"
+GEOMETRY_KEYS = ("original_size", "crop_top_left")
 META = "meta.json"
 
 
@@ -56,6 +60,9 @@ class EncodableDataset(Protocol):
 
     def cache_fingerprint(self) -> dict[str, Any]:
         """JSON data that changes whenever `pixels` could: files, resolution, crop mode."""
+
+    def geometry(self, index: int) -> dict[str, torch.Tensor]:
+        """``original_size`` and ``crop_top_left`` of image `index` (LongTensor [2] each); optional."""
 
 
 @dataclass
@@ -73,6 +80,13 @@ class LatentCacheConfig:
             raise ValueError(f"latent_cache.output must be 'latents' or 'posterior', not {self.output!r}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError("latent_cache.shard_size and latent_cache.batch_size must be positive")
+
+
+def needs_upcast(vae: torch.nn.Module | None, sdxl: bool) -> bool:
+    """An SDXL prior's fp16 VAE with ``force_upcast``: encode in fp32 (it overflows in fp16)."""
+    if vae is None or not sdxl:
+        return False
+    return next(vae.parameters()).dtype == torch.float16 and bool(getattr(vae, "config", {}).get("force_upcast", False))
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -143,8 +157,9 @@ class _Unflipped(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, self.dataset.pixels(index)
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+        geometry = getattr(self.dataset, "geometry", None)
+        return index, self.dataset.pixels(index), geometry(index) if geometry is not None else {}
 
 
 def _default_barrier(world_size: int) -> Callable[[], None] | None:
@@ -167,6 +182,7 @@ def build_latent_cache(
     num_workers: int = 0,
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
+    upcast: bool = False,
 ) -> Path:
     """Encode `dataset` with `vae` into ``<cache_dir>/<key>/`` (both flips) and return that folder.
 
@@ -175,11 +191,12 @@ def build_latent_cache(
     the VAE. Rank `rank` of `world_size` builds shards rank, rank + world_size, ...; then `barrier`
     (default: `torch.distributed.barrier` when initialised) is called, and a rank that sees every
     shard writes the manifest. Without a barrier, the rank that finishes last completes the cache.
-    `device`/`dtype` default to the VAE's; `vae` itself is left where it was.
+    `device`/`dtype` default to the VAE's (fp32 for an fp16 VAE with ``force_upcast`` when `upcast`,
+    i.e. on SDXL priors); `vae` itself is left where it was.
     """
     storage_dtype = resolve_dtype(storage_dtype)
     vae_dtype = next(vae.parameters()).dtype
-    dtype = resolve_dtype(dtype) or vae_dtype
+    dtype = resolve_dtype(dtype) or (torch.float32 if upcast and needs_upcast(vae, True) else vae_dtype)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / "latents"
     folder = cache_dir / latent_cache_key(dataset, vae, storage_dtype, dtype)
     if (folder / MANIFEST).is_file():
@@ -246,11 +263,11 @@ def _encode_shards(dataset, vae, folder, shard_size, shards, device, dtype, stor
     # Batches never cross a shard, so a shard's content does not depend on which rank built it.
     batches = [list(r[i : i + batch_size]) for _, r in shards for i in range(0, len(r), batch_size)]
     loader = DataLoader(_Unflipped(dataset), batch_sampler=batches, num_workers=num_workers)
-    pending = {s: {"range": r, "mean": [], "logvar": []} for s, r in shards}
+    pending = {s: {"range": r, "mean": [], "logvar": [], "geometry": []} for s, r in shards}
     bar = tqdm(total=sum(len(r) for _, r in shards), desc=desc, unit="img", disable=not progress)
     try:
         with torch.inference_mode():
-            for indices, pixels in loader:
+            for indices, pixels, geometry in loader:
                 current = int(indices[0]) // shard_size
                 pixels = pixels.to(device, dtype)
                 posterior = encoder.encode(torch.cat([pixels, pixels.flip(-1)])).latent_dist
@@ -258,6 +275,7 @@ def _encode_shards(dataset, vae, folder, shard_size, shards, device, dtype, stor
                 for name, value in (("mean", posterior.mean), ("logvar", posterior.logvar)):
                     value = value.to("cpu", storage_dtype)
                     pending[current][name].append(torch.stack([value[:n], value[n:]], dim=1))
+                pending[current]["geometry"].append(geometry)
                 bar.update(n)
                 entry = pending[current]
                 if sum(len(m) for m in entry["mean"]) == len(entry["range"]):
@@ -270,6 +288,8 @@ def _encode_shards(dataset, vae, folder, shard_size, shards, device, dtype, stor
 
 def _write_shard(folder: Path, index: int, entry: dict[str, Any]) -> None:
     tensors = {name: torch.cat(entry[name]).contiguous() for name in ("mean", "logvar")}
+    for key in entry["geometry"][0] if entry["geometry"] else ():
+        tensors[key] = torch.cat([g[key] for g in entry["geometry"]]).long().contiguous()
     metadata = {"count": str(len(entry["range"])), "first_index": str(entry["range"].start)}
     write_atomic(folder / shard_name(index), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -309,6 +329,12 @@ class LatentCache:
         j, f = index % self.shard_size, int(flipped)
         return tuple(handle.get_slice(name)[j : j + 1, f : f + 1][0, 0].float() for name in ("mean", "logvar"))
 
+    def geometry(self, index: int) -> dict[str, torch.Tensor]:
+        """``original_size`` and ``crop_top_left`` (LongTensor [2]) of image `index`, if the cache holds them."""
+        handle = self._handle(index // self.shard_size)
+        j = index % self.shard_size
+        return {key: handle.get_slice(key)[j : j + 1][0] for key in GEOMETRY_KEYS if key in handle.keys()}
+
     def sample(self, index: int, flipped: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """A latent drawn from the posterior, scaled for the UNet: ``(z - shift) * scaling_factor``."""
         mean, logvar = self.posterior(index, flipped)
@@ -338,5 +364,7 @@ class CachedLatentDataset(Dataset):
     def item(self, index: int, flipped: bool) -> dict[str, torch.Tensor]:
         if self.output == "posterior":
             mean, logvar = self.cache.posterior(index, flipped)
-            return {"latent_mean": mean, "latent_std": torch.exp(0.5 * logvar)}
-        return {"latents": self.cache.sample(index, flipped)}
+            item = {"latent_mean": mean, "latent_std": torch.exp(0.5 * logvar)}
+        else:
+            item = {"latents": self.cache.sample(index, flipped)}
+        return {**item, **self.cache.geometry(index)}

@@ -14,6 +14,7 @@ the update, through one all-reduce per optimizer step (none per micro-step).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from ccp.config import ConfigError
 from ccp.methods.base import Method
 from ccp.methods.export import TrainedModel, in_memory
 from ccp.training.data import split_class_batch
+from ccp.training.latent_cache import needs_upcast
 from ccp.training.optim import build_optimizer
 from ccp.training.schedules import build_lr_scheduler, check_loss_options, check_lr_schedule, min_snr_weights
 
@@ -101,6 +103,7 @@ class PersonalizationModule(L.LightningModule):
         self.method = method
         self.noise_scheduler = noise_scheduler
         self._vae = [vae]  # frozen; a list keeps it out of the module tree and the checkpoints
+        self._vae_fp32 = None  # [fp32 copy] when an fp16 SDXL VAE encodes pixels
         self._prior = [prior]  # what validation and metric callbacks sample the method on
         self.lr, self.betas, self.weight_decay, self.eps, self.warmup_steps = lr, tuple(betas), weight_decay, eps, warmup_steps
         self.optimizer_name = optimizer
@@ -200,10 +203,23 @@ class PersonalizationModule(L.LightningModule):
             mean = batch["latent_mean"]
             latents = mean + batch["latent_std"] * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         else:
-            pixels = batch["pixel_values"].to(self.vae.dtype)
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+            vae = self._encoding_vae()
+            pixels = batch["pixel_values"].to(vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
+
+    @property
+    def upcast_vae(self) -> bool:
+        """SDXL's fp16 VAE overflows: it encodes in fp32 (force_upcast), as diffusers' SDXL scripts do."""
+        return needs_upcast(self.vae, getattr(self.method, "sdxl", False))
+
+    def _encoding_vae(self) -> AutoencoderKL:
+        if not self.upcast_vae:
+            return self.vae
+        if self._vae_fp32 is None:  # an fp32 copy: the prior's VAE (shared) keeps its dtype
+            self._vae_fp32 = [copy.deepcopy(self.vae).float()]
+        return self._vae_fp32[0]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         generator = self._generator(batch_idx)
@@ -228,7 +244,8 @@ class PersonalizationModule(L.LightningModule):
             target = noise
         predict = self._compiled_predict or self.method.predict_noise
         inputs = self.method.batch_inputs(batch, generator)
-        if num_class:
+        if num_class:  # the class rows' own inputs (SDXL: their images' time ids) after the instance rows'
+            inputs = join_inputs(inputs, self.method.batch_inputs(class_batch, generator))
             inputs["num_class"] = num_class
         prediction = predict(noisy, timesteps, **inputs)
         prior_loss = None
@@ -299,6 +316,13 @@ class PersonalizationModule(L.LightningModule):
         schedule = build_lr_scheduler(optimizer, self.lr_scheduler, int(self.warmup_steps), max_steps,
                                       self.num_cycles, self.power)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def join_inputs(rows: dict, class_rows: dict) -> dict:
+    """`predict_noise` inputs of instance rows and class rows, tensors concatenated in that order."""
+    if rows.keys() != class_rows.keys():
+        raise ValueError(f"instance and class batches gave different inputs: {sorted(rows)} vs {sorted(class_rows)}")
+    return {k: torch.cat([v, class_rows[k]]) for k, v in rows.items()}
 
 
 def accumulation_steps(global_batch: int, per_device_batch: int, world_size: int) -> int:

@@ -28,6 +28,7 @@ from ccp.methods import TRAINABLE
 from ccp.methods.base import Method, PromptTemplate
 from ccp.io import remove_stale_temporaries
 from ccp.methods.export import EXPORT_INFO, write_export_info
+from ccp.priors.families import FAMILIES, detect_family
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
 from ccp.training.callbacks import EMACallback, FileCheckpointIO
 from ccp.training.module import PersonalizationModule, accumulation_steps
@@ -217,14 +218,27 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     if not data_path.is_dir():
         raise TrainConfigError(f"data.path {data_path} is not a folder; point data.path at a folder of images")
     prior = str(cfg.prior.path)
+    family = prior_family(cfg)
     if looks_like_path(prior):
-        check_prior_folder(prior)
+        check_prior_folder(prior, family)
+        family = detect_family(prior)
+    elif family is None and "xl" in prior.lower():  # a hub id: load_prior's own guess
+        family = "sdxl"
+    if family in FAMILIES:  # e.g. a method (setting) that does not train on SDXL, before any weights load
+        settings = {k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items() if not k.startswith("_")}
+        method_class_of(cfg).check_prior(family, **settings)
     try:
         accumulate = accumulation_steps(int(cfg.trainer.global_batch_size), int(cfg.data.batch_size),
                                         devices_count(cfg.trainer))
     except ValueError as err:
         raise TrainConfigError(str(err)) from None
     return TrainingPlan(accumulate, build_callbacks(cfg))
+
+
+def prior_family(cfg: DictConfig) -> str | None:
+    """``prior.family`` (sd1, sd2, sdxl; auto or absent: None, found from the folder)."""
+    family = OmegaConf.select(cfg, "prior.family", default=None)
+    return None if family in (None, "", "auto") else str(family)
 
 
 def template_from(cfg: DictConfig) -> PromptTemplate:
@@ -279,13 +293,14 @@ def build_method_on(device: torch.device, cfg: DictConfig, prior, template: Prom
     calibrated features reach every rank when DDP broadcasts the module state at wrap time."""
     if device.type == "cpu":
         return instantiate(cfg.method.module, _convert_="all")(prior, template)
-    prior.unet.to(device)
-    prior.text_encoder.to(device)
+    parts = [m for m in (prior.unet, prior.text_encoder, getattr(prior, "text_encoder_2", None)) if m is not None]
+    for part in parts:
+        part.to(device)
     try:
         return instantiate(cfg.method.module, _convert_="all")(prior, template)
     finally:
-        prior.unet.to("cpu")
-        prior.text_encoder.to("cpu")
+        for part in parts:
+            part.to("cpu")
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
@@ -296,7 +311,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     callbacks = plan.callbacks
     L.seed_everything(cfg.seed, workers=True)
 
-    prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype))
+    prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype), family=prior_family(cfg))
     template = template_from(cfg)
     node = cfg.get("prior_preservation")
     prior_preservation = class_images_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)
@@ -313,7 +328,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         class_prompt=prior_preservation.class_prompt if prior_preservation.enabled else None,
         prior_loss_weight=prior_preservation.prior_loss_weight,
     )
-    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object").attach_vae(prior.vae)
+    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object").attach_vae(prior.vae, upcast=module.upcast_vae)
     if prior_preservation.enabled:
         datamodule.attach_prior(prior, prior_preservation)
     t = cfg.trainer
