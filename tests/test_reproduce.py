@@ -226,3 +226,16 @@ def test_ccp_reproduce_console_script_runs_a_cell_and_prints_the_tables(tmp_path
     rows = json.loads((tmp_path / "results" / "table1.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["ours"] and math.isfinite(rows[0]["fid_face"])
     assert list((tmp_path / "logs").glob("*/.hydra/config.yaml"))  # the run's resolved config is kept
+
+
+def test_tiny_reproduction_on_the_tiny_sdxl_prior(tmp_path):
+    """prior.family=sdxl writes the tiny SDXL prior; the methods train and evaluate on it unchanged."""
+    cfg = compose_reproduce(["scale=tiny", f"out_dir={tmp_path}", "prior.family=sdxl",
+                             "methods=[textual_inversion,ours]", "datasets=[face]", "figures.enabled=false",
+                             "spatial_alignment.enabled=false"])
+    reproduce(cfg, progress=False)
+    index = json.loads((Path(str(cfg.prior.path)) / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results" / "table1.json").read_text())["rows"]}
+    assert rows.keys() == {"textual_inversion", "ours"} and math.isfinite(rows["ours"]["fid_face"])
+    assert rows["textual_inversion"]["params"] == 32 + 32  # one token row per SDXL text encoder

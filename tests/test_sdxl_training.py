@@ -264,6 +264,20 @@ def test_ccp_train_on_an_sdxl_prior_folder(sdxl_dir, images, tmp_path):
     images_out = model.pipe(model.guidance("wearing glasses"), num_images=1, height=RES, width=RES,
                             num_inference_steps=2, output_type="np").images
     assert images_out.shape == (1, RES, RES, 3) and np.isfinite(images_out).all()
+    # ccp-eval takes the SDXL export unchanged; image i of the seed does not depend on the batch
+    from ccp.evaluation.run import run_eval
+
+    values = []
+    for batch in (1, 4):
+        eval_cfg = compose("eval", overrides=[
+            f"export.path={export}", "metric=fid", f"fid.real_path={images}", "fid.num_samples=4", "fid.shard_size=4",
+            "fid.feature_extractor=random_conv", f"fid.stats_cache_dir={tmp_path / 'stats'}", "fid.num_workers=0",
+            "sampling.steps=2", f"sampling.height={RES}", f"sampling.width={RES}", f"sampling.batch_size={batch}",
+            "logger=none"])
+        result = run_eval(eval_cfg, tmp_path / f"eval-{batch}")
+        assert result["method"] == "oft" and result["num_images"] == 4
+        values.append(result["value"])
+    assert values[0] == pytest.approx(values[1], rel=1e-4) and values[0] > 0  # batched convolutions round apart
 
 
 def test_sdxl_settings_that_do_not_fit_fail_before_loading(sdxl_dir, images, tiny_prior_dir):
