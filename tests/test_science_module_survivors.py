@@ -24,7 +24,8 @@ from diffusers import DDPMScheduler
 
 import ccp.training.module as module_mod
 from ccp.config import ConfigError
-from ccp.methods.base import Method, PromptTemplate
+from ccp.methods.base import PromptTemplate
+from stand_ins import TrainingOnlyMethod
 from ccp.training.module import (
     CheckpointMismatchError,
     NonFiniteLossError,
@@ -46,7 +47,7 @@ def stream_key(seed: int, step: int = 0, micro: int = 0, rank: int = 0) -> int:
     return ((seed * P + step) * P + micro * 1009 + rank) % 2**63
 
 
-class Recorder(Method):
+class Recorder(TrainingOnlyMethod):
     """A constant prediction per channel that records what the loop gives it; its batch inputs
     read the batch ("ids") and draw from the step's generator, as real methods may."""
 
@@ -77,20 +78,6 @@ class Recorder(Method):
 
     def on_after_optimizer_step(self):
         self.after_steps += 1
-
-    def export(self, out_dir):
-        raise NotImplementedError
-
-    def sampling_pipeline(self, prior):
-        raise NotImplementedError
-
-    @classmethod
-    def load_export(cls, prior, export_dir):
-        raise NotImplementedError
-
-    @classmethod
-    def default_guidance(cls, denoiser, template, control_prompt=None, concept_weight=1.0, control_weight=5.0):
-        raise NotImplementedError
 
 
 class ClassRecorder(Recorder):

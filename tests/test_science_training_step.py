@@ -21,7 +21,8 @@ from diffusers import DDPMScheduler
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import Dataset
 
-from ccp.methods.base import Method, PromptTemplate
+from ccp.methods.base import PromptTemplate
+from stand_ins import TrainingOnlyMethod
 from ccp.training.module import PersonalizationModule
 from ccp.training.sampler import resumable_loader
 
@@ -40,7 +41,7 @@ def alpha_bar_by_hand(num_train_timesteps: int, beta_start: float, beta_end: flo
     return np.cumprod(1.0 - betas)
 
 
-class ConstantPrediction(Method):
+class ConstantPrediction(TrainingOnlyMethod):
     """A method whose prediction is one learnable value per latent channel, whatever the input.
     It records what the loop fed it, so the test can check the loop's inputs."""
 
@@ -57,20 +58,6 @@ class ConstantPrediction(Method):
             self.seen.append((noisy_latents.detach().clone(), timesteps.detach().clone()))
         return self.value.expand_as(noisy_latents)
 
-    # Not reached by the training loop; a constant has nothing to export or sample.
-    def export(self, out_dir):
-        raise NotImplementedError
-
-    def sampling_pipeline(self, prior):
-        raise NotImplementedError
-
-    @classmethod
-    def load_export(cls, prior, export_dir):
-        raise NotImplementedError
-
-    @classmethod
-    def default_guidance(cls, denoiser, template, control_prompt=None, concept_weight=1.0, control_weight=5.0):
-        raise NotImplementedError
 
 
 def one_step(prediction_type: str, latents: torch.Tensor, num_train_timesteps: int = 1000, value: float = 0.3,
