@@ -274,7 +274,7 @@ def test_unknown_settings_are_refused_listing_the_known_ones():
 
 # --- run_fid: what it passes on ----------------------------------------------------------------------
 class Stop(Exception):
-    pass
+    """Raised by a patched step to end run_fid once the arguments it passed on are recorded."""
 
 
 def test_run_fid_builds_the_extractor_from_a_mapping_config_with_its_weights_and_device(valid, monkeypatch):
