@@ -16,6 +16,7 @@ import io
 import json
 import os
 import sys
+import tomllib
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +67,26 @@ def diffs(workdir: Path, names: list[str]) -> dict[str, str]:
     return out
 
 
+def survivor_kind(reason: str | None) -> str:
+    """The first words of a reason (before its colon): equivalent, device placement, cosmetic, not killed, ..."""
+    if reason is None:
+        return "not reviewed"
+    head = reason.split(":", 1)[0].split(" (", 1)[0].strip()
+    return next((kind for kind in ("equivalent", "device placement", "cosmetic", "not killed") if head.startswith(kind)), head)
+
+
+def scope_lines(workdir: Path) -> list[str]:
+    """What was mutated and which tests ran, from the `[tool.mutmut]` table the run used."""
+    config_file = workdir / "pyproject.toml"
+    if not config_file.is_file():
+        return []
+    config = tomllib.loads(config_file.read_text()).get("tool", {}).get("mutmut", {})
+    mutated = ", ".join(f"`{p}`" for p in config.get("only_mutate", []))
+    tests = config.get("pytest_add_cli_args_test_selection", [])
+    return [f"Mutated: {mutated}. Each mutant runs against the tests of these {len(tests)} files that execute its "
+            f"function: " + ", ".join(f"`{t}`" for t in tests) + ".", ""]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
@@ -97,6 +118,7 @@ def main(argv=None) -> int:
     ]
     if args.scope_note:
         lines += [args.scope_note, ""]
+    lines += scope_lines(args.workdir)
     lines += ["| file | mutants | killed | survived | timeout | suspicious | no tests | not checked |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for source, per in results.items():
@@ -116,6 +138,8 @@ def main(argv=None) -> int:
             reason = "not reviewed yet"
         lines += [f"- `{name}`: {reason}", "", "  ```diff", *[f"  {l}" for l in shown.get(name, "").splitlines()],
                   "  ```", ""]
+    kinds = Counter(survivor_kind(reason_for(name, reasons)) for name in survivors)
+    lines.insert(6, "Survivors by reason: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ".\n")
     if unreviewed:
         lines.insert(6, f"{unreviewed} of the {len(survivors)} survivors are not reviewed yet (no entry in reasons.json).\n")
     args.report.parent.mkdir(parents=True, exist_ok=True)
