@@ -275,3 +275,26 @@ def test_kid_defaults_are_100_subsets_of_1000_drawn_with_seed_0():
     assert std > 1e-4 * abs(mean)  # the subsets differ, so their number, size and seed all show
     with pytest.raises(fid_module.FIDConfigError, match=r"subset_size=1000 exceeds the 999 features"):
         fid_module.kernel_inception_distance(real[:999], fake)
+
+
+def _kid_on_a_rank(rank: int, store: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        g = torch.Generator().manual_seed(3)
+        real = torch.randn(40, 4, generator=g, dtype=torch.float64)
+        fake = torch.randn(40, 4, generator=g, dtype=torch.float64) + 0.5
+        value = fid_module.kernel_inception_distance(real, fake, subsets=5, subset_size=20, seed=2)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(value))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_kid_is_computed_per_rank_under_torch_distributed(tmp_path):
+    # every rank holds all the features it scores: syncing the metric across ranks would pool both
+    # ranks' copies and draw the subsets from the doubled set
+    torch.multiprocessing.spawn(_kid_on_a_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    fake = torch.randn(40, 4, generator=g, dtype=torch.float64) + 0.5
+    alone = list(fid_module.kernel_inception_distance(real, fake, subsets=5, subset_size=20, seed=2))
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [alone, alone]
