@@ -104,9 +104,13 @@ image:
 	docker build -f gcp/Dockerfile -t $(IMAGE) .
 
 # The committed dry runs of the full recipe (job=reproduce) for each ccp-launch target: gcp/examples/<target>.
+# The evaluations load these weights, which ccp-launch requires (tests/test_launch.py reads this line).
+GCP_EXAMPLES_ARGS := weights.inception=gs://my-bucket/ccp/checkpoints/weights-inception-2015-12-05-6726825d.pth \
+	weights.clip=gs://my-bucket/ccp/checkpoints/ViT-L-14.pt
 gcp-examples: setup
 	for target in slurm vertex gke; do \
-		rm -rf gcp/examples/$$target && $(BIN)/ccp-launch target=$$target job=reproduce dry_run=true out_dir=gcp/examples/$$target >/dev/null || exit 1; \
+		rm -rf gcp/examples/$$target && $(BIN)/ccp-launch target=$$target job=reproduce $(GCP_EXAMPLES_ARGS) dry_run=true \
+			out_dir=gcp/examples/$$target >/dev/null || exit 1; \
 	done
 
 clean:

@@ -7,11 +7,16 @@ read, restart policy, storage paths. GKE manifests are validated against the ven
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKET = "gs://test-bucket/ccp"
 LOG_DIR = "/gcs/test-bucket/ccp/outputs"
 SUBMITTERS = (slurm, vertex, gke)
+INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
+# the weights in a bucket of their own: GKE must mount it too
+WEIGHTS = ("weights.inception=gs://weights-bucket/ckpt/" + INCEPTION, "weights.clip=gs://weights-bucket/ckpt/ViT-L-14.pt")
+INCEPTION_IN_CONTAINER = f"/gcs/weights-bucket/ckpt/{INCEPTION}"
+CLIP_IN_CONTAINER = "/gcs/weights-bucket/ckpt/ViT-L-14.pt"
 
 
 def config(tmp_path, target, *overrides):
@@ -142,12 +152,13 @@ def test_gke_train_validates_against_schemas(tmp_path, no_submit):
 
 
 def test_fid_spreads_over_all_gpus_of_all_nodes(tmp_path, no_submit):
-    spec = run_launch(config(tmp_path, "gke", "job=fid", "fid.run=animal_ours", "fid.dataset=afhqv2"))
+    spec = run_launch(config(tmp_path, "gke", "job=fid", "fid.run=animal_ours", "fid.dataset=afhqv2", *WEIGHTS))
     (job,) = spec.jobs
     assert job.world_size == 16 and job.argv[0] == "ccp-eval"
     assert {"metric=fid", "fid.num_samples=50000", f"export.path={LOG_DIR}/train/animal_ours/export",
             "fid.real_path=/gcs/test-bucket/ccp/data/afhqv2",
-            f"fid.shard_dir={LOG_DIR}/eval/animal_ours_fid/fid_shards"} <= set(job.argv)
+            f"fid.shard_dir={LOG_DIR}/eval/animal_ours_fid/fid_shards",
+            f"fid.inception_weights={INCEPTION_IN_CONTAINER}"} <= set(job.argv)
     script = yaml.safe_load((tmp_path / "gke" / f"00_{job.name}.yaml").read_text())[
         "spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["command"][2]
     flags = torchrun_flags(script)
@@ -157,7 +168,7 @@ def test_fid_spreads_over_all_gpus_of_all_nodes(tmp_path, no_submit):
 
 
 def test_reproduce_is_trainings_then_evaluation(tmp_path, no_submit):
-    spec = run_launch(config(tmp_path, "slurm", "job=reproduce"))
+    spec = run_launch(config(tmp_path, "slurm", "job=reproduce", *WEIGHTS))
     *trainings, evaluate = spec.jobs
     assert len(trainings) == 10 and all(j.world_size == 16 and j.argv[0] == "ccp-train" for j in trainings)
     assert evaluate.argv[0] == "ccp-reproduce" and "scale=full" in evaluate.argv
@@ -182,6 +193,87 @@ def test_vertex_without_sdk_names_the_install(tmp_path, monkeypatch):
         run_launch(config(tmp_path, "vertex", "dry_run=false"))
 
 
+# --- model weights: the container has none ------------------------------------------------------
+@pytest.mark.parametrize("target", ["slurm", "vertex", "gke"])
+@pytest.mark.parametrize("job, given, key, names", [
+    ("fid", (), "weights.inception", (INCEPTION, "torch-fidelity/releases")),
+    ("text", (WEIGHTS[0],), "weights.clip", ("ViT-L-14.pt", "openaipublic.azureedge.net/clip/models/")),
+    ("reproduce", (WEIGHTS[1],), "weights.inception", (INCEPTION, "torch-fidelity/releases")),
+    ("reproduce", (WEIGHTS[0],), "weights.clip", ("ViT-L-14.pt", "openaipublic.azureedge.net/clip/models/")),
+    ("train", ("eval.every_n_steps=1000",), "weights.inception", (INCEPTION,)),  # FID during training
+])
+def test_evaluation_without_its_weights_is_refused(tmp_path, no_submit, target, job, given, key, names):
+    overrides = [f"job={job}", *given]
+    if job == "train":
+        overrides = ["job=train", "command='ccp-train experiment=table1/face_ours data.batch_size=2 "
+                     + " ".join(given) + "'"]
+    with pytest.raises(ConfigError) as err:
+        run_launch(config(tmp_path, target, "dry_run=true", *overrides))
+    message = str(err.value)
+    assert "\n" not in message and f"{key}=gs://<bucket>/" in message, message
+    for name in names:
+        assert name in message, message
+    assert no_submit == [] and not (tmp_path / target).exists()  # nothing rendered
+
+
+def _rendered_text(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.iterdir()) if p.name != "launch.json")
+
+
+@pytest.mark.parametrize("target", ["slurm", "vertex", "gke"])
+@pytest.mark.parametrize("job, expected", [
+    ("fid", [f"fid.inception_weights={INCEPTION_IN_CONTAINER}"]),
+    ("text", [f"text.clip_weights={CLIP_IN_CONTAINER}"]),
+    ("reproduce", [f"fid.inception_weights={INCEPTION_IN_CONTAINER}", f"text_alignment.clip_weights={CLIP_IN_CONTAINER}"]),
+])
+def test_weights_reach_the_rendered_job(tmp_path, no_submit, target, job, expected):
+    spec = run_launch(config(tmp_path, target, f"job={job}", *WEIGHTS))
+    evaluate = spec.jobs[-1]
+    assert set(expected) <= set(evaluate.argv)
+    i = len(spec.jobs) - 1
+    path = tmp_path / target / {"slurm": f"{i:02d}_{evaluate.name}.sbatch", "vertex": f"{i:02d}_{evaluate.name}.json",
+                                "gke": f"{i:02d}_{evaluate.name}.yaml"}[target]
+    if target == "slurm":
+        script = path.read_text()
+    elif target == "vertex":
+        script = json.loads(path.read_text())["job_spec"]["worker_pool_specs"][0]["container_spec"]["command"][2]
+    else:
+        manifest = yaml.safe_load(path.read_text())
+        pod = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        script = pod["containers"][0]["command"][2]
+        # the weights' bucket is mounted where the command reads it
+        assert {"name": "gcs-weights-bucket", "mountPath": "/gcs/weights-bucket"} in pod["containers"][0]["volumeMounts"]
+        assert {v["csi"]["volumeAttributes"]["bucketName"] for v in pod["volumes"] if "csi" in v} == {
+            "test-bucket", "weights-bucket"}
+    words = shlex.split(script[script.index("torchrun --"):].split("\n")[0].rstrip("'"))
+    assert set(expected) <= set(words), script
+    for other in spec.jobs[:-1]:  # the trainings of job=reproduce load no weights
+        assert not any("weights=" in a for a in other.argv)
+
+
+def test_weights_on_a_shared_filesystem_pass_unchanged(tmp_path, no_submit):
+    spec = run_launch(config(tmp_path, "slurm", "job=fid", f"weights.inception=/shared/ckpt/{INCEPTION}"))
+    assert f"fid.inception_weights=/shared/ckpt/{INCEPTION}" in spec.jobs[0].argv
+    assert f"fid.inception_weights=/shared/ckpt/{INCEPTION}" in _rendered_text(tmp_path / "slurm")
+
+
+def test_training_with_fid_gets_the_inception_weights(tmp_path, no_submit):
+    spec = run_launch(config(tmp_path, "gke", "job=train", "command='ccp-train experiment=table1/face_ours "
+                             "data.batch_size=2 eval.every_n_steps=1000'", *WEIGHTS))
+    assert f"eval.inception_weights={INCEPTION_IN_CONTAINER}" in spec.jobs[0].argv
+
+
+def test_text_runs_on_one_gpu(tmp_path, no_submit):
+    """Text alignment is not split over ranks: more GPUs would repeat it."""
+    spec = run_launch(config(tmp_path, "vertex", "job=text", "text.run=animal_ours", *WEIGHTS))
+    (job,) = spec.jobs
+    assert (job.nodes, job.nproc_per_node) == (1, 1) and job.argv[:2] == ("ccp-eval", "metric=text")
+    assert f"export.path={LOG_DIR}/train/animal_ours/export" in job.argv
+    (pool,) = json.loads((tmp_path / "vertex" / f"00_{job.name}.json").read_text())["job_spec"]["worker_pool_specs"]
+    assert pool["machine_spec"]["accelerator_count"] == 1 and pool["machine_spec"]["machine_type"] == "a3-highgpu-1g"
+    assert torchrun_flags(pool["container_spec"]["command"][2])["nproc_per_node"] == "1"
+
+
 # --- bad input: raised before anything is rendered or submitted --------------------------------
 @pytest.mark.parametrize("overrides, match", [
     (["nodes=0"], "nodes=0"),
@@ -195,6 +287,10 @@ def test_vertex_without_sdk_names_the_install(tmp_path, monkeypatch):
     (["command='ccp-train experiment=table1/face_ours data.batch_size=2 trainer.devices=4'"], "launcher sets it"),
     (["job=fid", "fid.num_samples=oops"], "fid.num_samples"),
     (["job=fid", 'fid.overrides=["no_such_key=1"]'], "does not compose"),
+    (["job=fid", f'fid.overrides=["fid.inception_weights=/gcs/b/{INCEPTION}"]'], "give the file as weights.inception"),
+    (["job=text", *WEIGHTS, 'text.overrides=["text.clip_weights=/x/ViT-L-14.pt"]'], "give the file as weights.clip"),
+    (["job=fid", f"weights.inception=checkpoints/{INCEPTION}"], "weights.inception=.* is relative"),
+    (["job=fid", "weights.inception=gs://weights-bucket"], "names no file in a bucket"),
 ])
 def test_bad_input_raises_before_submission(tmp_path, no_submit, overrides, match):
     cfg = config(tmp_path, "vertex", "dry_run=false", *overrides)
@@ -223,8 +319,11 @@ def test_cli_dry_run(tmp_path):
 # --- committed examples and the Dockerfile ------------------------------------------------------
 @pytest.mark.parametrize("target", ["slurm", "vertex", "gke"])
 def test_committed_examples_are_current(tmp_path, target):
-    """gcp/examples/<target> is `make gcp-examples` output (job=reproduce with the shipped defaults)."""
-    cfg = compose("launch", [f"target={target}", "job=reproduce", "dry_run=true", f"out_dir={tmp_path}"])
+    """gcp/examples/<target> is `make gcp-examples` output (job=reproduce with the shipped defaults and the
+    Makefile's GCP_EXAMPLES_ARGS)."""
+    makefile = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    args = shlex.split(next(x for x in makefile.splitlines() if x.startswith("GCP_EXAMPLES_ARGS")).split(":=", 1)[1])
+    cfg = compose("launch", [f"target={target}", "job=reproduce", *args, "dry_run=true", f"out_dir={tmp_path}"])
     files = render_files(spec_from_config(cfg))
     folder = REPO / "gcp" / "examples" / target
     committed = {p.name: p.read_text() for p in folder.iterdir()} if folder.exists() else {}
@@ -261,3 +360,79 @@ def test_dockerfile_installs_with_the_constraints():
                 assert pins.get(re.sub(r"[-_.]+", "-", name).lower()) == version, f"{word} != constraints.txt"
     base = re.search(r"^ARG BASE=pytorch/pytorch:(\d+\.\d+\.\d+)-", text, re.M)
     assert base and base.group(1) == pins["torch"], "the base image's torch should match the torch pin"
+
+
+# ccp config option -> the ccp check that imports the option's optional package (a ConfigError when it
+# cannot). The extras an option needs are found by blocking each extra's packages and calling the check.
+OPTION_CHECKS = {"optim.name": "ccp.training.optim:check_optimizer_name"}
+
+
+def _flatten(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+
+
+def _pyproject_extras() -> dict[str, set[str]]:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {extra: {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", r).group(0)).lower() for r in reqs}
+            for extra, reqs in extras.items()}
+
+
+def _extras_needed(option: str, value) -> set[str]:
+    """The extras (but `test`) without whose packages the option's check in ccp fails."""
+    module, name = OPTION_CHECKS[option].split(":")
+    check = getattr(importlib.import_module(module), name)
+    check(value)  # with everything installed it passes: a failure below is the missing package
+    modules = {}
+    for module_name, dists in packages_distributions().items():
+        for dist in dists:
+            modules.setdefault(re.sub(r"[-_.]+", "-", dist).lower(), []).append(module_name)
+    needed = set()
+    for extra, dists in _pyproject_extras().items():
+        if extra == "test":
+            continue
+        with pytest.MonkeyPatch.context() as mp:
+            for dist in dists:
+                for module_name in modules.get(dist, []):
+                    mp.setitem(sys.modules, module_name, None)  # import -> ImportError
+            try:
+                check(value)
+            except ConfigError:
+                needed.add(extra)
+    return needed
+
+
+def _dockerfile_extras() -> set[str]:
+    text = (REPO / "gcp" / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if "pip install" in x and "ccp-*.whl" in x]
+    match = re.search(r"ccp-\*\.whl\)?\[([^\]]*)\]", line)
+    return {e.strip() for e in match.group(1).split(",")} if match else set()
+
+
+def test_dockerfile_installs_every_extra_a_config_needs():
+    """Presets and the experiments a launch runs: each option with an optional package needs its extra."""
+    installed = _dockerfile_extras()
+    assert installed <= set(_pyproject_extras()) - {"test"}, installed
+    needs = {}
+    configs = [*(REPO / "ccp" / "conf" / "preset").glob("*.yaml"), *(REPO / "ccp" / "conf" / "experiment").rglob("*.yaml")]
+    for path in sorted(configs):
+        assert path.read_text().startswith("# @package _global_"), path  # keys below are global
+        flat = _flatten(yaml.safe_load(path.read_text()) or {})
+        for option in OPTION_CHECKS.keys() & flat.keys():
+            if extras := _extras_needed(option, flat[option]):
+                needs[str(path.relative_to(REPO))] = extras
+    assert "memory" in needs.get("ccp/conf/preset/gpu_24gb.yaml", set())  # optim.name=adamw8bit: bitsandbytes
+    missing = {config: sorted(extras - installed) for config, extras in needs.items() if extras - installed}
+    assert not missing, f"gcp/Dockerfile must install ccp[{','.join(sorted(set().union(*needs.values())))}]: {missing}"
+
+
+def test_dockerfile_keeps_pkg_resources_for_clip():
+    """The CLIP text-alignment metric loads ViT-L/14 with clip-anytorch, whose clip/clip.py imports
+    pkg_resources (gone from setuptools 81): the image must install setuptools at the pinned version."""
+    assert "from pkg_resources import" in Path(importlib.util.find_spec("clip").submodule_search_locations[0],
+                                               "clip.py").read_text()
+    text = (REPO / "gcp" / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if "pip install" in x and "ccp-*.whl" in x]
+    assert "setuptools" in shlex.split(line.split("pip install", 1)[1].split("&&")[0])
+    assert int(_constraints()["setuptools"].split(".")[0]) < 81

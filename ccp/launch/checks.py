@@ -11,7 +11,9 @@ from ccp.config import ConfigError
 ENTRY_POINTS = ("ccp-train", "ccp-eval", "ccp-reproduce", "ccp-sample")
 # Set by the launcher from nodes, gpus_per_node and storage; a command must not set them itself.
 LAUNCHER_KEYS = ("paths.log_dir", "paths.data_dir", "trainer.num_nodes", "trainer.devices")
-JOBS = ("train", "fid", "reproduce")
+JOBS = ("train", "fid", "text", "reproduce")
+# weights.<key> of ccp-launch -> the file it names. The container holds no weights and nothing is downloaded.
+WEIGHTS = {"inception": "weights-inception-2015-12-05-6726825d.pth", "clip": "ViT-L-14.pt"}
 
 
 class LaunchConfigError(ConfigError, ValueError):
@@ -47,6 +49,42 @@ def check_storage_path(key: str, path: str) -> None:
         raise LaunchConfigError(f"{key} is empty; give a gs://<bucket>/<folder> or a path mounted on every node")
     if path.startswith("gs:/") and not bucket_of(path):
         raise LaunchConfigError(f"{key}={path!r} has no bucket; write gs://<bucket>/<folder>, e.g. gs://my-bucket/ccp")
+
+
+def check_weights_path(key: str, path: str) -> None:
+    """weights.<key>, when given: gs://<bucket>/<file> or an absolute path (a relative one would be
+    read from the container's working folder, which holds no weights)."""
+    if not path:
+        return
+    example = f"gs://<bucket>/ccp/checkpoints/{WEIGHTS[key]}"
+    if path.startswith("gs:/"):
+        bucket = bucket_of(path)
+        if not bucket or not path[len(f"gs://{bucket}"):].strip("/"):
+            raise LaunchConfigError(f"weights.{key}={path!r} names no file in a bucket; write {example}")
+    elif not path.startswith("/"):
+        raise LaunchConfigError(f"weights.{key}={path!r} is relative, and the container holds no weights; give "
+                                f"{example} or an absolute path present on every node")
+
+
+def missing_weights(key: str, needed_by: str) -> LaunchConfigError:
+    """The error for a job that loads weights.<key> when it is not given: the key and where to get the file."""
+    from ccp.evaluation.attributes import CLIP_VIT_L14_URL
+    from ccp.evaluation.fid import INCEPTION_WEIGHTS_URL
+
+    url = {"inception": INCEPTION_WEIGHTS_URL, "clip": CLIP_VIT_L14_URL}[key]
+    return LaunchConfigError(f"{needed_by} loads {WEIGHTS[key]}, which the container does not have and never "
+                             f"downloads: download {url}, put it in a bucket and set "
+                             f"weights.{key}=gs://<bucket>/ccp/checkpoints/{WEIGHTS[key]} (or an absolute path on "
+                             "every node)")
+
+
+def check_weights_not_overridden(overrides: Sequence[str], keys: Mapping[str, str], where: str) -> None:
+    """`keys` (a job's config key -> weights.<key>) are set by the launcher, from weights.*, as the container sees them."""
+    for word in overrides:
+        key = str(word).split("=", 1)[0].lstrip("+~")
+        if key in keys:
+            raise LaunchConfigError(f"{where} sets {key}; give the file as weights.{keys[key]}=... instead (the "
+                                    "launcher passes it to the job, a gs:// path as the container's mount)")
 
 
 def bucket_of(path: str) -> str | None:

@@ -26,7 +26,7 @@ REPLICATED_JOB = "workers"
 
 def render_job(spec: LaunchSpec, job: Job) -> dict:
     t = spec.target_cfg
-    gpus = job.nproc_per_node if job.kind == "reproduce" else spec.gpus_per_node
+    gpus = job.nproc_per_node
     rdzv = torchrun.gke(job.name, REPLICATED_JOB, job.name, int(t["master_port"]))
     mount = str(t.get("gcs_mount_root") or "/gcs").rstrip("/")
     node_selector = {"cloud.google.com/gke-accelerator": spec.gpu_type}

@@ -23,7 +23,7 @@ def sbatch_name(index: int, job: Job) -> str:
 
 def render_job(spec: LaunchSpec, job: Job) -> str:
     t, gpu = spec.target_cfg, spec.gpu
-    gpus = job.nproc_per_node if job.kind == "reproduce" else spec.gpus_per_node
+    gpus = job.nproc_per_node
     lines = [
         "#!/bin/bash",
         f"# {job.kind}: {' '.join(job.argv[:2])} ... on {job.nodes} node(s) x {job.nproc_per_node} GPU(s), "

@@ -18,7 +18,7 @@ from ccp.launch.spec import Job, LaunchSpec
 
 
 def worker_pool(spec: LaunchSpec, job: Job, replicas: int) -> dict:
-    gpus = job.nproc_per_node if job.kind == "reproduce" else spec.gpus_per_node
+    gpus = job.nproc_per_node
     machine = spec.gpu["machine_type"] if gpus == int(spec.gpu["gpus"]) else _smaller_machine(spec, gpus)
     return {
         "machine_spec": {"machine_type": machine, "accelerator_type": spec.gpu_type, "accelerator_count": gpus},

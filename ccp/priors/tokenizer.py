@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
+import importlib.util
 import os
+import sys
 from functools import lru_cache
 
 from transformers import CLIPTokenizer
@@ -13,22 +16,56 @@ CLIP_MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # 49152 BPE entries minus the 256 byte symbols minus the two specials: the merges CLIP uses.
 _N_MERGES = 49152 - 256 - 2
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+INSTALL_HINT = "pip install clip-anytorch (a dependency of ccp; it ships OpenAI CLIP's BPE vocabulary)"
+
+
+def _clip_package_dirs() -> list[str]:
+    """Folders of the ``clip`` package, found without running its ``__init__`` (clip/clip.py imports
+    pkg_resources, which setuptools >= 81 no longer has)."""
+    module = sys.modules.get("clip")
+    if module is not None:
+        return list(getattr(module, "__path__", []))
+    try:
+        spec = importlib.util.find_spec("clip")
+    except (ImportError, ValueError):
+        return []
+    return list(spec.submodule_search_locations or []) if spec is not None else []
 
 
 def _bpe_file() -> str:
-    import clip.simple_tokenizer as st  # clip-anytorch
+    """clip-anytorch's BPE vocabulary file; FileNotFoundError naming the install when it is absent."""
+    candidates = []
+    try:  # the distribution we declare first: another project may also be importable as `clip`
+        candidates.append(str(importlib.metadata.distribution("clip-anytorch").locate_file(f"clip/{BPE_FILE}")))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    candidates += [os.path.join(folder, BPE_FILE) for folder in _clip_package_dirs()]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    looked = ", ".join(candidates) or "no clip package is installed"
+    raise FileNotFoundError(f"CLIP's BPE vocabulary {BPE_FILE} was not found (looked in: {looked}); {INSTALL_HINT}")
 
-    path = st.default_bpe()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"clip-anytorch's BPE vocabulary is missing at {path}; reinstall clip-anytorch.")
-    return path
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI CLIP's (GPT-2's) reversible byte -> printable character table, which orders the vocabulary.
+    Written here: `clip.simple_tokenizer` would run clip's __init__, and transformers 5 dropped its copy."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
 
 
 @lru_cache(maxsize=1)
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges in exactly the order OpenAI CLIP (and SD v1.x's tokenizer) uses."""
-    from clip.simple_tokenizer import bytes_to_unicode
-
     lines = gzip.open(_bpe_file()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
     byte_symbols = list(bytes_to_unicode().values())
