@@ -52,6 +52,12 @@ bench-sampling: setup
 bench-training: setup
 	$(BIN)/python benchmarks/training.py --out benchmarks/results $(ARGS)
 
+# The first scan of an FFHQ-size folder (benchmarks/data_scan.py): 70,000 512x512 JPEGs generated once into
+# outputs/scan-bench (about 2.7 GB), the first scan, a scan SIGKILLed at half and resumed, and the scan before
+# the header checks; writes benchmarks/results/data_scan_cpu.json. ARGS="--n 5000" for a quick run.
+bench-data-scan: setup
+	$(BIN)/python benchmarks/data_scan.py --out benchmarks/results $(ARGS)
+
 # SD v1.5 size on this CPU (benchmarks/check_sd15.py, docs/memory.md): random weights, one process per case, each
 # method's bf16-autocast training step at 256 px (ours and dreambooth with 8-bit AdamW and gradient checkpointing)
 # and a 2-step three-term GCFG sample at 512 px; fails on an error, a non-finite loss or a peak RSS over 22 GiB.
