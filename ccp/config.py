@@ -16,6 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def by_gpus(on_cpu, one_gpu, many_gpus):
+    """``${ccp.by_gpus:A,B,C}`` in a config: A without a CUDA device, B with one, C with several
+    (``trainer=auto``: the hardware picks cpu, gpu or ddp settings; a value set on the command line wins)."""
+    count = cuda_device_count()
+    return on_cpu if count == 0 else one_gpu if count == 1 else many_gpus
+
+
+OmegaConf.register_new_resolver("ccp.by_gpus", by_gpus, replace=True)
+
+
 class ConfigError(Exception):
     """Bad input found before any long compute; the message names the problem and the fix.
 

@@ -30,3 +30,21 @@ def tiny_prior(tiny_prior_dir):
     from ccp.priors.loading import load_prior
 
     return load_prior(tiny_prior_dir)
+
+
+@pytest.fixture(scope="session")
+def stand_in_inception(tmp_path_factory):
+    """A stand-in ``weights-inception-2015-12-05-6726825d.pth`` (random FID InceptionV3 in the real
+    format, marked: numbers measured with it are labelled), written once per session (~1 s, 96 MB)."""
+    from stand_ins import write_stand_in_inception
+
+    return write_stand_in_inception(tmp_path_factory.mktemp("stand-in-inception"))
+
+
+@pytest.fixture(scope="session")
+def stand_in_clip(tmp_path_factory):
+    """A stand-in ``ViT-L-14.pt`` (random small CLIP as a TorchScript archive like OpenAI's, marked:
+    numbers measured with it are labelled), written once per session (~1 s, 13 MB)."""
+    from stand_ins import write_stand_in_clip
+
+    return write_stand_in_clip(tmp_path_factory.mktemp("stand-in-clip"))

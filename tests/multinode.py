@@ -9,12 +9,35 @@ a session of its own, so killing torchrun's process group alone would leave the 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def job_inputs(root: Path) -> dict[str, Path]:
+    """What a training job reads: a tiny prior and 8 random 64 px images under `root`."""
+    import numpy as np
+    import PIL.Image
+
+    from ccp.priors.tiny import save_tiny_prior
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    return {"root": root, "prior": save_tiny_prior(root / "prior", seed=0), "images": images}
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The newest step checkpoint written so far (0: none yet)."""
+    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step=*.ckpt")
+             if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
+    return max(steps, default=0)
 
 
 def free_port() -> int:
@@ -67,7 +90,7 @@ class Job:
     """One launch of a job: one torchrun per node, each logging to ``<log_dir>/node<R>.log``."""
 
     def __init__(self, module: str, overrides: list[str], log_dir: Path, *, nnodes: int, nproc_per_node: int,
-                 port: int | None = None, tag: str = ""):
+                 port: int | None = None, tag: str = "", env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +101,7 @@ class Job:
             command = node_command(module, overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, node_rank=rank,
                                    port=self.port)
             with open(log, "w") as out:
-                self.procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=node_env(),
+                self.procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**node_env(), **(env or {})},
                                                    start_new_session=True))
 
     def log(self, node: int) -> str:

@@ -1,4 +1,5 @@
-"""Image-to-image and inpainting GCFG against diffusers' img2img and inpainting pipelines."""
+"""Image-to-image and inpainting GCFG against diffusers' img2img and inpainting pipelines, with every
+scheduler family of ``sampling.scheduler`` (the start timestep and the noising are the scheduler's)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ccp.config import ConfigError
 from ccp.guidance import GuidanceSpec
 from ccp.pipelines.gcfg import GCFGPipeline, ImageInputError
 from ccp.pipelines.sampling import noise_generators, sample_images
+from schedulers import FAMILIES, gcfg_with, reference_scheduler
 
 SIZE, STEPS = 64, 5
 
@@ -44,9 +46,11 @@ def _mask():
 
 
 @pytest.mark.filterwarnings("ignore:You have passed 2 text prompts:FutureWarning")  # diffusers: one image, two outputs
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("per_image_generators", [False, True])
-def test_one_text_term_equals_diffusers_img2img(tiny_prior, components, gcfg, per_image_generators):
-    ref = StableDiffusionImg2ImgPipeline(**{**components, "scheduler": _scheduler(tiny_prior)})
+def test_one_text_term_equals_diffusers_img2img(tiny_prior, components, per_image_generators, family):
+    gcfg = gcfg_with(tiny_prior, family)
+    ref = StableDiffusionImg2ImgPipeline(**{**components, "scheduler": reference_scheduler(family, tiny_prior)})
     ref.set_progress_bar_config(disable=True)
     gens = (lambda: noise_generators(3, range(2))) if per_image_generators else (lambda: torch.Generator().manual_seed(3))
     kw = dict(num_inference_steps=STEPS, output_type="latent")
@@ -62,9 +66,11 @@ def test_one_text_term_equals_diffusers_img2img(tiny_prior, components, gcfg, pe
     assert (weaker.images - theirs).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("strength", [0.6, 1.0])
-def test_mask_equals_diffusers_inpainting_with_a_plain_unet(tiny_prior, components, gcfg, strength):
-    ref = StableDiffusionInpaintPipeline(**{**components, "scheduler": _scheduler(tiny_prior)})
+def test_mask_equals_diffusers_inpainting_with_a_plain_unet(tiny_prior, components, strength, family):
+    gcfg = gcfg_with(tiny_prior, family)
+    ref = StableDiffusionInpaintPipeline(**{**components, "scheduler": reference_scheduler(family, tiny_prior)})
     ref.set_progress_bar_config(disable=True)
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np")
     args = dict(image=_image(0), mask_image=_mask(), strength=strength)

@@ -426,13 +426,3 @@ def test_dockerfile_installs_every_extra_a_config_needs():
     missing = {config: sorted(extras - installed) for config, extras in needs.items() if extras - installed}
     assert not missing, f"gcp/Dockerfile must install ccp[{','.join(sorted(set().union(*needs.values())))}]: {missing}"
 
-
-def test_dockerfile_keeps_pkg_resources_for_clip():
-    """The CLIP text-alignment metric loads ViT-L/14 with clip-anytorch, whose clip/clip.py imports
-    pkg_resources (gone from setuptools 81): the image must install setuptools at the pinned version."""
-    assert "from pkg_resources import" in Path(importlib.util.find_spec("clip").submodule_search_locations[0],
-                                               "clip.py").read_text()
-    text = (REPO / "gcp" / "Dockerfile").read_text().replace("\\\n", " ")
-    (line,) = [x for x in text.splitlines() if "pip install" in x and "ccp-*.whl" in x]
-    assert "setuptools" in shlex.split(line.split("pip install", 1)[1].split("&&")[0])
-    assert int(_constraints()["setuptools"].split(".")[0]) < 81

@@ -14,6 +14,7 @@ from ccp.guidance import Condition, GuidanceConfigError, GuidanceSpec, GuidanceT
 from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.pipelines.sampling import noise_generators, sample_images
 from ccp.priors import build_tiny_controlnet, load_controlnet
+from schedulers import FAMILIES, gcfg_with, reference_scheduler
 
 SIZE, STEPS = 64, 4
 
@@ -39,11 +40,13 @@ def pipe(tiny_prior, nets):
     return gcfg
 
 
-def test_classic_cfg_on_two_controlnets_equals_diffusers_multi_controlnet(tiny_prior, nets, pipe):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classic_cfg_on_two_controlnets_equals_diffusers_multi_controlnet(tiny_prior, nets, family):
+    pipe = gcfg_with(tiny_prior, family)  # the scheduler is ccp-sample's for sampling.scheduler=family
+    pipe.add_denoiser("canny+depth", tiny_prior.unet, MultiControlNetModel(list(nets)))
     components = {k: v for k, v in tiny_prior.components.items() if k != "image_encoder"}
     ref = StableDiffusionControlNetPipeline(**{
-        **components, "controlnet": MultiControlNetModel(list(nets)),
-        "scheduler": DPMSolverMultistepScheduler.from_config(tiny_prior.scheduler.config),
+        **components, "controlnet": MultiControlNetModel(list(nets)), "scheduler": reference_scheduler(family, tiny_prior),
     })
     ref.set_progress_bar_config(disable=True)
     images, scales, g = (_image(0), _image(1)), (0.7, 1.2), 6.0

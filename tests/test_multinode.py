@@ -19,13 +19,11 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from multinode import Job, freeze, wait_for
+from multinode import Job, checkpoint_step, freeze, job_inputs, wait_for
 
 STEPS = 10  # short, but long enough to kill a run part-way
 EXPORT = Path("export") / "concept_unet" / "diffusion_pytorch_model.safetensors"
@@ -33,16 +31,7 @@ EXPORT = Path("export") / "concept_unet" / "diffusion_pytorch_model.safetensors"
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from ccp.priors.tiny import save_tiny_prior
-
-    root = tmp_path_factory.mktemp("multinode")
-    prior = save_tiny_prior(root / "prior", seed=0)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
-    return {"root": root, "prior": prior, "images": images}
+    return job_inputs(tmp_path_factory.mktemp("multinode"))
 
 
 def train_overrides(inputs, run_dir, *, nnodes, nproc_per_node, max_steps=STEPS, extra=()):
@@ -72,13 +61,6 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 def trained_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-
-
-def checkpoint_step(run_dir: Path) -> int:
-    """The newest step checkpoint written so far (0: none yet)."""
-    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step=*.ckpt")
-             if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
-    return max(steps, default=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""GCFGPipeline against diffusers' own pipelines, and batching against a literal Algorithm 1."""
+"""GCFGPipeline against diffusers' own pipelines (with every scheduler family of ``sampling.scheduler``),
+and batching against a literal Algorithm 1."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import pytest
 import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from schedulers import FAMILIES, gcfg_with, reference_scheduler
 
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
 from ccp.pipelines.gcfg import GCFGPipeline
@@ -39,6 +40,19 @@ def gcfg(prior):
     return pipe
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_prior, family):
+    """ccp's pipeline with the `family` scheduler as ccp-sample builds it, and diffusers' with its own copy."""
+    ref = StableDiffusionPipeline(**{**tiny_prior.components, "scheduler": reference_scheduler(family, tiny_prior)})
+    ref.set_progress_bar_config(disable=True)
+    return gcfg_with(tiny_prior, family), ref
+
+
 @pytest.fixture(scope="module")
 def control_image():
     rng = np.random.default_rng(0)
@@ -49,8 +63,8 @@ def _np(out):
     return np.asarray(out.images)
 
 
-def test_text_term_equals_diffusers_cfg(prior, gcfg):
-    prior.set_progress_bar_config(disable=True)
+def test_text_term_equals_diffusers_cfg(pair):
+    gcfg, prior = pair
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np")
     ours = gcfg(GuidanceSpec.cfg("a photo of a cat", 7.5), num_images=2, generator=_gen(), **kw)
     ref = prior("a photo of a cat", guidance_scale=7.5, num_images_per_prompt=2, generator=_gen(), **kw)
@@ -60,7 +74,8 @@ def test_text_term_equals_diffusers_cfg(prior, gcfg):
     assert np.abs(_np(other) - _np(ref)).max() > 1e-3
 
 
-def test_negative_prompt_as_a_term_equals_diffusers_negative_prompt(prior, gcfg):
+def test_negative_prompt_as_a_term_equals_diffusers_negative_prompt(pair):
+    gcfg, prior = pair
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent")
     g = 6.0
     spec = GuidanceSpec.cfg("a red car", g, negative_prompt="blurry, low quality")
@@ -70,7 +85,8 @@ def test_negative_prompt_as_a_term_equals_diffusers_negative_prompt(prior, gcfg)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_guidance_rescale_equals_diffusers(prior, gcfg):
+def test_guidance_rescale_equals_diffusers(pair):
+    gcfg, prior = pair
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent")
     ours = gcfg(GuidanceSpec.cfg("a house", 7.5, rescale=0.7), generator=_gen(2), **kw).images
     ref = prior("a house", guidance_scale=7.5, guidance_rescale=0.7, generator=_gen(2), **kw).images
@@ -79,28 +95,14 @@ def test_guidance_rescale_equals_diffusers(prior, gcfg):
     assert (plain - ref).abs().max() > 1e-4
 
 
-def test_any_diffusers_scheduler_matches(tiny_prior):
-    euler = EulerDiscreteScheduler.from_config(tiny_prior.scheduler.config)
-    prior = StableDiffusionPipeline(**{**tiny_prior.components, "scheduler": euler})
-    prior.set_progress_bar_config(disable=True)
-    pipe = GCFGPipeline.from_prior(prior, scheduler=EulerDiscreteScheduler.from_config(tiny_prior.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent")
-    ours = pipe(GuidanceSpec.cfg("a dog", 5.0), generator=_gen(3), **kw).images
-    ref = prior("a dog", guidance_scale=5.0, generator=_gen(3), **kw).images
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
-
-
-def test_controlnet_term_equals_diffusers_controlnet_pipeline(tiny_prior, tiny_prior_dir, control_image):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_controlnet_term_equals_diffusers_controlnet_pipeline(tiny_prior, tiny_prior_dir, control_image, family):
     controlnet = load_controlnet(tiny_prior_dir / "controlnet")
-    scheduler = DPMSolverMultistepScheduler.from_config(tiny_prior.scheduler.config)
     components = {k: v for k, v in tiny_prior.components.items() if k != "image_encoder"}
-    ref_pipe = StableDiffusionControlNetPipeline(**{**components, "controlnet": controlnet, "scheduler": scheduler})
+    ref_pipe = StableDiffusionControlNetPipeline(**{**components, "controlnet": controlnet,
+                                                    "scheduler": reference_scheduler(family, tiny_prior)})
     ref_pipe.set_progress_bar_config(disable=True)
-    pipe = GCFGPipeline.from_prior(
-        tiny_prior, controlnet=controlnet, scheduler=DPMSolverMultistepScheduler.from_config(tiny_prior.scheduler.config)
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = gcfg_with(tiny_prior, family, controlnet=controlnet)
     g, scale = 6.5, 0.8
     # diffusers evaluates the ControlNet for both halves of CFG: the unconditional is the
     # ControlNet denoiser with the empty prompt and the same control image.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from ccp.guidance import GuidanceSpec
 from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.pipelines.gcfg_xl import GCFGXLPipeline
 from ccp.priors.families import family_of
 from ccp.priors.tiny import build_tiny_prior
+from schedulers import FAMILIES, gcfg_with, reference_scheduler
 
 SIZE, STEPS = 64, 4
 LATENT = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent")
@@ -28,13 +29,12 @@ def prior():
     return pipe
 
 
-def _pair(prior, scheduler_cls):
+def _pair(prior, family):
+    """ccp's pipeline with ccp-sample's scheduler for ``sampling.scheduler=family``, and diffusers' with its own."""
     components = {k: v for k, v in prior.components.items() if k != "image_encoder"}
-    ref = StableDiffusionPipeline(**{**components, "scheduler": scheduler_cls.from_config(prior.scheduler.config)})
+    ref = StableDiffusionPipeline(**{**components, "scheduler": reference_scheduler(family, prior)})
     ref.set_progress_bar_config(disable=True)
-    pipe = GCFGPipeline.from_prior(prior, scheduler=scheduler_cls.from_config(prior.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, ref
+    return gcfg_with(prior, family), ref
 
 
 def test_default_scheduler_keeps_v_prediction(prior):
@@ -44,9 +44,10 @@ def test_default_scheduler_keeps_v_prediction(prior):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
-@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, DDIMScheduler])
-def test_text_term_equals_diffusers_on_v_prediction(prior, scheduler_cls):
-    pipe, ref = _pair(prior, scheduler_cls)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_term_equals_diffusers_on_v_prediction(prior, family):
+    pipe, ref = _pair(prior, family)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np")
     ours = pipe(GuidanceSpec.cfg("a photo of a cat", 7.5), num_images=2, generator=_gen(), **kw).images
     theirs = ref("a photo of a cat", guidance_scale=7.5, num_images_per_prompt=2, generator=_gen(), **kw).images
@@ -56,7 +57,7 @@ def test_text_term_equals_diffusers_on_v_prediction(prior, scheduler_cls):
 
 
 def test_negative_prompt_terms_equal_diffusers_negative_prompt(prior):
-    pipe, ref = _pair(prior, DPMSolverMultistepScheduler)
+    pipe, ref = _pair(prior, "dpmsolver++")
     g = 6.0
     ours = pipe(GuidanceSpec.cfg("a red car", g, negative_prompt="blurry"), num_images=2, generator=_gen(1), **LATENT)
     theirs = ref("a red car", negative_prompt="blurry", guidance_scale=g, num_images_per_prompt=2, generator=_gen(1),
@@ -68,7 +69,7 @@ def test_negative_prompt_terms_equal_diffusers_negative_prompt(prior):
 
 def test_v_prediction_is_what_the_scheduler_reads(prior):
     # the same model outputs read as epsilon give other latents: the equality above is not vacuous
-    pipe, _ = _pair(prior, DPMSolverMultistepScheduler)
+    pipe, _ = _pair(prior, "dpmsolver++")
     v = pipe(GuidanceSpec.cfg("a dog", 5.0), generator=_gen(2), **LATENT).images
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(prior.scheduler.config, prediction_type="epsilon")
     eps = pipe(GuidanceSpec.cfg("a dog", 5.0), generator=_gen(2), **LATENT).images

@@ -22,6 +22,7 @@ from ccp.pipelines.gcfg_xl import GCFGXLPipeline
 from ccp.pipelines.sampling import noise_generators
 from ccp.priors.loading import load_prior
 from ccp.priors.tiny import TINY_UNET_CONFIG, build_tiny_controlnet, build_tiny_prior, save_tiny_prior
+from schedulers import FAMILIES, gcfg_with, reference_scheduler
 
 SIZE, STEPS = 64, 3
 LATENT = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent")
@@ -45,8 +46,8 @@ def components(prior):
     return {k: v for k, v in prior.components.items() if k not in ("image_encoder", "feature_extractor")}
 
 
-def _reference(cls, components, prior, **extra):
-    pipe = cls(**{**components, "scheduler": _scheduler(prior), **extra})
+def _reference(cls, components, prior, family="dpmsolver++", **extra):
+    pipe = cls(**{**components, "scheduler": reference_scheduler(family, prior), **extra})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -76,7 +77,9 @@ def test_from_prior_gives_the_xl_pipeline(prior, gcfg):
     assert embeds["prompt_embeds"].shape == (1, 77, 64) and embeds["pooled_embeds"].shape == (1, 32)
 
 
-def test_text_term_equals_diffusers_sdxl(ref, gcfg):
+@pytest.mark.parametrize("family", FAMILIES)  # the SDXL prior's own is Euler
+def test_text_term_equals_diffusers_sdxl(prior, components, family):
+    ref, gcfg = _reference(StableDiffusionXLPipeline, components, prior, family), gcfg_with(prior, family)
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np")
     ours = gcfg(GuidanceSpec.cfg("a photo of a cat", 7.5), generator=_gen(), **kw).images
     theirs = ref("a photo of a cat", guidance_scale=7.5, generator=_gen(), **kw).images
@@ -129,11 +132,11 @@ def test_empty_prompt_is_zeros_only_under_force_zeros(prior, components, gcfg):
     assert (zeroed - ref_encoded).abs().max() > 1e-3  # the flag changes the unconditional
 
 
-def test_controlnet_term_equals_diffusers_sdxl_controlnet(prior, components):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_controlnet_term_equals_diffusers_sdxl_controlnet(prior, components, family):
     controlnet = build_tiny_controlnet(prior.unet, seed=3)
-    theirs_pipe = _reference(StableDiffusionXLControlNetPipeline, components, prior, controlnet=controlnet)
-    pipe = GCFGPipeline.from_prior(prior, controlnet=controlnet, scheduler=_scheduler(prior))
-    pipe.set_progress_bar_config(disable=True)
+    theirs_pipe = _reference(StableDiffusionXLControlNetPipeline, components, prior, family, controlnet=controlnet)
+    pipe = gcfg_with(prior, family, controlnet=controlnet)
     image, g, scale = _image(0), 6.5, 0.8
 
     def spec(control):
@@ -218,8 +221,10 @@ def test_each_denoiser_runs_once_per_step_on_all_its_conditions(concept_pipe):
 
 
 @pytest.mark.filterwarnings("ignore:You have passed 2 text prompts:FutureWarning")
-def test_img2img_equals_diffusers_sdxl_img2img(prior, components, gcfg):
-    theirs_pipe = _reference(StableDiffusionXLImg2ImgPipeline, components, prior, requires_aesthetics_score=False)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_img2img_equals_diffusers_sdxl_img2img(prior, components, family):
+    gcfg = gcfg_with(prior, family)
+    theirs_pipe = _reference(StableDiffusionXLImg2ImgPipeline, components, prior, family, requires_aesthetics_score=False)
     kw = dict(num_inference_steps=5, output_type="latent")
     for gens in (lambda: _gen(7), lambda: noise_generators(7, range(2))):
         ours = gcfg(GuidanceSpec.cfg("a red car", 6.0), num_images=2, image=_image(2), strength=0.6, generator=gens(),

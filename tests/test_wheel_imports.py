@@ -19,20 +19,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from stand_ins import WITHOUT_PKG_RESOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "<ffhq> portrait of a person, wearing sunglasses", "café naïve 東京 😀", ""]
 
 # Runs in a fresh interpreter: `import pkg_resources` raises ImportError there, as with setuptools >= 81.
-CHILD = """
-import json, sys
-sys.modules["pkg_resources"] = None
-try:
-    import pkg_resources
-except ImportError:
-    pass
-else:
-    raise SystemExit("pkg_resources is still importable")
+CHILD = WITHOUT_PKG_RESOURCES + """
 from ccp.priors.tokenizer import build_clip_tokenizer
 prompts = json.loads(sys.argv[1])
 ids = {pad: [build_clip_tokenizer(pad_token=pad)(p, padding="max_length").input_ids for p in prompts]

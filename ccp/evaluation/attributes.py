@@ -13,14 +13,21 @@ docs/alignment.md).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 from typing import Mapping, Sequence
 
 import PIL.Image
 import torch
+
+from ccp.config import ConfigError
+from ccp.evaluation.stand_in import is_torchscript, warn_if_stand_in
 
 # Table 3, in the paper's order ("smilling" in the paper is a typo for "smiling").
 TABLE3_PROMPTS: tuple[str, ...] = (
@@ -209,11 +216,95 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+class CLIPWeightsError(ConfigError, ValueError):
+    """The CLIP weights file cannot be loaded; the message says what to put where."""
+
+
+# clip.load's preprocessing: OpenAI CLIP's image normalisation
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@lru_cache(maxsize=None)
+def clip_module(name: str) -> ModuleType:
+    """clip-anytorch's ``clip/<name>.py`` (``model``, ``simple_tokenizer``) run from the installed file
+    without running ``clip/__init__.py``: that imports clip/clip.py, which imports pkg_resources, gone
+    from setuptools >= 81. The file is found beside CLIP's vocabulary, as `ccp.priors.tokenizer` finds it."""
+    from ccp.priors.tokenizer import clip_package_file
+
+    path = clip_package_file(f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"clip-anytorch's {path} was not found; pip install clip-anytorch")
+    spec = importlib.util.spec_from_file_location(f"_ccp_clip_anytorch_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def clip_preprocess(n_px: int):
+    """The image transform ``clip.load`` returns for a model of input resolution `n_px`."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    return Compose([Resize(n_px, interpolation=InterpolationMode.BICUBIC), CenterCrop(n_px), _to_rgb, ToTensor(),
+                    Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    return image.convert("RGB")
+
+
+def load_clip(weights: str | Path, device: str | torch.device = "cpu"):
+    """(model, preprocess) exactly as ``clip.load(weights, device, jit=False)`` gives them, without
+    importing the ``clip`` package: the state dict of the TorchScript archive (OpenAI's files) or of a
+    plain state-dict file, `build_model` (the architecture from the tensor shapes), fp16 weights made
+    float32 on the CPU, and clip.load's preprocessing. Raises `CLIPWeightsError` for a file that is not
+    CLIP weights."""
+    path = Path(weights).expanduser()
+    build_model = clip_module("model").build_model
+    try:
+        if is_torchscript(path):
+            with warnings.catch_warnings():  # OpenAI ships TorchScript; torch >= 2.10 deprecates reading it
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
+                state_dict = torch.jit.load(str(path), map_location="cpu").eval().state_dict()
+        else:
+            state_dict = torch.load(str(path), map_location="cpu")
+        model = build_model(state_dict).to(device)
+    except Exception as err:
+        raise CLIPWeightsError(
+            f"{path} could not be loaded as CLIP weights ({type(err).__name__}: {err}); download "
+            f"{CLIP_VIT_L14_URL} again and point text.clip_weights (text_alignment.clip_weights) at it"
+        ) from err
+    if str(device) == "cpu":
+        model.float()
+    return model, clip_preprocess(model.visual.input_resolution)
+
+
+def clip_tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
+    """``clip.tokenize(texts)``: [len(texts), 77] token ids (start, BPE, end, zeros), by clip-anytorch's
+    own tokenizer; a text longer than `context_length` tokens raises, as clip.tokenize does."""
+    tokenizer = _simple_tokenizer()
+    sot, eot = tokenizer.encoder["<|startoftext|>"], tokenizer.encoder["<|endoftext|>"]
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        tokens = [sot, *tokenizer.encode(text), eot]
+        if len(tokens) > context_length:
+            raise RuntimeError(f"Input {text} is too long for context length {context_length}")
+        result[i, : len(tokens)] = torch.tensor(tokens)
+    return result
+
+
+@lru_cache(maxsize=1)
+def _simple_tokenizer():
+    return clip_module("simple_tokenizer").SimpleTokenizer()
+
+
 class CLIPAttributePredictor(ZeroShotAttributePredictor):
     """CLIP zero-shot attribute predictor (clip-anytorch), ViT-L/14 by default.
 
     `weights` is a local file (OpenAI's ``ViT-L-14.pt``, JIT archive or state dict); nothing is
-    downloaded. The file is checked here, so an evaluation fails before generating anything.
+    downloaded. The file is checked here, so an evaluation fails before generating anything. It is
+    loaded as ``clip.load(weights, jit=False)`` loads it (`load_clip`), without importing ``clip``.
+    A stand-in file (`ccp.evaluation.stand_in`) loads with a warning and ``stand_in_weights = True``.
     """
 
     def __init__(
@@ -231,20 +322,18 @@ class CLIPAttributePredictor(ZeroShotAttributePredictor):
                 f"ViT-L/14 from a local file: download {CLIP_VIT_L14_URL} on a machine with network access "
                 f"and put it at {self.weights.resolve()}, or point the config's clip_weights at the file."
             )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-            import clip
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.preprocess = clip.load(str(self.weights), device=self.device, jit=False)
+        self.model, self.preprocess = load_clip(self.weights, self.device)
         self.model.eval().requires_grad_(False)
-        self._tokenize = clip.tokenize
+        self.stand_in_weights = warn_if_stand_in(self.weights, "CLIP weights")
+        self._tokenize = clip_tokenize
         self.batch_size = int(batch_size)
 
     @torch.no_grad()
     def encode_images(self, images):
         features = []
         for start in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start : start + self.batch_size]])
+            pixels = torch.stack([self.preprocess(im) for im in images[start : start + self.batch_size]])  # converts to RGB
             features.append(self.model.encode_image(pixels.to(self.device)).float())
         return torch.cat(features)
 

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ccp.distributed import rank_zero_computes
 from ccp.evaluation.attributes import AttributePredictor
 from ccp.evaluation.fid import (
     FeatureStats,
@@ -108,10 +109,9 @@ class SampleMetrics(L.Callback):
                                       if self.feature_extractor == "inception" else RandomConvFeatures())
         self.feature_extractor.to(device)
         if self.real_stats is None:
-            stats = None
-            if trainer.global_rank == 0:
-                stats = real_statistics(str(self.real_path), self.feature_extractor, resolution=self.resolution)
-            self.real_stats = trainer.strategy.broadcast(stats, src=0)
+            # rank 0 computes (and caches), the others wait in one broadcast: real_statistics meets no one
+            self.real_stats = rank_zero_computes(
+                lambda: real_statistics(str(self.real_path), self.feature_extractor, resolution=self.resolution))
 
     def measure(self, pl_module, rank: int = 0, world_size: int = 1, sum_over_ranks=None) -> dict[str, float]:
         """The metrics of the module's current weights (call with the weights to measure in place).

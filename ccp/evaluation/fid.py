@@ -42,15 +42,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ccp.config import ConfigError
+from ccp.distributed import barrier, meets, rank_world, rank_zero_computes
 from ccp.evaluation.generation import (
     GenerateFn,
-    default_rank_world,
     generate_shards,
     iter_shard_features,
     prepare_shard_dir,
     run_meta,
     to_uint8_images,
 )
+from ccp.evaluation.stand_in import warn_if_stand_in
 from ccp.io import BadImageWarning, content_hash, default_cache_root, list_image_files, load_rgb8, resize_to_square, write_atomic
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def inception_feature_extractor(
     """torchmetrics' ``NoTrainInceptionV3`` with 2048-d features, loaded from a local file.
 
     Takes uint8 [n, 3, H, W], returns [n, 2048] float32: the same module (and forward) that
-    ``FrechetInceptionDistance(feature=2048, antialias=antialias)`` builds.
+    ``FrechetInceptionDistance(feature=2048, antialias=antialias)`` builds. A stand-in file
+    (`ccp.evaluation.stand_in`) loads too, with a warning, and the module gets ``stand_in_weights = True``.
     """
     path = resolve_inception_weights(weights)
     _require_torch_fidelity()
@@ -142,6 +144,8 @@ def inception_feature_extractor(
             f"download {INCEPTION_WEIGHTS_URL} again"
         ) from err
     net.num_features = INCEPTION_FEATURES
+    if warn_if_stand_in(path, "FID Inception weights"):
+        net.stand_in_weights = True  # its features (and every FID/KID of them) mean nothing
     return net.to(device) if device is not None else net
 
 
@@ -393,8 +397,8 @@ def real_statistics(
     Dataset of images (uint8/float [0, 1] tensors or PIL images, used as they are; cached only with a
     `cache_key` naming its contents). Cache: ``<cache_dir or $CCP_CACHE_DIR/fid_stats>/
     <folder>-<res>px-<key>.safetensors``, written atomically; a changed file list (paths, sizes,
-    mtimes), resolution or extractor is a new key. Under torch.distributed rank 0 computes and
-    the others wait and load (precompute once for large datasets, or the barrier may time out).
+    mtimes), resolution or extractor is a new key. No collective: under DDP call it through
+    `ccp.distributed.rank_zero_computes` (as `run_fid` and the training callback do).
     Bad files are skipped with a `BadImageWarning` each, or with ``on_bad_image="fail"`` refused.
     """
     if on_bad_image not in ("skip", "fail"):
@@ -410,16 +414,6 @@ def real_statistics(
         size = f"{resolution}px" if resolution else "native"
         path = folder / f"{name}-{size}-{key}.safetensors"
 
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed and path is not None:
-        stats = None
-        if dist.get_rank() == 0:
-            stats = _load_or_compute(path, source, feature_extractor, keyed, resolution, center_crop, max_images,
-                                     batch_size, num_workers, on_bad_image, progress)
-        dist.barrier()
-        return stats if stats is not None else FeatureStats.load(path)
     return _load_or_compute(path, source, feature_extractor, keyed, resolution, center_crop, max_images,
                             batch_size, num_workers, on_bad_image, progress)
 
@@ -608,7 +602,7 @@ def fid_over_samples(
     `MissingShardsError` (run that rank, then `fid_from_shards`). Defaults read from `generate_fn`
     when it has them (`PipelineSampler` does): ``batch_size``, ``run_key``.
     """
-    default_rank, default_world = default_rank_world()
+    default_rank, default_world = rank_world()
     rank = default_rank if rank is None else rank
     world_size = default_world if world_size is None else world_size
     fingerprint = extractor_fingerprint(feature_extractor)
@@ -633,11 +627,9 @@ def fid_over_samples(
         keep_images=keep_images,
         progress=progress,
     )
-    import torch.distributed as dist
-
     wait_s = 0.0
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if world_size > 1 and meets():
+        barrier()
         wait_s = SHARDS_VISIBLE_WAIT_S
     return fid_from_shards(shard_dir, num_samples, real_stats, wait_s=wait_s)
 
@@ -711,7 +703,7 @@ def run_fid(
             )
     if feature_extractor is None:
         feature_extractor = inception_feature_extractor(weights, device, antialias=cfg.antialias)
-    real = real_statistics(
+    real = rank_zero_computes(lambda: real_statistics(
         cfg.real_path,
         feature_extractor,
         resolution=cfg.resolution,
@@ -721,7 +713,7 @@ def run_fid(
         batch_size=cfg.feature_batch_size,
         num_workers=cfg.num_workers,
         progress=progress,
-    )
+    ))
     return fid_over_samples(
         generate_fn,
         cfg.num_samples,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -122,15 +121,6 @@ def rank_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     return list(range(rank, num_shards, world_size))
-
-
-def default_rank_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def shard_path(shard_dir: str | Path, index: int) -> Path:

@@ -116,7 +116,7 @@ def aggregate_records(per_seed: Mapping[int, Sequence[Mapping[str, Any]]],
     for key in keys:
         first = index[seeds[0]][key]
         record: dict[str, Any] = {k: v for k, v in first.items()
-                                  if k in ("method", "dataset", "method_class", "label", "params")}
+                                  if k in ("method", "dataset", "method_class", "label", "params", "stand_in_weights")}
         for nested in ("drift", "fid_search"):  # settings such as num_samples kept; every number replaced below
             if first.get(nested):
                 record[nested] = copy.deepcopy(first[nested])

@@ -4,7 +4,9 @@ guidance setting, from a config (``conf/eval.yaml``).
 Every file input is checked before any model is loaded, with errors naming the key to set.
 Writes ``result.json`` (the metric value, the weights, the method's default weights, the full
 metric output and the resolved config) atomically into the output folder; a multirun writes one
-folder per point, and `ccp.evaluation.sweeps` tabulates them and picks the reported point.
+folder per point, and `ccp.evaluation.sweeps` tabulates them and picks the reported point. A value
+measured with stand-in weight files (`ccp.evaluation.stand_in`) has ``"stand_in_weights": true`` in
+its ``details``: it means nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ccp.evaluation.alignment import SamplingConfig, SpatialAlignmentConfig, Tex
 from ccp.evaluation.attributes import QUESTIONS, TABLE3_PROMPTS
 from ccp.evaluation.fid import FIDConfig, FIDConfigError, RandomConvFeatures, resolve_inception_weights
 from ccp.evaluation.metrics import METRICS, fid_metric, spatial_metric, text_metric
+from ccp.evaluation.stand_in import STAND_IN_LABEL, stand_in_marker
 from ccp.io import list_image_files, write_json_atomic
 from ccp.methods import METHODS, method_class
 from ccp.methods.base import PromptTemplate
@@ -38,7 +41,7 @@ from ccp.methods.export import (
     prior_reference,
     read_export_info,
 )
-from ccp.pipelines.run import SampleConfigError, check_sampling, resolve_device
+from ccp.pipelines.run import SampleConfigError, check_sampling, resolve_device, sampling_precision
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
 from ccp.tracking import log_eval_result, wandb_config
 
@@ -195,7 +198,8 @@ def fid_config(cfg: DictConfig, out_dir: Path) -> FIDConfig:
 # --- the run ---------------------------------------------------------------------------------------
 def load_model(plan: EvalPlan, cfg: DictConfig, device: torch.device) -> TrainedModel:
     """The export (or the untrained prior) on `device`."""
-    prior = load_prior(plan.prior_path, dtype=resolve_dtype(cfg.prior.dtype), device=device)
+    prior = load_prior(plan.prior_path, dtype=sampling_precision(str(cfg.prior.dtype), device), device=device,
+                       allow_download=bool(cfg.prior.allow_download))
     if plan.export_path is None:
         return prior_reference(prior, plan.template)
     return load_trained(plan.export_path, prior, plan.template)
@@ -206,6 +210,13 @@ def sampling_config(cfg: DictConfig) -> SamplingConfig:
     return SamplingConfig(steps=int(s.steps), height=int(s.height), width=int(s.width), batch_size=int(s.batch_size),
                           seed=int(s.seed), concept_weight=float(cfg.guidance.concept_weight),
                           control_weight=float(cfg.guidance.control_weight))
+
+
+def stand_in_files(plan: EvalPlan, cfg: DictConfig) -> list[str]:
+    """The weight files of this evaluation that are stand-ins (`ccp.evaluation.stand_in`): the
+    numbers measured with them mean nothing, and the result says so."""
+    files = [plan.inception_weights] if plan.metric == "fid" else [cfg.text.clip_weights] if plan.metric == "text" else []
+    return [str(f) for f in files if f and stand_in_marker(str(f)) is not None]
 
 
 def evaluate(cfg: DictConfig, plan: EvalPlan, model: TrainedModel, out_dir: Path, device) -> tuple[float, dict]:
@@ -232,7 +243,8 @@ def evaluate(cfg: DictConfig, plan: EvalPlan, model: TrainedModel, out_dir: Path
         selection_seed=int(sp.selection_seed), canny_low=int(sp.canny_low), canny_high=int(sp.canny_high),
         tolerance=int(sp.tolerance), control_scale=float(sp.control_scale), control_prompt=str(sp.control_prompt),
     )
-    controlnet = load_controlnet(str(sp.controlnet_path), dtype=resolve_dtype(cfg.prior.dtype))
+    controlnet = load_controlnet(str(sp.controlnet_path), dtype=sampling_precision(str(cfg.prior.dtype), device),
+                                 allow_download=bool(cfg.prior.allow_download))
     return spatial_metric(model, config, str(sp.condition_path), controlnet, image_dir=images)
 
 
@@ -283,6 +295,8 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
     log.info("loading %s (%s) on %s", plan.export_path or plan.prior_path, plan.method, device)
     model = load_model(plan, cfg, device)
     value, details = evaluate(cfg, plan, model, out_dir, device)
+    if stand_in_files(plan, cfg):  # the loader warned already; the result says it too
+        details = {**details, "stand_in_weights": True}
     metric = METRICS[plan.metric]
     result = {
         "format": RESULT_FORMAT,
@@ -305,6 +319,7 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
     if rank == 0:  # every rank has the same result; one writes it
         write_json_atomic(done, result)
         log_eval_result(cfg, result, out_dir)
-    log.info("%s %s %s = %.6g (concept_weight=%s, control_weight=%s) -> %s", plan.run, plan.method, plan.metric, value,
-             cfg.guidance.concept_weight, cfg.guidance.control_weight, done)
+    log.info("%s %s %s = %.6g (concept_weight=%s, control_weight=%s) -> %s%s", plan.run, plan.method, plan.metric, value,
+             cfg.guidance.concept_weight, cfg.guidance.control_weight, done,
+             f" ({STAND_IN_LABEL})" if details.get("stand_in_weights") else "")
     return result

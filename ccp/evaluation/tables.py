@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ccp.evaluation.stand_in import STAND_IN_LABEL
 from ccp.io import write_text_atomic
 
 # The paper's row order and labels.
@@ -443,6 +444,32 @@ def weight_search_markdown(records: Sequence[Mapping[str, Any]], datasets: Seque
     return (f"### {title}\n\n" if title else "") + _md(header, body) + note
 
 
+def stand_in_metrics(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The metrics some record measured with stand-in weight files (its ``stand_in_weights``:
+    `ccp.evaluation.stand_in`); empty for real weights."""
+    found: dict[str, None] = {}
+    for r in records:
+        marked = r.get("stand_in_weights")  # reproduce: the metric names; elsewhere possibly just true
+        for metric in marked if isinstance(marked, (list, tuple)) else ["some metric"] if marked else []:
+            found[str(metric)] = None
+    return list(found)
+
+
+def stand_in_banner(records: Iterable[Mapping[str, Any]]) -> str:
+    """The line above every table whose records used stand-in weights; "" otherwise."""
+    metrics = stand_in_metrics(records)
+    return (f"**{STAND_IN_LABEL}** (measured with stand-in weight files: {', '.join(metrics)})\n\n"
+            if metrics else "")
+
+
+def _labelled(rows: list[dict[str, Any]], records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every row flagged ``stand_in_weights`` (a CSV column too) when some record used stand-in weights."""
+    if stand_in_metrics(records):
+        for row in rows:
+            row["stand_in_weights"] = True
+    return rows
+
+
 def write_tables(records: Sequence[Mapping[str, Any]], out_dir: str | Path, datasets: Sequence[str] = DATASETS,
                  table2_dataset: str = "face", title_suffix: str = "", table2_extra: Mapping[str, str] | None = None,
                  not_applicable: Mapping[str, str] | None = None, note: str | None = None) -> dict[str, Path]:
@@ -454,12 +481,15 @@ def write_tables(records: Sequence[Mapping[str, Any]], out_dir: str | Path, data
     unrounded numbers, the input records and the paper's values. `table2_extra` (record key ->
     column header) adds Table 2 columns; `not_applicable` (metric -> why) shows "n/a" for a metric
     that is not measured at this scale. `note`: a footnote under every table (records aggregated
-    over seeds, `ccp.evaluation.intervals`: how the intervals are computed). Returns the paths by name.
+    over seeds, `ccp.evaluation.intervals`: how the intervals are computed). When some record was
+    measured with stand-in weight files (its ``stand_in_weights``), every table starts with
+    `STAND_IN_LABEL` and every row has ``stand_in_weights: true``. Returns the paths by name.
     """
     out_dir = Path(out_dir)
     extra = dict(table2_extra or {})
-    rows1 = table1_rows(records, datasets)
-    rows2 = table2_rows(records, table2_dataset, extra=list(extra))
+    rows1 = _labelled(table1_rows(records, datasets), records)
+    rows2 = _labelled(table2_rows(records, table2_dataset, extra=list(extra)), records)
+    banner = stand_in_banner(records)
     paper = {m: {"params": p.params, "fid": dict(p.fid), "text_alignment": p.text_alignment,
                  "spatial_alignment": p.spatial_alignment} for m, p in PAPER.items()}
     used = [dict(r) for r in records]
@@ -467,31 +497,32 @@ def write_tables(records: Sequence[Mapping[str, Any]], out_dir: str | Path, data
     if not_applicable:
         json2["not_applicable"] = dict(not_applicable)
     paths = {
-        "table1.md": write_text_atomic(out_dir / "table1.md", table1_markdown(
+        "table1.md": write_text_atomic(out_dir / "table1.md", banner + table1_markdown(
             rows1, datasets, title=f"Table 1: unconditional generation, FID{title_suffix}", note=note)),
         "table1.csv": write_text_atomic(out_dir / "table1.csv", rows_csv(rows1)),
         "table1.json": write_text_atomic(out_dir / "table1.json", json.dumps(
             {"rows": rows1, "records": used, "paper": paper}, indent=1) + "\n"),
-        "table2.md": write_text_atomic(out_dir / "table2.md", table2_markdown(
+        "table2.md": write_text_atomic(out_dir / "table2.md", banner + table2_markdown(
             rows2, title=f"Table 2: controllability, alignment ({table2_dataset}){title_suffix}", extra=extra,
             not_applicable=not_applicable, note=note)),
         "table2.csv": write_text_atomic(out_dir / "table2.csv", rows_csv(rows2)),
         "table2.json": write_text_atomic(out_dir / "table2.json", json.dumps(json2, indent=1) + "\n"),
     }
-    rows_d = drift_rows(records, datasets)
+    rows_d = _labelled(drift_rows(records, datasets), records)
     if rows_d:
         counts = {r["drift"].get("num_samples") for r in records if r.get("drift")}
-        paths["table_drift.md"] = write_text_atomic(out_dir / "table_drift.md", drift_markdown(
+        paths["table_drift.md"] = write_text_atomic(out_dir / "table_drift.md", banner + drift_markdown(
             rows_d, datasets, title=f"Unconditional drift{title_suffix}",
             num_samples=counts.pop() if len(counts) == 1 else None, note=note))
         paths["table_drift.csv"] = write_text_atomic(out_dir / "table_drift.csv", rows_csv(rows_d))
         paths["table_drift.json"] = write_text_atomic(out_dir / "table_drift.json", json.dumps(
             {"rows": rows_d, "records": [r for r in used if r.get("drift")]}, indent=1) + "\n")
-    rows_w = weight_search_rows(records, datasets)
+    rows_w = _labelled(weight_search_rows(records, datasets), records)
     if rows_w:
-        paths["table1_weight_search.md"] = write_text_atomic(out_dir / "table1_weight_search.md", weight_search_markdown(
+        search_md = weight_search_markdown(
             records, datasets, title=f"Table 1 with guidance weights searched{title_suffix}",
-            note=None if note is None else note + " Per-value FIDs: means over seeds; best FID: each seed's own best."))
+            note=None if note is None else note + " Per-value FIDs: means over seeds; best FID: each seed's own best.")
+        paths["table1_weight_search.md"] = write_text_atomic(out_dir / "table1_weight_search.md", banner + search_md)
         paths["table1_weight_search.csv"] = write_text_atomic(out_dir / "table1_weight_search.csv", rows_csv(rows_w))
         paths["table1_weight_search.json"] = write_text_atomic(out_dir / "table1_weight_search.json", json.dumps(
             {"rows": rows_w, "records": [r for r in used if r.get("fid_search")]}, indent=1) + "\n")

@@ -233,6 +233,12 @@ def resolve_scheduler(name: str) -> Any:
     return cls
 
 
+def scheduler_for(scheduler: Any, prior) -> Any:
+    """`resolve_scheduler`'s result as `GCFGPipeline.from_prior` takes it for `prior`: a diffusers
+    class becomes an instance with the prior's schedule (betas, prediction type, timestep spacing)."""
+    return scheduler.from_config(prior.scheduler.config) if isinstance(scheduler, type) else scheduler
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,6 +246,19 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as err:
         raise SampleConfigError(f"device={name!r} is not a torch device; use auto, cpu or cuda[:N]") from err
+
+
+def sampling_precision(dtype_name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for sampling on `device` (``prior.dtype``; auto: `auto_dtype`), with TF32
+    matmuls and convolutions turned on for CUDA (what stays fp32 there runs on tensor cores too)."""
+    try:
+        dtype = resolve_dtype(dtype_name, device)
+    except ValueError as err:
+        raise SampleConfigError(f"prior.dtype: {err}") from None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype
 
 
 def check_sampling(cfg: DictConfig) -> None:
@@ -254,44 +273,48 @@ def check_sampling(cfg: DictConfig) -> None:
 
 
 # --- models ----------------------------------------------------------------------------------
-def load_unet_checkpoint(path: str, dtype: torch.dtype, prior: str | None = None, where: str = "checkpoint"):
-    """A diffusers folder, or a single-file .safetensors checkpoint read with the prior's UNet config."""
+def load_unet_checkpoint(path: str, dtype: torch.dtype, prior: str | None = None, where: str = "checkpoint",
+                         allow_download: bool = False):
+    """A diffusers folder, or a single-file .safetensors checkpoint read with the prior's UNet config;
+    a hub id (or the prior's config) from the local Hugging Face cache only, unless `allow_download`."""
     from diffusers import UNet2DConditionModel
 
     if Path(path).expanduser().is_file():
         try:
-            return load_single_file_unet(path, prior, dtype, where=where)
+            return load_single_file_unet(path, prior, dtype, where=where, allow_download=allow_download)
         except SingleFileError as err:
             raise SampleConfigError(str(err)) from None
     subfolder = "unet" if (Path(path).expanduser() / "unet").is_dir() else None
-    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype,
+                                                local_files_only=not allow_download)
 
 
 def load_pipeline(cfg: DictConfig, scheduler: Any, dtype: torch.dtype, device: torch.device) -> GCFGPipeline:
-    prior = load_prior(cfg.prior.path, dtype=dtype, family=cfg.prior.get("family"))
-    controlnet = load_controlnet(cfg.controlnet.path, dtype=dtype) if cfg.controlnet.path else None
+    download = bool(cfg.prior.allow_download)
+    prior = load_prior(cfg.prior.path, dtype=dtype, family=cfg.prior.get("family"), allow_download=download)
+    controlnet = load_controlnet(cfg.controlnet.path, dtype=dtype, allow_download=download) if cfg.controlnet.path else None
     concept_unet = None
     if cfg.concept.path:
         # Only sampling with a concept model needs the null-text UNet code.
         from ccp.models.null_text_unet import NullTextFeaturesMissingError, NullTextUNet2DConditionModel
 
         try:
-            concept_unet = NullTextUNet2DConditionModel.from_pretrained(cfg.concept.path, torch_dtype=dtype)
+            concept_unet = NullTextUNet2DConditionModel.from_pretrained(cfg.concept.path, torch_dtype=dtype,
+                                                                        local_files_only=not download)
         except NullTextFeaturesMissingError as err:
             raise SampleConfigError(f"concept.path: {err}") from None
-    if isinstance(scheduler, type):
-        scheduler = scheduler.from_config(prior.scheduler.config)
-    pipe = GCFGPipeline.from_prior(prior, concept_unet=concept_unet, controlnet=controlnet, scheduler=scheduler)
+    pipe = GCFGPipeline.from_prior(prior, concept_unet=concept_unet, controlnet=controlnet,
+                                   scheduler=scheduler_for(scheduler, prior))
     for name, path in (cfg.denoiser_checkpoints or {}).items():
         pipe.add_denoiser(str(name), load_unet_checkpoint(str(path), dtype, str(cfg.prior.path),
-                                                          where=f"denoiser_checkpoints.{name}"))
+                                                          where=f"denoiser_checkpoints.{name}", allow_download=download))
     for name, paths in (cfg.get("controlnets") or {}).items():
         if OmegaConf.is_list(paths):
             from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-            net = MultiControlNetModel([load_controlnet(str(p), dtype=dtype) for p in paths])
+            net = MultiControlNetModel([load_controlnet(str(p), dtype=dtype, allow_download=download) for p in paths])
         else:
-            net = load_controlnet(str(paths), dtype=dtype)
+            net = load_controlnet(str(paths), dtype=dtype, allow_download=download)
         pipe.add_denoiser(str(name), pipe.unet, controlnet=net.to(prior.device))
     for name, path in (cfg.get("loras") or {}).items():
         from ccp.priors.lora import LoRAShapeError
@@ -350,10 +373,7 @@ def run_sampling(cfg: DictConfig, out_dir: str | Path) -> Path:
     check_model_folders(cfg)
     scheduler = resolve_scheduler(cfg.sampling.scheduler)
     device = resolve_device(str(cfg.device))
-    try:
-        dtype = resolve_dtype(cfg.prior.dtype)
-    except ValueError as err:
-        raise SampleConfigError(f"prior.dtype: {err}") from None
+    dtype = sampling_precision(str(cfg.prior.dtype), device)
 
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"

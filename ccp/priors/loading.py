@@ -67,12 +67,15 @@ def load_prior(
     device: torch.device | str | None = None,
     variant: str | None = None,
     family: str | None = None,
+    allow_download: bool = False,
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """Load an SD v1.x, SD 2.x (`StableDiffusionPipeline`) or SDXL (`StableDiffusionXLPipeline`) prior.
 
     A local folder is checked first so that a missing component is reported by name and a
     transformer prior (SD3, FLUX) is refused; a hub id (``owner/name``) goes to ``from_pretrained``
-    (SDXL when the id says "xl"). `family` (sd1, sd2, sdxl or None/auto) refuses another family.
+    (SDXL when the id says "xl") and is read from the local Hugging Face cache only, unless
+    `allow_download` (``prior.allow_download=true``). `family` (sd1, sd2, sdxl or None/auto) refuses
+    another family.
     """
     dtype = resolve_dtype(dtype)
     name = str(name_or_path)
@@ -84,33 +87,56 @@ def load_prior(
     try:
         if found == "sdxl":
             pipe = StableDiffusionXLPipeline.from_pretrained(name, torch_dtype=dtype, variant=variant,
-                                                             add_watermarker=False)
+                                                             add_watermarker=False, local_files_only=not allow_download)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
-                name, torch_dtype=dtype, variant=variant, safety_checker=None, requires_safety_checker=False
+                name, torch_dtype=dtype, variant=variant, safety_checker=None, requires_safety_checker=False,
+                local_files_only=not allow_download,
             )
-    except OSError as err:  # hub id unreachable, or not cached while offline
-        raise PriorNotFoundError(f"could not load prior {name!r}: {err}\n{FAMILIES[found].how_to_get}") from err
+    except OSError as err:  # hub id unreachable, or not in the cache while downloads are off
+        offline = "" if allow_download else (
+            f"\n{name!r} is not in the local Hugging Face cache and ccp does not download unless told to: set "
+            "prior.allow_download=true, or download it first and pass the folder as prior.path.")
+        raise PriorNotFoundError(f"could not load prior {name!r}: {err}{offline}\n{FAMILIES[found].how_to_get}") from err
     check_family(family_of(pipe), family, f"prior {name!r}")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
 
 
-def load_controlnet(name_or_path: str | Path, dtype: torch.dtype | str | None = None) -> ControlNetModel:
+def load_controlnet(name_or_path: str | Path, dtype: torch.dtype | str | None = None,
+                    allow_download: bool = False) -> ControlNetModel:
+    """A diffusers ControlNet folder, or a hub id read from the local cache only unless `allow_download`."""
     name = str(name_or_path)
     if looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise PriorNotFoundError(
             f"ControlNet folder {name} has no config.json. Point controlnet.path at a diffusers ControlNet "
             "folder, e.g. lllyasviel/sd-controlnet-canny downloaded with huggingface-cli."
         )
-    return ControlNetModel.from_pretrained(name, torch_dtype=resolve_dtype(dtype))
+    try:
+        return ControlNetModel.from_pretrained(name, torch_dtype=resolve_dtype(dtype), local_files_only=not allow_download)
+    except OSError as err:
+        raise PriorNotFoundError(
+            f"could not load ControlNet {name!r}: {err}\nDownload it first and pass the folder, or set "
+            "prior.allow_download=true to let ccp fetch hub ids.") from err
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def auto_dtype(device: torch.device | str | None) -> torch.dtype:
+    """Sampling precision for `device`: bf16 on a CUDA GPU that has it, else fp16 there (its VAE
+    upcast where the model asks for it); fp32 on a CPU, where half precision is slow or emulated."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str | None = None) -> torch.dtype | None:
+    """A torch dtype from its name; ``"auto"``: `auto_dtype` of `device`."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if str(dtype) == "auto":
+        return auto_dtype(device)
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
     value = getattr(torch, aliases.get(str(dtype), str(dtype)), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, float32, float16, bfloat16")
     return value

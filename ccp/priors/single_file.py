@@ -100,17 +100,20 @@ def check_single_file(path: str | Path, where: str = "single-file checkpoint") -
 
 
 def load_single_file_unet(
-    path: str | Path, prior: str | Path, dtype: torch.dtype | None = None, where: str = "single-file checkpoint"
+    path: str | Path, prior: str | Path, dtype: torch.dtype | None = None, where: str = "single-file checkpoint",
+    allow_download: bool = False,
 ) -> UNet2DConditionModel:
     """The UNet of a single-file SD checkpoint, read by diffusers' ``from_single_file`` with the
-    UNet config of `prior` (a diffusers folder or hub id: no original config is downloaded).
+    UNet config of `prior` (a diffusers folder, or a hub id read from the local Hugging Face cache
+    unless `allow_download`: no original config is downloaded).
     A checkpoint of another architecture (SDXL, SD 2.x, another size) raises `SingleFileError`."""
     path = check_single_file(path, where)
-    reference = UNet2DConditionModel.load_config(str(prior), subfolder="unet")
+    reference = UNet2DConditionModel.load_config(str(prior), subfolder="unet", local_files_only=not allow_download)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in UNet2DConditionModel.from_config(reference).state_dict().items()}
     try:
-        unet = UNet2DConditionModel.from_single_file(str(path), config=str(prior), subfolder="unet", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_single_file(str(path), config=str(prior), subfolder="unet", torch_dtype=dtype,
+                                                     local_files_only=not allow_download)
     except (ValueError, KeyError, RuntimeError, IndexError) as err:
         raise SingleFileError(f"{where}: {path.name} is not a checkpoint of the prior's architecture ({err})") from None
     loaded = {k: v.shape for k, v in unet.state_dict().items()}

@@ -48,6 +48,12 @@ def _bpe_file() -> str:
     raise FileNotFoundError(f"CLIP's BPE vocabulary {BPE_FILE} was not found (looked in: {looked}); {INSTALL_HINT}")
 
 
+def clip_package_file(name: str) -> str:
+    """A file of clip-anytorch's ``clip`` package (e.g. ``model.py``), found beside its vocabulary
+    without importing the package."""
+    return os.path.join(os.path.dirname(_bpe_file()), name)
+
+
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """OpenAI CLIP's (GPT-2's) reversible byte -> printable character table, which orders the vocabulary.

@@ -40,7 +40,32 @@ def _settings(cfg: DictConfig, metric: str, method: str, stamp: str,
             parts["kid"] = OmegaConf.to_container(cfg.kid, resolve=True)
     if section != "params" and cfg.get("classifier") is not None and uses_digit_classifier(cfg):
         parts["classifier"] = OmegaConf.to_container(cfg.classifier, resolve=True)
+    if stand_in_instrument(cfg, metric):  # also: a stand-in later replaced by the real file is measured again
+        parts["stand_in_weights"] = True
     return parts
+
+
+def stand_in_instrument(cfg: DictConfig, metric: str) -> bool:
+    """Whether `metric` is measured with a stand-in weights file (`ccp.evaluation.stand_in`): the
+    Inception of FID, KID and their searches/spreads, or the CLIP of text alignment."""
+    from ccp.evaluation.stand_in import stand_in_marker
+
+    if metric in ("fid", "kid") or metric.startswith(("fid_search/", "fid_sampling/")):
+        if cfg.fid.feature_extractor != "inception":
+            return False
+        from ccp.evaluation.fid import InceptionWeightsError, resolve_inception_weights
+
+        try:
+            path = resolve_inception_weights(cfg.fid.inception_weights)
+        except InceptionWeightsError:
+            return False  # measuring it fails with the message
+    elif metric in ("text_alignment", "text_alignment_parts"):
+        if cfg.text_alignment.predictor != "clip" or not cfg.text_alignment.clip_weights:
+            return False
+        path = Path(str(cfg.text_alignment.clip_weights)).expanduser()
+    else:
+        return False
+    return stand_in_marker(path) is not None
 
 
 class Cell:
@@ -56,6 +81,7 @@ class Cell:
         self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {}
         self.computed: list[str] = []
         self.reused: list[str] = []
+        self.stand_in: list[str] = []  # metrics measured with stand-in weight files: their numbers mean nothing
 
     @property
     def model(self) -> TrainedModel:
@@ -69,6 +95,8 @@ class Cell:
 
     def metric(self, name: str, compute, weights: dict[str, float] | None = None) -> Any:
         settings = _settings(self.cfg, name, self.method, self.stamp, weights)
+        if settings.get("stand_in_weights") and name not in self.stand_in:
+            self.stand_in.append(name)
         entry = self.record.get(name)
         if entry is not None and entry.get("settings") == json.loads(json.dumps(settings)):
             self.reused.append(name)

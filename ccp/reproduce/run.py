@@ -42,6 +42,7 @@ from ccp.evaluation.intervals import (
 )
 from ccp.evaluation.tables import spread_markdown, spread_rows, write_tables
 from ccp.io import write_json_atomic, write_text_atomic
+from ccp.pipelines.run import sampling_precision
 from ccp.priors.loading import load_controlnet, load_prior
 from ccp.reproduce.config import ReproduceConfigError, check_inputs, row_spec, search_enabled
 from ccp.reproduce.environment import write_environment
@@ -211,15 +212,20 @@ def _reproduce(cfg: DictConfig, progress: bool) -> dict[str, Any]:
 
     cache: dict[str, Any] = {}
 
+    def precision():
+        return sampling_precision(str(cfg.prior.dtype), torch.device(str(cfg.device)))
+
     def prior():
         if "prior" not in cache:
-            cache["prior"] = load_prior(str(cfg.prior.path), dtype=cfg.prior.dtype, device=cfg.device,
+            cache["prior"] = load_prior(str(cfg.prior.path), dtype=precision(), device=cfg.device,
+                                        allow_download=bool(cfg.prior.get("allow_download", False)),
                                         family=cfg.prior.get("family"))
         return cache["prior"]
 
     def controlnet():
         if "controlnet" not in cache:
-            cache["controlnet"] = load_controlnet(str(cfg.controlnet), dtype=cfg.prior.dtype)
+            cache["controlnet"] = load_controlnet(str(cfg.controlnet), dtype=precision(),
+                                                  allow_download=bool(cfg.prior.get("allow_download", False)))
         return cache["controlnet"]
 
     def classifier():
@@ -263,6 +269,8 @@ def _reproduce(cfg: DictConfig, progress: bool) -> dict[str, Any]:
             record["drift"] = cell.metric("drift", lambda: measure_drift(cfg, cell, reference, classifier))
         record["spatial_alignment"] = (cell.metric("spatial_alignment", lambda: measure_spatial(cfg, cell, controlnet, inner))
                                        if on_table2 and cfg.spatial_alignment.enabled else None)
+        if cell.stand_in:  # measured with stand-in weight files: the tables say their numbers mean nothing
+            record["stand_in_weights"] = list(cell.stand_in)
         records.append(record)
         cell.release()
 

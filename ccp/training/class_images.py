@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from ccp.config import ConfigError
+from ccp.distributed import barrier_or_none
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
 from ccp.io import (COMPLETE_RECORD, content_hash, dir_complete, file_sizes, remove_stale_temporaries, write_atomic,
                     write_json_atomic)
@@ -150,12 +151,6 @@ def _image_ok(path: Path, resolution: int) -> bool:
         return False
 
 
-def _default_barrier(world_size: int) -> Callable[[], None] | None:
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.barrier
-    return None
-
-
 def generate_class_images(
     prior,
     cfg: ClassImagesConfig,
@@ -227,7 +222,7 @@ def generate_class_images(
             for module, place in zip(parts, places):
                 module.to(place)
 
-    barrier = barrier or _default_barrier(world_size)
+    barrier = barrier or (barrier_or_none() if world_size > 1 else None)
     if barrier is not None:
         barrier()
     absent = [image_name(i) for i in range(total) if not (folder / image_name(i)).is_file()]

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ccp.distributed import barrier_or_none
 from ccp.io import content_hash, default_cache_root, write_atomic, write_json_atomic
 from ccp.priors.loading import resolve_dtype
 
@@ -162,12 +163,6 @@ class _Unflipped(Dataset):
         return index, self.dataset.pixels(index), geometry(index) if geometry is not None else {}
 
 
-def _default_barrier(world_size: int) -> Callable[[], None] | None:
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.barrier
-    return None
-
-
 def build_latent_cache(
     dataset: EncodableDataset,
     vae: torch.nn.Module,
@@ -213,7 +208,7 @@ def build_latent_cache(
             batch_size, num_workers, progress, desc=f"encoding latents (rank {rank}/{world_size})" if world_size > 1 else "encoding latents",
         )
 
-    barrier = barrier or _default_barrier(world_size)
+    barrier = barrier or (barrier_or_none() if world_size > 1 else None)
     if barrier is not None:
         barrier()
     missing = [shard_name(s) for s, r in enumerate(shards) if not _shard_ok(folder / shard_name(s), len(r))]

@@ -135,6 +135,12 @@ class PersonalizationModule(L.LightningModule):
         return in_memory(self.method, prior)
 
     def _apply_speedups(self, gradient_checkpointing: bool, channels_last: bool) -> None:
+        # A text encoder the method trains (DreamBooth's train_text_encoder) recomputes its
+        # activations too, as diffusers' train_dreambooth.py does with --gradient_checkpointing.
+        encoder = getattr(self.method, "text_encoder", None)
+        trained = isinstance(encoder, torch.nn.Module) and any(p.requires_grad for p in encoder.parameters())
+        if gradient_checkpointing and trained and hasattr(encoder, "gradient_checkpointing_enable"):
+            encoder.gradient_checkpointing_enable()
         unet = getattr(self.method, "unet", None)
         if unet is None:
             return

@@ -23,7 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ccp.config import ConfigError
+from ccp.config import ConfigError, cuda_device_count
 from ccp.methods import TRAINABLE
 from ccp.methods.base import Method, PromptTemplate
 from ccp.io import remove_stale_temporaries
@@ -303,6 +303,19 @@ def build_method_on(device: torch.device, cfg: DictConfig, prior, template: Prom
             part.to("cpu")
 
 
+def log_trainer_choice(trainer_cfg: DictConfig) -> str:
+    """Say which hardware the run uses (and, under trainer=auto, why); returns the line."""
+    t = trainer_cfg
+    line = (f"trainer: accelerator={t.accelerator} devices={t.devices} num_nodes={t.num_nodes} strategy={t.strategy} "
+            f"precision={t.precision}")
+    if t.get("auto", False):
+        count = cuda_device_count()
+        line += (f" (trainer=auto: {count} CUDA device(s) found" if count else " (trainer=auto: no CUDA device found") \
+            + "; name trainer=cpu|gpu|ddp to choose)"
+    log.info(line)
+    return line
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Train as configured in `run_dir` (resuming when possible) and export; returns the export folder."""
     run_dir = Path(run_dir)
@@ -311,7 +324,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     callbacks = plan.callbacks
     L.seed_everything(cfg.seed, workers=True)
 
-    prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype), family=prior_family(cfg))
+    prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype), family=prior_family(cfg),
+                       allow_download=bool(cfg.prior.get("allow_download", False)))
     template = template_from(cfg)
     node = cfg.get("prior_preservation")
     prior_preservation = class_images_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)
@@ -332,6 +346,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     if prior_preservation.enabled:
         datamodule.attach_prior(prior, prior_preservation)
     t = cfg.trainer
+    log_trainer_choice(t)
     precision, plugins = precision_plugins(t)
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t), precision=precision,
