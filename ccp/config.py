@@ -31,6 +31,22 @@ def by_gpus(on_cpu, one_gpu, many_gpus):
 
 OmegaConf.register_new_resolver("ccp.by_gpus", by_gpus, replace=True)
 
+MAX_DIRNAME = 120  # file systems refuse names over 255 bytes; keep well below with the job number in front
+
+
+def short_dirname(name) -> str:
+    """``${ccp.dirname:...}``: a sweep point's folder name from its overrides, cut and made unique by a
+    hash of the whole when it is long (many overrides gave "File name too long")."""
+    import hashlib
+
+    name = str(name)
+    if len(name) <= MAX_DIRNAME:
+        return name
+    return f"{name[:MAX_DIRNAME - 13]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+OmegaConf.register_new_resolver("ccp.dirname", short_dirname, replace=True)
+
 
 class ConfigError(Exception):
     """Bad input found before any long compute; the message names the problem and the fix.

@@ -30,8 +30,8 @@ def test_multirun_trainings_land_where_the_full_reproduction_looks(tiny_prior_di
                "data=tiny", f"data.path={images}", "method=ours,oft", "dataset_name=face", f"paths.log_dir={log_dir}",
                "trainer.max_steps=1", "trainer.global_batch_size=2", "data.batch_size=2", "validation.every_n_steps=0",
                "logger=none"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=540, env={"OMP_NUM_THREADS": "1",
-                          "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=540, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     said = done.stdout + done.stderr
     assert said.count("trainer=auto: no CUDA device found") == 2  # each job said which hardware it chose
@@ -42,3 +42,13 @@ def test_multirun_trainings_land_where_the_full_reproduction_looks(tiny_prior_di
         assert found == log_dir / "train" / f"face_{method}" / "export"
         assert json.loads((found / "ccp_export.json").read_text())["method"] == method
     assert not (log_dir / "multirun").exists()
+
+    # the same command again (a lab adds rows and reruns the sweep): the finished runs are not
+    # trained or exported again, so what was measured on their exports (FID shards) stays valid
+    from ccp.io import folder_stamp
+
+    stamps = {m: folder_stamp(export_dir(cfg, "face", m)) for m in ("ours", "oft")}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=540, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert {m: folder_stamp(export_dir(cfg, "face", m)) for m in ("ours", "oft")} == stamps
+    assert (again.stdout + again.stderr).count("kept as it is") == 2

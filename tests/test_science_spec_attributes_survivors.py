@@ -9,9 +9,6 @@ without a model; its import warns the way clip-anytorch's import of pkg_resource
 
 from __future__ import annotations
 
-import sys
-import textwrap
-import warnings
 
 import pytest
 import torch
@@ -126,75 +123,50 @@ def test_predict_builds_the_accepted_indices_on_the_winners_device(monkeypatch):
 
 
 # --- CLIPAttributePredictor: how CLIP is loaded ---------------------------------------------------------
-FAKE_CLIP = textwrap.dedent('''
-    import warnings
-
-    import torch
-
-    warnings.warn("pkg_resources is deprecated as an API. See https://setuptools.pypa.io", UserWarning)
-    warnings.warn("clip stand-in: another warning", UserWarning)
+@pytest.fixture
+def fake_clip(tmp_path, monkeypatch):
+    """`load_clip` stood in for (recording its calls, returning a small module); and a weights file."""
+    import ccp.evaluation.attributes as attributes
 
     loads = []
 
+    def load_clip(weights, device="cpu"):
+        loads.append(dict(weights=str(weights), device=device))
+        return torch.nn.Linear(2, 2), "preprocess"
 
-    def load(name, device="cpu", jit=True, **kwargs):
-        loads.append(dict(name=name, device=device, jit=jit, **kwargs))
-        model = torch.nn.Linear(2, 2)
-        return model, "preprocess"
-
-
-    def tokenize(texts):
-        raise AssertionError("not used")
-''')
-
-
-@pytest.fixture
-def fake_clip(tmp_path, monkeypatch):
-    """A `clip` module importable afresh (its import warns), recording its loads; and a weights file."""
-    (tmp_path / "clip.py").write_text(FAKE_CLIP)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    real = sys.modules.pop("clip", None)
+    monkeypatch.setattr(attributes, "load_clip", load_clip)
     weights = tmp_path / "ViT-L-14.pt"
     weights.write_bytes(b"weights")
-    yield weights
-    sys.modules.pop("clip", None)  # the stand-in goes; the real module (if it was imported) comes back
-    if real is not None:
-        sys.modules["clip"] = real
+    return weights, loads
 
 
-def build(weights, **kwargs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        predictor = CLIPAttributePredictor(weights, **kwargs)
-    clip = sys.modules["clip"]
-    return predictor, clip, [str(w.message) for w in caught]
+def build(fake, **kwargs):
+    weights, loads = fake
+    return CLIPAttributePredictor(weights, **kwargs), loads
 
 
-def test_clip_loads_the_file_unjitted_on_the_given_device_and_is_frozen(fake_clip):
-    predictor, clip, _ = build(fake_clip, device="cuda:3")
+def test_clip_loads_the_file_on_the_given_device_and_is_frozen(fake_clip):
+    from ccp.evaluation.attributes import clip_tokenize
+
+    predictor, loads = build(fake_clip, device="cuda:3")
     assert predictor.device == torch.device("cuda", 3)
-    assert clip.loads == [dict(name=str(fake_clip), device=torch.device("cuda", 3), jit=False)]
-    assert clip.loads[0]["jit"] is False
+    assert loads == [dict(weights=str(fake_clip[0]), device=torch.device("cuda", 3))]
     assert isinstance(predictor.model, torch.nn.Linear) and predictor.preprocess == "preprocess"
     assert predictor.model.training is False
     assert [p.requires_grad for p in predictor.model.parameters()] == [False, False]
-    assert predictor._tokenize is clip.tokenize
+    assert predictor._tokenize is clip_tokenize
     assert predictor.batch_size == 32
+    assert predictor.stand_in_weights is False  # a file without the stand-in marker
 
 
 def test_batch_size_is_an_int(fake_clip):
-    predictor, _, _ = build(fake_clip, device="cpu", batch_size=5.0)
+    predictor, _ = build(fake_clip, device="cpu", batch_size=5.0)
     assert predictor.batch_size == 5 and type(predictor.batch_size) is int
 
 
 @pytest.mark.parametrize("available, expected", [(True, "cuda"), (False, "cpu")])
 def test_without_a_device_clip_goes_to_cuda_when_there_is_one(fake_clip, monkeypatch, available, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
-    predictor, clip, _ = build(fake_clip)
+    predictor, loads = build(fake_clip)
     assert predictor.device == torch.device(expected)
-    assert [load["device"] for load in clip.loads] == [torch.device(expected)]
-
-
-def test_only_the_pkg_resources_deprecation_of_importing_clip_is_silenced(fake_clip):
-    _, _, messages = build(fake_clip, device="cpu")
-    assert messages == ["clip stand-in: another warning"]
+    assert [load["device"] for load in loads] == [torch.device(expected)]

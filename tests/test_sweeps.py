@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -102,3 +103,18 @@ def test_module_cli(sweep_dir, capsys):
     main(["collect", str(sweep_dir)])
     out = capsys.readouterr().out
     assert "face_ours\tours\tfid\tbest=6.0\tconcept_weight=1.5" in out
+
+
+def test_a_sweep_point_with_many_overrides_gets_a_folder_name_the_file_system_takes(tmp_path):
+    # 13 overrides made a 300-character folder name: "OSError: [Errno 36] File name too long"
+    from ccp.config import MAX_DIRNAME, short_dirname
+
+    long = ",".join(f"sampling.option_{i}=value_{i}" for i in range(13))
+    short = short_dirname(long)
+    assert len(short) == MAX_DIRNAME and short.startswith(long[:100])
+    assert short != short_dirname(long + "x")  # the hash keeps points apart
+    assert short_dirname("guidance.control_weight=1.5") == "guidance.control_weight=1.5"
+    (tmp_path / f"12_{short}").mkdir()  # and the file system takes it
+    for name in ("eval.yaml", "sample.yaml"):
+        text = (Path(__file__).resolve().parents[1] / "ccp" / "conf" / name).read_text()
+        assert "subdir: ${hydra.job.num}_${ccp.dirname:${hydra.job.override_dirname}}" in text

@@ -66,12 +66,27 @@ class TrainedModel:
         return self.method.name
 
 
+def export_info(method: str, prior: str, template: PromptTemplate | dict, step: int, ema: bool) -> dict:
+    template = template if isinstance(template, dict) else template.__dict__
+    return {"method": method, "prior": str(prior), "template": dict(template), "step": int(step), "ema": bool(ema)}
+
+
 def write_export_info(export_dir: str | Path, method: str, prior: str, template: PromptTemplate | dict,
                       step: int, ema: bool) -> Path:
     """`EXPORT_INFO`, written last: a folder with it is a finished export."""
-    template = template if isinstance(template, dict) else template.__dict__
-    info = {"method": method, "prior": str(prior), "template": dict(template), "step": int(step), "ema": bool(ema)}
+    info = export_info(method, prior, template, step, ema)
     return write_text_atomic(Path(export_dir) / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+
+
+def export_is_current(export_dir: str | Path, method: str, prior: str, template: PromptTemplate | dict, step: int,
+                      ema: bool) -> bool:
+    """Whether `export_dir` is already the finished export these settings would write: a rerun of a
+    finished training keeps it untouched, so what was measured on it (FID shards, records) stays valid."""
+    path = Path(export_dir) / EXPORT_INFO
+    try:
+        return json.loads(path.read_text()) == json.loads(json.dumps(export_info(method, prior, template, step, ema)))
+    except (OSError, ValueError):
+        return False
 
 
 def is_export(path: str | Path) -> bool:

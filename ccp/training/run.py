@@ -27,7 +27,7 @@ from ccp.config import ConfigError, cuda_device_count
 from ccp.methods import TRAINABLE
 from ccp.methods.base import Method, PromptTemplate
 from ccp.io import remove_stale_temporaries
-from ccp.methods.export import EXPORT_INFO, write_export_info
+from ccp.methods.export import EXPORT_INFO, export_is_current, write_export_info
 from ccp.priors.families import FAMILIES, detect_family
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
 from ccp.training.callbacks import EMACallback, FileCheckpointIO
@@ -303,6 +303,15 @@ def build_method_on(device: torch.device, cfg: DictConfig, prior, template: Prom
             part.to("cpu")
 
 
+class StepAtStart(L.Callback):
+    """The step training starts from in this process (None: nothing left to train, it never started)."""
+
+    step: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+
+
 def log_trainer_choice(trainer_cfg: DictConfig) -> str:
     """Say which hardware the run uses (and, under trainer=auto, why); returns the line."""
     t = trainer_cfg
@@ -348,12 +357,13 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     t = cfg.trainer
     log_trainer_choice(t)
     precision, plugins = precision_plugins(t)
+    step_at_start = StepAtStart()
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t), precision=precision,
         plugins=[*plugins, FileCheckpointIO()],
         max_steps=t.max_steps, accumulate_grad_batches=plan.accumulate, gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,  # ResumableSampler shards ranks
-        callbacks=callbacks, logger=build_loggers(cfg, run_dir) or False, default_root_dir=str(run_dir),
+        callbacks=[*callbacks, step_at_start], logger=build_loggers(cfg, run_dir) or False, default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
     ckpt_path = resume_path(cfg, run_dir)
@@ -368,9 +378,15 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         finish_wandb(trainer)
 
     export_dir = run_dir / "export"
-    if trainer.is_global_zero:
-        ema = next((cb for cb in callbacks if isinstance(cb, EMACallback)), None)
-        use_ema = ema is not None and cfg.export.use_ema
+    ema = next((cb for cb in callbacks if isinstance(cb, EMACallback)), None)
+    use_ema = ema is not None and cfg.export.use_ema
+    template_node = OmegaConf.to_container(cfg.template)
+    finished_before = ckpt_path is not None and step_at_start.step in (None, trainer.global_step)  # no step taken now
+    if trainer.is_global_zero and finished_before and export_is_current(
+            export_dir, cfg.method.name, cfg.prior.path, template_node, trainer.global_step, use_ema):
+        log.info("%s already holds the export of step %d; kept as it is (what was measured on it stays valid)",
+                 export_dir, trainer.global_step)
+    elif trainer.is_global_zero:
         # the info file marks a finished export: gone while the folder is rewritten
         (export_dir / EXPORT_INFO).unlink(missing_ok=True)
         if use_ema:
@@ -378,7 +394,6 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
                 method.export(export_dir)
         else:
             method.export(export_dir)
-        write_export_info(export_dir, cfg.method.name, cfg.prior.path, OmegaConf.to_container(cfg.template),
-                          trainer.global_step, use_ema)
+        write_export_info(export_dir, cfg.method.name, cfg.prior.path, template_node, trainer.global_step, use_ema)
         log.info("exported %s (step %d%s) to %s", cfg.method.name, trainer.global_step, ", EMA" if use_ema else "", export_dir)
     return export_dir
