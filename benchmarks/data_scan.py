@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_json  # noqa: E402
+from common import cpu_info, write_json  # noqa: E402
 from ccp.training import data as data_module  # noqa: E402
 
 SIZE = 512
@@ -162,14 +162,6 @@ def old_module(ref: str):
     return module
 
 
-def cpu() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {"model_name": model or platform.processor(), "cores": os.cpu_count(),
-            **{flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=70000, help="images (FFHQ: 70,000)")
@@ -212,7 +204,7 @@ def main() -> None:
                         "before_images_per_s": round(args.n / old_s), "speedup": round(old_s / first_s, 2)})
     shutil.rmtree(caches, ignore_errors=True)
     payload = {
-        "benchmark": "data_scan", "cpu": cpu(), "python": platform.python_version(),
+        "benchmark": "data_scan", "cpu": cpu_info(), "python": platform.python_version(),
         "n": args.n, "image": f"{SIZE}x{SIZE} JPEG q90", "mean_kb": generated["mean_kb"],
         "generate_s": generated["generate_s"], "workers": args.workers, "scan_chunk": data_module.SCAN_CHUNK,
         "page_cache": "warm", "load_average_1m_at_start": round(load_at_start, 2), "load_average_1m_after": LOAD,
