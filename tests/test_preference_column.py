@@ -41,7 +41,7 @@ def test_the_study_fills_the_pref_column_of_its_dataset_only(tmp_path):
     assert "| 48.5 [40.0, 57.0] |" in rows["OFT"]
     pref_col = header.split(" | ").index("Face Pref.: ours preferred (%)")
     assert rows["Ours"].split(" | ")[pref_col] == "-" and rows["Textual Inversion"].split(" | ")[pref_col] == "-"
-    assert "bootstrap interval over raters" in text
+    assert "span of the bootstrap over raters and the Wilson interval on the pooled votes" in text
 
 
 def test_without_a_study_there_is_no_pref_column():

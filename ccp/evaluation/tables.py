@@ -249,7 +249,8 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str] =
               + ".\n") if paper else ""
     if pref:
         footer += ("\nPref.: in the preference study (docs/study.md), the share of counted votes on (ours, row) "
-                   "pairs that preferred ours, with its 95% bootstrap interval over raters; ours' own row has none.\n")
+                   "pairs that preferred ours, with its 95% interval: the span of the bootstrap over raters and the "
+                   "Wilson interval on the pooled votes (never a point with few votes); ours' own row has none.\n")
     if kid:
         footer += ("\nKID: torchmetrics' polynomial-kernel MMD on the same features as FID, unbiased at any sample "
                    "count (FID is not: compare FIDs only at equal counts).\n")

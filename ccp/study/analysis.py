@@ -4,8 +4,10 @@ Exclusion rule (documented in docs/study.md): a rater is excluded when they pick
 image in more than ``max_failed_checks`` attention checks (default 0: any failed check excludes),
 or when the admin revoked them. Attention-check pairs never count as method comparisons.
 
-Intervals: a two-stage bootstrap that resamples raters with replacement and then each drawn
-rater's votes (a rater's votes are not independent of each other), percentile interval.
+Intervals (docs/study.md): a two-stage percentile bootstrap that resamples raters with replacement
+and then each drawn rater's votes (a rater's votes are not independent of each other), and a Wilson
+score interval on the pooled votes. The bootstrap collapses to a point when every vote agrees (0 of 3
+gives [0, 0]); the Wilson interval never does but ignores raters. The reported interval is their span.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from ccp.study.store import connect, read_votes
 
 RULE = ("a rater is excluded if they picked the obviously broken image in more than {max_failed_checks} "
         "attention check(s), or was revoked by the admin; attention checks are not method comparisons")
+INTERVAL_RULE = ("reported interval = the span of two intervals, from the lower of their lows to the higher of "
+                 "their highs: the bootstrap over raters (allows for raters disagreeing, but is a single point "
+                 "when every vote agrees) and the Wilson score interval on the pooled votes (never a single "
+                 "point, but treats votes as independent)")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,31 @@ def bootstrap_win_rate(per_rater: list[tuple[int, int]], options: AnalysisOption
     return float(low), float(high)
 
 
+def wilson_interval(wins: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of wins / n over the pooled votes: for n >= 1 it has positive width."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(wins, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _intervals(wins: int, n: int, bootstrap: tuple[float, float], confidence: float) -> dict:
+    """The bootstrap, Wilson and reported (span of both) intervals as fractions."""
+    wilson = wilson_interval(wins, n, confidence)
+    return {"ci_low": min(bootstrap[0], wilson[0]), "ci_high": max(bootstrap[1], wilson[1]),
+            "bootstrap_low": bootstrap[0], "bootstrap_high": bootstrap[1],
+            "wilson_low": wilson[0], "wilson_high": wilson[1]}
+
+
+def _pref_entry(e: dict) -> dict:
+    """Table 1's Pref. entry of a win_rate entry: percentages, counts beside the intervals."""
+    has = e["rate"] is not None
+    pct = (lambda low, high: [100 * e[low], 100 * e[high]] if has else None)
+    return {"ours_preferred_pct": 100 * e["rate"] if has else None, "ci_pct": pct("ci_low", "ci_high"),
+            "bootstrap_ci_pct": pct("bootstrap_low", "bootstrap_high"), "wilson_ci_pct": pct("wilson_low", "wilson_high"),
+            "n": e["n"], "raters": e["raters"]}
+
+
 def analyze_votes(votes: list[dict], raters: list[dict], design: dict, options: AnalysisOptions) -> dict:
     """The analysis of `votes` (`ccp.study.store.read_votes` rows) as a JSON-ready dict."""
     import choix
@@ -94,9 +125,11 @@ def analyze_votes(votes: list[dict], raters: list[dict], design: dict, options: 
         wins = sum(w for w, _ in per_rater.values())
         n = sum(k for _, k in per_rater.values())
         entry = {"wins": wins, "losses": n - wins, "n": n, "raters": len(per_rater),
-                 "rate": wins / n if n else None, "ci_low": None, "ci_high": None}
+                 "rate": wins / n if n else None, "ci_low": None, "ci_high": None,
+                 "bootstrap_low": None, "bootstrap_high": None, "wilson_low": None, "wilson_high": None}
         if n:
-            entry["ci_low"], entry["ci_high"] = bootstrap_win_rate([tuple(x) for x in per_rater.values()], options)
+            bootstrap = bootstrap_win_rate([tuple(x) for x in per_rater.values()], options)
+            entry.update(_intervals(wins, n, bootstrap, options.confidence))
         win_rate[baseline] = entry
 
     index = {m: i for i, m in enumerate(methods)}
@@ -121,10 +154,10 @@ def analyze_votes(votes: list[dict], raters: list[dict], design: dict, options: 
         "bradley_terry": bt,
         "bootstrap": {"resamples": options.resamples, "confidence": options.confidence, "seed": options.seed,
                       "unit": "raters with replacement, then each drawn rater's votes"},
+        "intervals": {"confidence": options.confidence, "rule": INTERVAL_RULE,
+                      "pooled": "Wilson score interval on the pooled votes"},
         # Table 1's Pref. column: per baseline, the percentage of votes preferring ours over it.
-        "pref": {m: {"ours_preferred_pct": None if e["rate"] is None else 100 * e["rate"],
-                     "ci_pct": None if e["rate"] is None else [100 * e["ci_low"], 100 * e["ci_high"]], "n": e["n"]}
-                 for m, e in win_rate.items()},
+        "pref": {m: _pref_entry(e) for m, e in win_rate.items()},
     }
 
 
@@ -132,18 +165,26 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _ci(e: dict, prefix: str) -> str:
+    return "-" if e["rate"] is None else f"[{_pct(e[prefix + '_low'])}, {_pct(e[prefix + '_high'])}]"
+
+
 def to_markdown(result: dict) -> str:
+    confidence = 100 * result["bootstrap"]["confidence"]
     lines = [f"# Preference study {result['study']}", "", f"Question: {result['question']}", "",
              f"Exclusion rule: {result['rule']}.", "",
              f"Votes: {result['votes']['total']}, method comparisons counted: {result['votes']['comparisons_counted']}; "
              f"excluded raters: {', '.join(result['excluded']) or 'none'}.", "",
              f"## Win rate of {result['ours']} against each baseline", "",
-             f"| baseline | {result['ours']} preferred | {int(result['bootstrap']['confidence'] * 100)}% CI | votes | raters |",
-             "| --- | --- | --- | --- | --- |"]
+             f"| baseline | {result['ours']} preferred | {confidence:g}% CI (reported) | bootstrap over raters "
+             "| Wilson, pooled votes | votes | raters |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, e in result["win_rate"].items():
-        ci = "-" if e["rate"] is None else f"{_pct(e['ci_low'])} - {_pct(e['ci_high'])}"
-        lines.append(f"| {m} | {_pct(e['rate'])} | {ci} | {e['n']} | {e['raters']} |")
-    lines += ["", f"Intervals: bootstrap over {result['bootstrap']['unit']} ({result['bootstrap']['resamples']} resamples).", ""]
+        lines.append(f"| {m} | {_pct(e['rate'])} | {_ci(e, 'ci')} | {_ci(e, 'bootstrap')} | {_ci(e, 'wilson')} "
+                     f"| {e['n']} | {e['raters']} |")
+    lines += ["", f"Intervals ({confidence:g}%): {INTERVAL_RULE}. Bootstrap: {result['bootstrap']['unit']} "
+              f"({result['bootstrap']['resamples']} resamples). Few votes or few raters give wide intervals; "
+              "read them with the counts beside them.", ""]
     bt = result["bradley_terry"]
     if bt:
         lines += ["## Bradley-Terry scores (log-strength, mean 0; choix)", "", "| method | score |", "| --- | --- |"]
@@ -172,7 +213,9 @@ def analyze(db_path: str | Path, output_dir: str | Path | None = None, options: 
 
 
 def pref_column(path: str | Path) -> dict[str, dict]:
-    """Table 1's "Pref." column from a study: per baseline ``{"ours_preferred_pct", "ci_pct", "n"}``.
+    """Table 1's "Pref." column from a study: per baseline ``{"ours_preferred_pct", "ci_pct",
+    "bootstrap_ci_pct", "wilson_ci_pct", "n", "raters"}``; ``ci_pct`` is the reported interval
+    (`INTERVAL_RULE`).
 
     `path` is an analysis.json written by `analyze` (its exclusion rule and bootstrap settings) or a
     study database (analysed here with the default `AnalysisOptions`)."""
@@ -180,5 +223,20 @@ def pref_column(path: str | Path) -> dict[str, dict]:
     if path.suffix == ".json":
         if not path.is_file():
             raise ConfigError(f"{path}: no analysis there; run ccp-study analyze first, or pass the study database")
-        return json.loads(path.read_text())["pref"]
+        result = json.loads(path.read_text())
+        return {m: _with_pooled_interval(m, e, result) for m, e in result["pref"].items()}
     return analyze(path)["pref"]
+
+
+def _with_pooled_interval(baseline: str, entry: dict, result: dict) -> dict:
+    """An entry of an analysis.json written before the Wilson interval, whose ``ci_pct`` is the bare
+    bootstrap (a point when every vote agrees), with the reported interval put in its place."""
+    if "wilson_ci_pct" in entry or entry.get("ours_preferred_pct") is None:
+        return entry
+    n = entry["n"]
+    wins = round(entry["ours_preferred_pct"] * n / 100)  # the percentage is 100 * wins / n
+    wilson = [100 * x for x in wilson_interval(wins, n, result.get("bootstrap", {}).get("confidence", 0.95))]
+    bootstrap = entry["ci_pct"]
+    return {**entry, "ci_pct": [min(bootstrap[0], wilson[0]), max(bootstrap[1], wilson[1])],
+            "bootstrap_ci_pct": bootstrap, "wilson_ci_pct": wilson,
+            "raters": result.get("win_rate", {}).get(baseline, {}).get("raters")}
