@@ -5,6 +5,7 @@ different dtypes, the VAE shift factor, strict resume, and the EMA swapped in pl
 from __future__ import annotations
 
 import lightning as L
+import PIL.Image
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -128,6 +129,8 @@ def _cfg(prior_dir, image_dir, *extra):
 def test_precision_settings_are_checked_before_loading(tiny_prior_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
+    for i in range(2):  # the data check reads the folder too
+        PIL.Image.new("RGB", (64, 64), (i * 90, 40, 200)).save(images / f"{i}.png")
     with pytest.raises(TrainConfigError, match="prior.dtype=bfloat16 with trainer.precision=32-true.*bf16-mixed"):
         check_config(_cfg(tiny_prior_dir, images, "prior.dtype=bfloat16", "trainer.precision=32-true"), tmp_path)
     with pytest.raises(TrainConfigError, match="trainer.precision=bf16-true would train bf16 master weights"):

@@ -66,6 +66,15 @@ class EvalPlan:
     template: PromptTemplate
     default_weights: dict[str, float]
     inception_weights: Path | None = None
+    concept_model_used: bool = True  # False: the concept weight is 0, the export is not loaded
+
+
+def weighs_concept(method_cls, template: PromptTemplate) -> bool:
+    """Whether ``guidance.concept_weight`` enters the method's guidance (ours; the baselines ignore it)."""
+    def weights(concept_weight: float) -> list[float]:
+        return method_cls.default_guidance("model", template, "control", concept_weight, 5.0).weights
+
+    return weights(0.5) != weights(0.25)
 
 
 # --- checks that need no weights -----------------------------------------------------------------
@@ -142,6 +151,16 @@ def check_eval_config(cfg: DictConfig) -> EvalPlan:
         raise EvalConfigError(f"template: {err}; use keys template, placeholder, initializer (or null: the export's)") from None
     run = cfg.run or (export_path.resolve().parent.name if export_path is not None else "prior")
     plan = EvalPlan(metric, method_cls.name, str(run), prior_path, export_path, template, _default_weights(method_cls))
+    if weighs_concept(method_cls, template):
+        concept_weight = float(cfg.guidance.concept_weight)
+        if concept_weight < 0:
+            raise EvalConfigError(
+                f"guidance.concept_weight={cfg.guidance.concept_weight}: a negative weight guides away from the concept, "
+                f"which is not a measurement of {method_cls.name}; use a weight >= 0")
+        if concept_weight == 0 and export_path is not None:
+            plan.concept_model_used = False
+            log.warning("guidance.concept_weight=0: the concept model of %s is left out (not loaded); the result "
+                        "measures the prior's guidance alone and says so (concept_model_used: false)", export_path)
 
     # the metric's own inputs
     if metric == "fid":
@@ -202,6 +221,11 @@ def load_model(plan: EvalPlan, cfg: DictConfig, device: torch.device) -> Trained
                        allow_download=bool(cfg.prior.allow_download))
     if plan.export_path is None:
         return prior_reference(prior, plan.template)
+    if not plan.concept_model_used:  # its term has weight 0: the pipeline never runs it
+        from ccp.pipelines.gcfg import GCFGPipeline
+
+        return TrainedModel(GCFGPipeline.from_prior(prior), "concept (not loaded)", method_class(plan.method),
+                            plan.template, plan.export_path)
     return load_trained(plan.export_path, prior, plan.template)
 
 
@@ -297,6 +321,8 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
     value, details = evaluate(cfg, plan, model, out_dir, device)
     if stand_in_files(plan, cfg):  # the loader warned already; the result says it too
         details = {**details, "stand_in_weights": True}
+    if not plan.concept_model_used:
+        details = {**details, "concept_model_used": False}
     metric = METRICS[plan.metric]
     result = {
         "format": RESULT_FORMAT,

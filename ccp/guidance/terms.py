@@ -83,6 +83,18 @@ class GuidanceSpec:
     def sources(self) -> list[Source]:
         return [self.unconditional] + [t.source for t in self.terms]
 
+    def without_zero_weights(self) -> "GuidanceSpec":
+        """The same guidance without its weight-0 terms: Eq. 3 adds 0 * (eps_i - eps_0) for them, so
+        their denoisers need neither be evaluated nor loaded."""
+        if all(t.weight != 0 for t in self.terms):
+            return self
+        return GuidanceSpec(terms=tuple(t for t in self.terms if t.weight != 0), unconditional=self.unconditional,
+                            rescale=self.rescale)
+
+    @property
+    def zero_weight_terms(self) -> list[str]:
+        return [t.name for t in self.terms if t.weight == 0]
+
     def for_outputs(self, positions: list[int], total: int) -> "GuidanceSpec":
         """The spec for a batch of the outputs at `positions` of `total`: every per-output list of
         control images (a list of exactly `total`, at any depth) cut to those outputs; the same

@@ -314,6 +314,7 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
     # --- checks, all before any denoising --------------------------------------------------------
     def check_guidance(self, spec: GuidanceSpec, num_images: int = 1) -> None:
+        spec = spec.without_zero_weights()  # a weight-0 term's denoiser is never run (it may not be loaded)
         denoisers = self.denoisers
         check_guidance_against(spec, {name: d.kind for name, d in denoisers.items()})
         controlnets = {name: d.num_controlnets for name, d in denoisers.items() if isinstance(d, ControlNetDenoiser)}
@@ -526,6 +527,7 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         check_init_inputs(image, mask_image, strength, num_images, num_inference_steps, latents)
+        guidance = guidance.without_zero_weights()
         self.check_guidance(guidance, num_images)
         init = None
         if image is not None:  # read and size the init images before any model runs

@@ -184,10 +184,48 @@ def load_init_images(cfg: DictConfig) -> tuple[Any, Any]:
     return loaded[0], loaded[1]
 
 
+def _config_class(folder: Path) -> str | None:
+    """The ``_class_name`` diffusers wrote into `folder`/config.json (None: no such file)."""
+    import json
+
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("_class_name", "") if config.is_file() else None
+
+
+def concept_folder(path: str) -> str:
+    """``concept.path`` as ccp-sample loads it: a null-text concept UNet folder, or a folder one level
+    above it (ccp-train's ``<run>/export``, the folder ccp-eval takes, holds it as ``concept_unet/``).
+    Anything else is refused with the folder or command that gives the right one."""
+    from ccp.models.null_text_unet import NullTextUNet2DConditionModel
+
+    wanted = NullTextUNet2DConditionModel.__name__
+    folder = Path(path).expanduser()
+    found = _config_class(folder)
+    if found == wanted:
+        return path
+    inside = sorted(sub for sub in folder.iterdir() if sub.is_dir() and _config_class(sub) == wanted)
+    if len(inside) == 1:
+        log.info("concept.path=%s: loading its concept UNet from %s", path, inside[0])
+        return str(inside[0])
+    if found is None:
+        subfolders = sorted(sub.name + "/" for sub in folder.iterdir() if sub.is_dir())
+        raise SampleConfigError(
+            f"concept.path={path} holds no null-text concept UNet (no config.json of a {wanted} in it or in a subfolder"
+            f"{'; it has ' + ', '.join(subfolders) if subfolders else ''}); point it at <run>/export of a ccp-train "
+            "run of ours (the exports of other methods are sampled with ccp-eval export.path=...)")
+    raise SampleConfigError(
+        f"concept.path={path} holds a {found or 'model'} (config.json), not a null-text concept UNet; point it at "
+        f"<run>/export of a ccp-train run of ours, or convert a prior first: ccp-null-text /path/to/prior {path}-null-text")
+
+
 def check_model_folders(cfg: DictConfig) -> None:
     """Catch a wrong concept/ControlNet/checkpoint path now, not after the prior has loaded."""
+    concept = cfg.concept.path
+    if concept and looks_like_path(str(concept)) and Path(str(concept)).expanduser().is_dir():
+        concept_folder(str(concept))
+        concept = None  # checked
     folders = [
-        ("concept.path", cfg.concept.path, ["config.json"]),
+        ("concept.path", concept, ["config.json"]),
         ("controlnet.path", cfg.controlnet.path, ["config.json"]),
     ]
     for name, path in (cfg.denoiser_checkpoints or {}).items():
@@ -289,26 +327,61 @@ def load_unet_checkpoint(path: str, dtype: torch.dtype, prior: str | None = None
                                                 local_files_only=not allow_download)
 
 
-def load_pipeline(cfg: DictConfig, scheduler: Any, dtype: torch.dtype, device: torch.device) -> GCFGPipeline:
+def denoisers_in_use(spec: GuidanceSpec) -> set[str]:
+    """The denoisers Eq. 3 runs for `spec` (the prior is always loaded: it holds the VAE and text encoder)."""
+    active = spec.without_zero_weights()
+    sources = active.sources() if active.needs_unconditional else [t.source for t in active.terms]
+    return {"prior"} | {source.denoiser for source in sources}
+
+
+def report_unused(spec: GuidanceSpec, cfg: DictConfig) -> set[str]:
+    """Say which configured denoisers a weight of 0 leaves out (they are not loaded) and, when no
+    term is left, that the images are the unconditional prediction; returns the denoisers in use."""
+    used = denoisers_in_use(spec)
+    zero = spec.zero_weight_terms
+    if zero:
+        unused = sorted(set(configured_denoisers(cfg)) - used)
+        log.warning("guidance term(s) %s have weight 0 and are left out%s", ", ".join(zero),
+                    f"; not loaded: {', '.join(unused)} (no term with a nonzero weight uses it)" if unused else "")
+    if not spec.without_zero_weights().terms:
+        u = spec.unconditional
+        log.warning("every guidance term has weight 0: the images are the unconditional prediction alone "
+                    "(denoiser %s, prompt %r), not guided by anything", u.denoiser, u.condition.prompt or "")
+    return used
+
+
+def load_pipeline(cfg: DictConfig, scheduler: Any, dtype: torch.dtype, device: torch.device,
+                  used: set[str] | None = None) -> GCFGPipeline:
+    """The prior and every configured denoiser in `used` (None: all of them)."""
+    def wanted(name: str) -> bool:
+        return used is None or name in used
+
     download = bool(cfg.prior.allow_download)
     prior = load_prior(cfg.prior.path, dtype=dtype, family=cfg.prior.get("family"), allow_download=download)
-    controlnet = load_controlnet(cfg.controlnet.path, dtype=dtype, allow_download=download) if cfg.controlnet.path else None
+    controlnet = None
+    if cfg.controlnet.path and wanted("controlnet"):
+        controlnet = load_controlnet(cfg.controlnet.path, dtype=dtype, allow_download=download)
     concept_unet = None
-    if cfg.concept.path:
+    if cfg.concept.path and wanted("concept"):
         # Only sampling with a concept model needs the null-text UNet code.
         from ccp.models.null_text_unet import NullTextFeaturesMissingError, NullTextUNet2DConditionModel
 
         try:
-            concept_unet = NullTextUNet2DConditionModel.from_pretrained(cfg.concept.path, torch_dtype=dtype,
+            folder = concept_folder(str(cfg.concept.path)) if looks_like_path(str(cfg.concept.path)) else cfg.concept.path
+            concept_unet = NullTextUNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype,
                                                                         local_files_only=not download)
         except NullTextFeaturesMissingError as err:
             raise SampleConfigError(f"concept.path: {err}") from None
     pipe = GCFGPipeline.from_prior(prior, concept_unet=concept_unet, controlnet=controlnet,
                                    scheduler=scheduler_for(scheduler, prior))
     for name, path in (cfg.denoiser_checkpoints or {}).items():
+        if not wanted(str(name)):
+            continue
         pipe.add_denoiser(str(name), load_unet_checkpoint(str(path), dtype, str(cfg.prior.path),
                                                           where=f"denoiser_checkpoints.{name}", allow_download=download))
     for name, paths in (cfg.get("controlnets") or {}).items():
+        if not wanted(str(name)):
+            continue
         if OmegaConf.is_list(paths):
             from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
@@ -319,6 +392,8 @@ def load_pipeline(cfg: DictConfig, scheduler: Any, dtype: torch.dtype, device: t
     for name, path in (cfg.get("loras") or {}).items():
         from ccp.priors.lora import LoRAShapeError
 
+        if not wanted(str(name)):
+            continue
         try:
             pipe.add_lora_denoiser(str(name), str(path))
         except LoRAShapeError as err:
@@ -377,8 +452,9 @@ def run_sampling(cfg: DictConfig, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
+    used = report_unused(spec, cfg)
     log.info("loading %s on %s", cfg.prior.path, device)
-    pipe = load_pipeline(cfg, scheduler, dtype, device)
+    pipe = load_pipeline(cfg, scheduler, dtype, device, used)
     images_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -47,6 +47,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ccp.config import ConfigError
 from ccp.training.sampler import resumable_loader
 from ccp.io import BadImageWarning, default_cache_root, list_image_files, load_rgb8, resize_to_square, to_rgb8, write_json_atomic
 from ccp.training.class_images import ClassImagesConfig, class_images_config, generate_class_images
@@ -59,8 +60,12 @@ SCAN_VERSION = 2  # 2: header checks (check_image) and the per-chunk parts of `_
 SCAN_CHUNK = 512  # files per part of the scan cache: a killed scan loses at most its chunks in flight
 
 
-class BadImageError(ValueError):
+class BadImageError(ConfigError, ValueError):
     """Unreadable images with data.on_bad_image=fail; the message lists them."""
+
+
+class NoImagesError(ConfigError, FileNotFoundError):
+    """A data folder that is missing, holds no image files, or only unreadable ones."""
 
 
 # --- files and pixels ------------------------------------------------------------------------
@@ -160,7 +165,9 @@ class FolderScan:
             if converted:
                 log.info("converted %d images to RGB: %s", sum(converted.values()), dict(converted))
         if not self.images:
-            raise FileNotFoundError(f"no usable images in {self.root}: all {len(self.bad)} image files are unreadable")
+            listing = "\n".join(f"  {Path(self.root, rel)}: {reason}" for rel, reason in self.bad)
+            raise NoImagesError(f"no usable images in {self.root}: all {len(self.bad)} image files are unreadable:\n"
+                                f"{listing}\nFix them, or point data.path at a folder of readable images.")
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -254,7 +261,10 @@ def scan_image_folder(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not one of world_size={world_size} ranks")
     root = Path(root).expanduser().resolve()
-    files = list_image_files(root)
+    try:
+        files = list_image_files(root)
+    except FileNotFoundError as err:
+        raise NoImagesError(str(err)) from None
     keys: list[FileKey] = [(p.relative_to(root).as_posix(), *_stat(p)) for p in files]
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
@@ -617,9 +627,16 @@ class ConceptDataModule(L.LightningDataModule):
             )
         return vae
 
+    def scan(self, rank: int = 0, world_size: int = 1) -> FolderScan:
+        """Check the folder now (before any model loads: ccp-train's checks call it) and keep the
+        result for `setup`; raises `NoImagesError` or `BadImageError` naming the files and the fix."""
+        if self._scan is None:
+            self._scan = self._scan_folder(warn=rank == 0, rank_world=(rank, world_size))
+        return self._scan
+
     # --- hooks ---
-    def _scan_folder(self, warn: bool) -> FolderScan:
-        rank, world_size = self._rank_world
+    def _scan_folder(self, warn: bool, rank_world: tuple[int, int] | None = None) -> FolderScan:
+        rank, world_size = rank_world or self._rank_world
         scan = scan_image_folder(
             self.path,
             max_images=self.max_images,

@@ -190,10 +190,67 @@ def build_strategy(trainer_cfg: DictConfig):
 
 @dataclass
 class TrainingPlan:
-    """What the checks found: the accumulation the global batch needs and the built callbacks."""
+    """What the checks found: the accumulation the global batch needs, the built callbacks, and the
+    data module with its folder already scanned."""
 
     accumulate: int
     callbacks: list[L.Callback]
+    datamodule: L.LightningDataModule | None = None
+
+
+class SmallDatasetWarning(UserWarning):
+    """A batch larger than the dataset: every item repeats within one optimizer step."""
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def check_hardware(trainer_cfg: DictConfig) -> None:
+    """The trainer against this machine's devices, before the prior loads (Lightning would refuse
+    only after the method is built: tens of minutes at SD v1.5 size on a CPU)."""
+    accelerator = str(trainer_cfg.accelerator)
+    if accelerator not in GPU_ACCELERATORS:
+        return
+    count = cuda_device_count()
+    if count == 0:
+        raise TrainConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu or ddp, or an experiment that sets it) but torch finds no "
+            f"CUDA device here; add trainer=cpu to train on this CPU (slow at SD size), or trainer=auto to let the "
+            "hardware choose, or run on a GPU node")
+    devices = trainer_cfg.devices
+    wanted = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > count:
+        raise TrainConfigError(f"trainer.devices={devices} but {count} CUDA device(s) found; set trainer.devices={count} "
+                               "(or -1: every GPU of the node)")
+
+
+def _positive_int(value, key: str, example: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TrainConfigError(f"{key}={value!r} must be a positive integer; set e.g. {key}={example}")
+    return value
+
+
+def check_data(cfg: DictConfig, global_batch: int) -> L.LightningDataModule:
+    """The data module with its folder scanned (missing, empty or unreadable folders refused with
+    the files and reasons), and a warning when one optimizer step would repeat the same items."""
+    from ccp.distributed import rank_world
+
+    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object")
+    rank, world = rank_world()
+    scan = datamodule.scan(rank, world)
+    flips = 2 if cfg.data.get("random_flip", True) else 1
+    items = len(scan.images) * flips
+    if global_batch > items and rank == 0:
+        import warnings
+
+        what = f"{len(scan.images)} image(s) x 2 flips" if flips == 2 else f"{len(scan.images)} image(s)"
+        message = (f"the global batch of {global_batch} (data.batch_size={cfg.data.batch_size} x devices x accumulation) is "
+                   f"larger than the {items} training items ({what} in {cfg.data.path}): each item appears about "
+                   f"{global_batch / items:.3g} times in every optimizer step; set trainer.global_batch_size (and "
+                   f"data.batch_size) to at most {items}, or add images")
+        log.warning(message)
+        warnings.warn(message, SmallDatasetWarning, stacklevel=2)
+    return datamodule
 
 
 def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
@@ -202,6 +259,7 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise TrainConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. data.path=/path/to/images)")
+    check_hardware(cfg.trainer)
     method_class_of(cfg).check_settings(**{k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items()
                                            if not k.startswith("_")})
     check_precision(cfg)
@@ -217,6 +275,8 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     data_path = Path(str(cfg.data.path)).expanduser()
     if not data_path.is_dir():
         raise TrainConfigError(f"data.path {data_path} is not a folder; point data.path at a folder of images")
+    batch_size = _positive_int(cfg.data.batch_size, "data.batch_size", "4")
+    global_batch = _positive_int(cfg.trainer.global_batch_size, "trainer.global_batch_size", "32")
     prior = str(cfg.prior.path)
     family = prior_family(cfg)
     if looks_like_path(prior):
@@ -228,11 +288,11 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
         settings = {k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items() if not k.startswith("_")}
         method_class_of(cfg).check_prior(family, **settings)
     try:
-        accumulate = accumulation_steps(int(cfg.trainer.global_batch_size), int(cfg.data.batch_size),
-                                        devices_count(cfg.trainer))
+        accumulate = accumulation_steps(global_batch, batch_size, devices_count(cfg.trainer))
     except ValueError as err:
         raise TrainConfigError(str(err)) from None
-    return TrainingPlan(accumulate, build_callbacks(cfg))
+    callbacks = build_callbacks(cfg)
+    return TrainingPlan(accumulate, callbacks, check_data(cfg, global_batch))
 
 
 def prior_family(cfg: DictConfig) -> str | None:
@@ -351,7 +411,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         class_prompt=prior_preservation.class_prompt if prior_preservation.enabled else None,
         prior_loss_weight=prior_preservation.prior_loss_weight,
     )
-    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object").attach_vae(prior.vae, upcast=module.upcast_vae)
+    datamodule = plan.datamodule.attach_vae(prior.vae, upcast=module.upcast_vae)
     if prior_preservation.enabled:
         datamodule.attach_prior(prior, prior_preservation)
     t = cfg.trainer
