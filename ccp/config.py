@@ -7,10 +7,14 @@ from `CONF_DIR`, so an installed wheel finds the same configs as a checkout.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import difflib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Absolute: Hydra would read a relative config_path as a Python package path when run as a module.
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -54,16 +58,23 @@ class ConfigError(Exception):
     The CLIs turn it into a one-line ``<prog>: error: ...`` exit."""
 
 
+USAGE_ERROR_STATUS = 2  # argparse's exit status for bad command-line input
+
+
 @contextlib.contextmanager
 def exit_on_config_error(prog: str) -> Iterator[None]:
-    """A `ConfigError` becomes ``<prog>: error: <message>`` and exit status 1, without a traceback."""
+    """A `ConfigError` becomes ``<prog>: error: <message>`` on stderr and exit status 2, without a traceback."""
     try:
         yield
     except ConfigError as err:
-        raise SystemExit(f"{prog}: error: {err}") from None
+        message = f"{prog}: error: {err}"
+        print(message, file=sys.stderr, flush=True)
+        stop = SystemExit(message)
+        stop.code = USAGE_ERROR_STATUS  # an int: Python prints nothing more; the text stays the message
+        raise stop from None
 
 
-def compose(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfig:
+def compose(config_name: str | None, overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
     """`config_name` of the packaged configs with Hydra `overrides`; also inside a running Hydra
     app (ccp-reproduce composes a ccp-train config per table cell), whose state is kept."""
     from hydra import compose as hydra_compose
@@ -75,7 +86,7 @@ def compose(config_name: str | None, overrides: Sequence[str] = ()) -> DictConfi
     outer.clear()  # Hydra allows one initialisation at a time
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hydra_compose(config_name, overrides=list(overrides))
+            return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.set_instance(outer)
         outer.hydra = running
@@ -93,3 +104,314 @@ def plain(node) -> dict:
     """A config mapping (possibly empty or absent) as a plain dict: an empty DictConfig is falsy,
     so ``node or {}`` would hand OmegaConf a plain dict."""
     return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+
+# --- the command line, checked before Hydra composes and runs the job ----------------------------
+
+# Nodes whose entries the user names: a new key there is read by the code that walks the node
+# (``.**``: at any depth below it). An empty mapping in a config (``loras: {}``) is open as well:
+# its entries are added with ``+``.
+OPEN_NODES: dict[str, dict[str, str]] = {
+    "sample": {"guidance.terms": "guidance terms by name; ccp.pipelines.run checks every term"},
+    "reproduce": {
+        "rows": "variant rows by name; ccp.reproduce.config checks each row",
+        "data": "datasets by name, picked with datasets=[...]",
+        "train_settings.**": "merged into the ccp-train config of every table cell",
+        "data.*.train_settings.**": "merged into that dataset's ccp-train configs",
+        "rows.*.train_settings.**": "merged into that row's ccp-train configs",
+        "guidance.per_method": "guidance weights by method or row",
+        "weight_search.grid": "weight grids by row or method; ccp.reproduce.config checks each",
+        "text_alignment.attributes": "the attributes each prompt asks for",
+        "prior.toy_settings": "ToyPriorSettings keywords, which refuses unknown ones",
+        "classifier.settings": "train_digit_classifier keywords, which refuses unknown ones",
+    },
+    "study": {"study.methods": "the methods' sample folders by name"},
+    "launch": {"target.gpu_types": "the target's GPU types by name"},
+}
+# Keys the code reads that no config sets, because unset means something.
+READ_UNSET_KEYS = {"logger.wandb.group": "ccp.tracking.group_for: unset, a job joins its own experiment's group"}
+JOB_FOLDERS = {False: "hydra.run.dir", True: "hydra.sweep.dir"}  # by multirun
+
+
+def run_checked(prog: str, config_name: str, hydra_main: Callable[[], None]) -> None:
+    """A Hydra entry point: the command line checked (`check_command_line`), then `hydra_main`,
+    the ``@hydra.main`` function, which reads the same command line."""
+    with exit_on_config_error(prog):
+        check_command_line(config_name, sys.argv[1:])
+    hydra_main()
+
+
+def check_command_line(config_name: str, argv: Sequence[str], *, job_folder: bool = True) -> None:
+    """Refuse, with a `ConfigError` naming the fix, a command line that Hydra would run wrongly or
+    fail on only after the job has started: a mistyped config-group choice (every choice of a sweep),
+    a key the config lacks, a key added with ``+``/``++`` that nothing reads, and (`job_folder`) a
+    job folder that cannot be created. Hydra's own flags pass through; with ``--help``, ``--info``,
+    another config path or dir, nothing is checked. A sweep is checked at its first value."""
+    args = _hydra_arguments(argv)
+    if args is None:
+        return
+    config_name = args.config_name or config_name
+    overrides = _parse_overrides(args.overrides)
+    own = [o for o in overrides if not o.is_hydra_override()]
+    groups = [o for o in own if _is_group(o.key_or_group)]
+    keys = [o for o in own if not _is_group(o.key_or_group)]
+    for override in groups:
+        _check_group_choices(override)
+    if keys:
+        # the structure the keys are checked against: groups chosen, no key changed or added yet
+        base = _compose_or_refuse(config_name, [_first_value(o) for o in groups])
+        _check_keys(config_name, base, keys)
+    if job_folder and not args.cfg:
+        folder_key = JOB_FOLDERS[bool(args.multirun)]
+        given = [o.input_line for o in overrides if o.key_or_group == folder_key and not o.is_sweep_override()]
+        cfg = _compose_or_refuse(config_name, [*(_first_value(o) for o in own), *given], return_hydra_config=True)
+        _check_job_folder(cfg, folder_key)
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+def _hydra_arguments(argv: Sequence[str]):
+    """Hydra's own reading of the command line, or None where Hydra alone acts (help, version,
+    info, shell completion, another config path or dir, a rerun) or refuses the arguments."""
+    from hydra._internal.utils import get_args_parser
+
+    if "--version" in argv:
+        return None
+    parser = get_args_parser()
+
+    def refuse(message):
+        raise _ArgumentError(message)
+
+    parser.error = refuse  # Hydra reports bad flags itself
+    try:
+        args = parser.parse_args(list(argv))
+    except _ArgumentError:
+        return None
+    if (args.help or args.hydra_help or args.shell_completion or args.info or args.experimental_rerun
+            or args.config_path or args.config_dir):
+        return None
+    return args
+
+
+def _parse_overrides(lines: Sequence[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(list(lines))
+    except OverrideParseException as err:
+        raise ConfigError(f"{err.override}: {_one_line(err)}") from None
+
+
+def _is_group(name: str) -> bool:
+    return bool(name) and (Path(CONF_DIR) / name).is_dir()
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group, nested ones by their path (``table1/face_ours``)."""
+    root = Path(CONF_DIR) / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def _choices(override) -> list:
+    """The values of an override: one, or each of a choice or range sweep."""
+    from hydra.core.override_parser.types import ValueType
+
+    if override.value_type in (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP):
+        return []  # a glob picks from the options itself; an interval is no group choice
+    if override.is_discrete_sweep():
+        return list(override.sweep_string_iterator())
+    value = override.value()
+    return value if isinstance(value, list) else [value]
+
+
+def _check_group_choices(override) -> None:
+    if override.is_delete():
+        return
+    group = override.key_or_group
+    options = group_options(group)
+    for value in _choices(override):
+        if value is None or value == "null" or str(value) in options:
+            continue
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
+        guess = f"did you mean {override.get_key_element()}={close[0]}? " if close else ""
+        raise ConfigError(f"{override.input_line}: {group} has no option {value}; {guess}"
+                          f"Options of {group}: {', '.join(options)}")
+
+
+def _first_value(override) -> str:
+    """The override with a sweep replaced by its first value (a config to check keys against)."""
+    from hydra.core.override_parser.types import ValueType
+
+    if override.is_delete() or not override.is_sweep_override():
+        return override.input_line
+    key = override.get_key_element()
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        first = next(iter(override.value().filter(group_options(override.key_or_group))), None)
+    elif override.value_type == ValueType.INTERVAL_SWEEP:
+        first = override.value().start
+    else:
+        first = next(iter(override.sweep_string_iterator()), None)
+    return override.input_line if first is None else f"{key}={first}"
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's message without the search path it appends, and OmegaConf's reason, on one line."""
+    text = str(err).split("\n\nConfig search path")[0]
+    cause = err.__cause__
+    if cause is not None and type(cause).__module__.startswith("omegaconf"):
+        text += "\n" + str(cause).splitlines()[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _compose_or_refuse(config_name: str, overrides: Sequence[str], return_hydra_config: bool = False) -> DictConfig:
+    try:
+        return compose(config_name, overrides, return_hydra_config=return_hydra_config)
+    except Exception as err:  # Hydra's composition errors name the override; one line, not a traceback
+        raise ConfigError(_one_line(err)) from None
+
+
+def _children(node) -> list[str]:
+    """The keys of a mapping node without resolving anything; none for a value, list or null."""
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing() or node._is_interpolation():
+        return []
+    return [str(k) for k in node.keys()]
+
+
+def _walk(cfg: DictConfig, parts: list[str]) -> list:
+    """The nodes along `parts` that exist (the root first); an interpolated node on the way ends the
+    walk as if the rest existed, since only its value can say."""
+    nodes = [cfg]
+    for i, part in enumerate(parts):
+        node = nodes[-1]
+        if node._is_interpolation():
+            return nodes + [None] * (len(parts) - i)
+        if isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            nodes.append(node._get_node(int(part)))
+        elif part in _children(node):
+            nodes.append(node._get_node(part))
+        else:
+            break
+    return nodes
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for key in _children(node):
+        path = f"{prefix}{key}"
+        keys.append(path)
+        keys.extend(_dotted_keys(node._get_node(key), path + "."))
+    return keys
+
+
+def _nearest_key(cfg: DictConfig, parts: list[str], nodes: list, candidates: list[str]) -> str | None:
+    """The existing key closest to a mistyped one: its first unknown part among its siblings, else
+    the whole dotted key among all keys."""
+    found = len(nodes) - 1
+    close = difflib.get_close_matches(parts[found], _children(nodes[-1]), n=1, cutoff=0.6)
+    if close:
+        guess = ".".join([*parts[:found], close[0], *parts[found + 1:]])
+        if guess in candidates:
+            return guess
+    same_depth = [k for k in candidates if k.count(".") == len(parts) - 1]
+    close = difflib.get_close_matches(".".join(parts), same_depth, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _is_read(config_name: str, key: str, parts: list[str], nodes: list) -> bool:
+    """Whether a new key is read: a key the code reads unset, an entry of an open node, or a
+    keyword of a node built from its ``_target_`` (whose constructor refuses unknown ones)."""
+    if key in READ_UNSET_KEYS:
+        return True
+    deepest, path = nodes[-1], ".".join(parts[:len(nodes) - 1])
+    if isinstance(deepest, DictConfig) and not _children(deepest) and not deepest._is_none():
+        return True
+    if path and any(_is_open(path, pattern) for pattern in OPEN_NODES.get(config_name, {})):
+        return True
+    return any("_target_" in _children(node) for node in nodes[1:])
+
+
+def _is_open(path: str, pattern: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    if pattern.endswith(".**"):
+        pattern = pattern[:-3]
+        return fnmatchcase(path, pattern) or fnmatchcase(path, pattern + ".*")
+    return fnmatchcase(path, pattern)
+
+
+def _check_keys(config_name: str, base: DictConfig, overrides: list) -> None:
+    candidates = _dotted_keys(base)
+    new: list[str] = []  # keys added or set to a mapping by an earlier override: what lies under them is new too
+    for override in overrides:
+        key = override.key_or_group
+        if any(key == k or key.startswith(k + ".") for k in new):
+            continue
+        parts = key.split(".")
+        nodes = _walk(base, parts)
+        added = override.is_add() or override.is_force_add()
+        if len(nodes) <= len(parts) and not (added and _is_read(config_name, key, parts, nodes)):
+            raise ConfigError(_unknown_key(config_name, override, parts, nodes, candidates, base))
+        if added or isinstance(override.value(), dict):
+            new.append(key)
+
+
+def _unknown_key(config_name: str, override, parts: list[str], nodes: list, candidates: list[str],
+                 base: DictConfig) -> str:
+    key, added = ".".join(parts), override.is_add() or override.is_force_add()
+    parent = ".".join(parts[:len(nodes) - 1])
+    siblings = _children(nodes[-1])
+    nearest = _nearest_key(base, parts, nodes, candidates)
+    listed = 0 < len(siblings) <= (8 if nearest else 20)  # the keys there, unless a guess says enough
+    where = f" ({parent or 'the config'} has: {', '.join(siblings)})" if listed else ""
+    if added:
+        what = f"nothing reads {key}{where}, and {parent or 'the config'} takes no new keys"
+    else:
+        what = f"the config has no {key}{where}"
+    value = "" if override.is_delete() else "=" + override.get_value_string()
+    if nearest:
+        fix = f"; did you mean {'~' if override.is_delete() else ''}{nearest}{value}?"
+    elif not added and not override.is_delete() and _is_read(config_name, key, parts, nodes):
+        fix = f"; add the entry with +{key}{value}"
+    else:
+        fix = "" if listed else "; see the config's keys with --cfg job"
+    return f"{override.input_line}: {what}{fix}"
+
+
+def _source_key(cfg: DictConfig, key: str) -> str:
+    """The key a path value comes from: followed through a leading ``${other.key}`` while there is one
+    (``hydra.run.dir: ${paths.log_dir}/train/...`` -> paths.log_dir)."""
+    for _ in range(10):
+        nodes = _walk(cfg, key.split("."))
+        raw = nodes[-1]._value() if len(nodes) == len(key.split(".")) + 1 and nodes[-1] is not None else None
+        leading = re.match(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+        if leading is None:
+            return key
+        key = leading.group(1)
+    return key
+
+
+def _check_job_folder(cfg: DictConfig, folder_key: str) -> None:
+    """The folder Hydra creates for the job, or its nearest existing parent, must be a writable folder
+    (Hydra itself fails with two chained tracebacks)."""
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # ${now:...} in the folder names
+    try:
+        folder = OmegaConf.select(cfg, folder_key, throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - a value only the running job can resolve; Hydra will say
+        return
+    if not folder:
+        return
+    target = Path(str(folder)).absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    problem = f"{existing} is a file" if existing.exists() and not existing.is_dir() else f"{existing} is not writable"
+    key = _source_key(cfg, folder_key)
+    raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: the job writes into {target}, but {problem}; "
+                      f"set {key} to a folder you can write to")

@@ -148,13 +148,13 @@ def _cb(name: str):
         import ccp.training.callbacks as tc
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        cls = {"ModelCheckpoint": ModelCheckpoint, "SaveLastOnSigterm": tc.SaveLastOnSigterm, "EMACallback": tc.EMACallback,
+        cls = {"ModelCheckpoint": ModelCheckpoint, "SaveLastOnInterrupt": tc.SaveLastOnInterrupt, "EMACallback": tc.EMACallback,
                "ValidationGrid": tc.ValidationGrid, "SampleMetrics": ec.SampleMetrics}[name]
         return only(w.callbacks, cls)
     return get
 
 
-ckpt, sigterm, ema_cb, grid, metrics = (_cb(n) for n in ("ModelCheckpoint", "SaveLastOnSigterm", "EMACallback",
+ckpt, save_last, ema_cb, grid, metrics = (_cb(n) for n in ("ModelCheckpoint", "SaveLastOnInterrupt", "EMACallback",
                                                           "ValidationGrid", "SampleMetrics"))
 
 
@@ -283,7 +283,7 @@ TRAIN: dict[str, Reach | list[Reach]] = {
     "callbacks.model_checkpoint.filename": Reach("ckpt-{step}", lambda w: ckpt(w).filename, level="check"),
     "callbacks.model_checkpoint.auto_insert_metric_name": both(True, False, lambda w: ckpt(w).auto_insert_metric_name,
                                                                level="check"),
-    "callbacks.save_last_on_sigterm.checkpoint_dir": Reach("/sig", lambda w: sigterm(w).path, want=Path("/sig/last.ckpt"),
+    "callbacks.save_last_on_interrupt.checkpoint_dir": Reach("/sig", lambda w: save_last(w).path, want=Path("/sig/last.ckpt"),
                                                            level="check"),
     "callbacks.ema.decay": Reach(0.5, lambda w: ema_cb(w).kwargs["decay"], level="check", needs=EMA_ON),
     "callbacks.ema.use_ema_warmup": both(False, True, lambda w: ema_cb(w).kwargs["use_ema_warmup"], level="check",
@@ -314,7 +314,7 @@ TRAIN: dict[str, Reach | list[Reach]] = {
     "callbacks.sample_metrics.concept_weight": Reach(1.5, lambda w: metrics(w).concept_weight, level="check"),
     "callbacks.sample_metrics.control_weight": Reach(2.5, lambda w: metrics(w).control_weight, level="check"),
     "logger.csv": Reach(False, logger_names, want=["WandbLogger"], needs=WANDB_ON),
-    "logger.wandb.enabled": Reach(False, logger_names, want=["CSVLogger"], needs={"logger.csv": True}),
+    "logger.wandb.enabled": Reach(False, logger_names, want=["ContinuingCSVLogger"], needs={"logger.csv": True}),
     "logger.wandb.mode": Reach("online", lambda w: wandb_logger(w)["mode"], needs=WANDB_ON),
     "logger.wandb.project": Reach("elsewhere", lambda w: wandb_logger(w)["project"], needs=WANDB_ON),
     "logger.wandb.entity": Reach("my-team", lambda w: wandb_logger(w)["entity"], needs=WANDB_ON),
@@ -409,6 +409,12 @@ INIT = {"init.image": lambda f: f.photo}
 MODELS = {**CONCEPT, "controlnet.path": lambda f: f.controlnet, **OTHER, "+denoiser_checkpoints.single": lambda f: f.single_file,
           "+controlnets.edges": lambda f: f.controlnet}
 CONTROLNET = {**CONCEPT, "controlnet.path": lambda f: f.controlnet, "guidance.terms.controlnet.control_image": lambda f: f.edges}
+# a term for each of MODELS' denoisers: a denoiser no term uses (with a nonzero weight) is not loaded
+USES_MODELS = {**MODELS, "+guidance.terms.c": {"denoiser": "concept", "weight": 0.5},
+               "+guidance.terms.k": lambda f: {"denoiser": "controlnet", "control_image": f.edges, "weight": 0.5},
+               "+guidance.terms.o": {"denoiser": "other", "weight": 0.5},
+               "+guidance.terms.s": {"denoiser": "single", "weight": 0.5},
+               "+guidance.terms.e": lambda f: {"denoiser": "edges", "control_image": f.edges, "weight": 0.5}}
 
 
 def term(name: str, attr: str):
@@ -448,19 +454,22 @@ SAMPLE: dict[str, Reach | list[Reach]] = {
                         want=lambda f: str(f.prior_link / "unet")),
     "prior.family": refusal("sdxl", "sdxl"),
     # every model the config names is loaded under these two (the prior, concept, ControlNets, checkpoints)
-    "prior.allow_download": Reach(True, online_loads(False), want=[], needs=MODELS),
-    "prior.dtype": Reach("bfloat16", pipeline_dtypes, want=["torch.bfloat16"], needs=MODELS),
+    "prior.allow_download": Reach(True, online_loads(False), want=[], needs=USES_MODELS),
+    "prior.dtype": Reach("bfloat16", pipeline_dtypes, want=["torch.bfloat16"], needs=USES_MODELS),
     "device": refusal("bogus", "device='bogus'"),
     "concept.path": Reach(lambda f: f.concept, lambda w: w.pipe.concept_unet.config._name_or_path,
-                          want=lambda f: str(f.concept)),
+                          want=lambda f: str(f.concept), needs={"+guidance.terms.c": {"denoiser": "concept", "weight": 0.5}}),
     "controlnet.path": Reach(lambda f: f.controlnet, lambda w: w.pipe.controlnet.config._name_or_path,
-                             want=lambda f: str(f.controlnet)),
+                             want=lambda f: str(f.controlnet), needs={"+guidance.terms.k": lambda f: {
+                                 "denoiser": "controlnet", "control_image": f.edges, "weight": 0.5}}),
     "denoiser_checkpoints": Reach(None, lambda w: w.pipe.denoisers["other"].unet.config._name_or_path,
                                   want=lambda f: str(f.prior_dir), sets=OTHER),  # its own copy (the prior's: <dir>/unet)
     "controlnets": Reach(None, lambda w: w.pipe.denoisers["edges"].controlnet.config._name_or_path,
-                         want=lambda f: str(f.controlnet), sets={"+controlnets.edges": lambda f: f.controlnet}),
+                         want=lambda f: str(f.controlnet), sets={"+controlnets.edges": lambda f: f.controlnet},
+                         scenario=("guidance=controlnet",), needs={**CONCEPT, "guidance.terms.controlnet.denoiser": "edges",
+                                                                  "guidance.terms.controlnet.control_image": lambda f: f.edges}),
     "loras": Reach(None, lambda w: type(w.pipe.denoisers.get("style")).__name__, want="LoRADenoiser",
-                   sets={"+loras.style": lambda f: f.lora}),
+                   sets={"+loras.style": lambda f: f.lora}, needs={"+guidance.terms.l": {"denoiser": "style", "weight": 0.5}}),
     "control_images": Reach(None, term("controlnet", "control_image"), want=(40, 48), scenario=("guidance=controlnet",),
                             sets={"+control_images.edges": lambda f: f.odd_png},
                             needs={**CONTROLNET, "guidance.terms.controlnet.control_image": "edges"}),

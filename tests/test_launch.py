@@ -313,7 +313,7 @@ def test_cli_dry_run(tmp_path):
                                                                                            "submit.sh"]
     bad = subprocess.run([exe, "target=slurm", "nodes=0", f"out_dir={tmp_path}/bad"], capture_output=True,
                          text=True, cwd=tmp_path)
-    assert bad.returncode == 1 and bad.stderr.startswith("ccp-launch: error: nodes=0")
+    assert bad.returncode == 2 and bad.stderr.startswith("ccp-launch: error: nodes=0")
 
 
 # --- committed examples and the Dockerfile ------------------------------------------------------

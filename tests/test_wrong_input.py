@@ -278,3 +278,11 @@ def test_a_zero_concept_weight_does_not_load_the_concept_model_and_the_result_sa
                                tmp_path / "o")
     assert result["details"]["concept_model_used"] is False
     assert json.loads((tmp_path / "o" / "result.json").read_text())["details"]["concept_model_used"] is False
+
+
+def test_ccp_null_text_with_a_missing_prior_is_a_clean_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ccp.cli.null_text", str(tmp_path / "nope"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"ccp-null-text: error: prior folder {tmp_path / 'nope'} does not exist")
+    assert not (tmp_path / "out").exists()

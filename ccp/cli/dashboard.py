@@ -12,15 +12,20 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ccp.config import CONF_DIR, exit_on_config_error
-from ccp.dashboard import write_dashboard
+from ccp.config import CONF_DIR, exit_on_config_error, run_checked
 
 
 @hydra.main(config_path=CONF_DIR, config_name="dashboard", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def dashboard(cfg: DictConfig) -> None:
+    from ccp.dashboard import write_dashboard  # here: a refused command line never waits for torch
     with exit_on_config_error("ccp-dashboard"):
         written = write_dashboard(cfg)
     print(f"report spec written to {written['spec']}" if "spec" in written else f"report saved: {written['url']}")
+
+
+def main() -> None:
+    """ccp-dashboard: the command line checked (`ccp.config.check_command_line`) before Hydra runs the job."""
+    run_checked("ccp-dashboard", "dashboard", dashboard)
 
 
 if __name__ == "__main__":

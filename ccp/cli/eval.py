@@ -13,15 +13,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ccp.config import CONF_DIR, exit_on_config_error
-from ccp.evaluation.run import run_eval
+from ccp.config import CONF_DIR, exit_on_config_error, run_checked
 
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def evaluate(cfg: DictConfig) -> None:
+    from ccp.evaluation.run import run_eval  # here: a refused command line never waits for torch
     hydra_cfg = HydraConfig.get()
     with exit_on_config_error("ccp-eval"):
         run_eval(cfg, hydra_cfg.runtime.output_dir, override_dirname=hydra_cfg.job.override_dirname)
+
+
+def main() -> None:
+    """ccp-eval: the command line checked (`ccp.config.check_command_line`) before Hydra runs the job."""
+    run_checked("ccp-eval", "eval", evaluate)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ccp.config import CONF_DIR, exit_on_config_error
-from ccp.launch import run_launch
+from ccp.config import CONF_DIR, exit_on_config_error, run_checked
 
 
 @hydra.main(config_path=CONF_DIR, config_name="launch", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def launch(cfg: DictConfig) -> None:
+    from ccp.launch import run_launch  # here: a refused command line never waits for torch
     with exit_on_config_error("ccp-launch"):
         run_launch(cfg)
+
+
+def main() -> None:
+    """ccp-launch: the command line checked (`ccp.config.check_command_line`) before Hydra runs the job."""
+    run_checked("ccp-launch", "launch", launch)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ccp.config import exit_on_config_error
 from ccp.models.null_text_unet import (
     DEFAULT_NULL_TEXT_DEFINITION,
     NULL_TEXT_DEFINITIONS,
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    prior = load_prior(args.prior, device=args.device)
+    with exit_on_config_error("ccp-null-text"):  # a missing prior folder: its message, not a traceback
+        prior = load_prior(args.prior, device=args.device)
     kwargs = {"null_text": args.null_text} if args.null_text else {}
     unet = null_text_from_pipeline(prior, definition=args.definition, **kwargs)
     unet.save_pretrained(args.out_dir)

@@ -13,15 +13,20 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from ccp.config import CONF_DIR, exit_on_config_error
-from ccp.reproduce import reproduce, summary_text
+from ccp.config import CONF_DIR, exit_on_config_error, run_checked
 
 
 @hydra.main(config_path=CONF_DIR, config_name="reproduce", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def reproduce_tables(cfg: DictConfig) -> None:
+    from ccp.reproduce import reproduce, summary_text  # here: a refused command line never waits for torch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is a local path; never wait on the network
     with exit_on_config_error("ccp-reproduce"):
         print(summary_text(reproduce(cfg)))
+
+
+def main() -> None:
+    """ccp-reproduce: the command line checked (`ccp.config.check_command_line`) before Hydra runs the job."""
+    run_checked("ccp-reproduce", "reproduce", reproduce_tables)
 
 
 if __name__ == "__main__":

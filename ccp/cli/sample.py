@@ -12,14 +12,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ccp.config import CONF_DIR, exit_on_config_error
-from ccp.pipelines.run import run_sampling
+from ccp.config import CONF_DIR, exit_on_config_error, run_checked
 
 
 @hydra.main(config_path=CONF_DIR, config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def sample(cfg: DictConfig) -> None:
+    from ccp.pipelines.run import run_sampling  # here: a refused command line never waits for torch
     with exit_on_config_error("ccp-sample"):
         run_sampling(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def main() -> None:
+    """ccp-sample: the command line checked (`ccp.config.check_command_line`) before Hydra runs the job."""
+    run_checked("ccp-sample", "sample", sample)
 
 
 if __name__ == "__main__":

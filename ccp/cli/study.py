@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from ccp.config import ConfigError, compose, exit_on_config_error
+from ccp.config import ConfigError, check_command_line, compose, exit_on_config_error
 from ccp.study.run import ACTIONS, run_study
 
 USAGE = f"usage: ccp-study {{{','.join(ACTIONS)}}} [key=value ...]   (conf/study.yaml; docs/study.md)"
@@ -19,9 +19,10 @@ USAGE = f"usage: ccp-study {{{','.join(ACTIONS)}}} [key=value ...]   (conf/study
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ACTIONS:
-        raise SystemExit(f"{USAGE}\nccp-study: error: give the action first, one of {', '.join(ACTIONS)}")
     with exit_on_config_error("ccp-study"):
+        if not argv or argv[0] not in ACTIONS:
+            raise ConfigError(f"give the action first, one of {', '.join(ACTIONS)} ({USAGE})")
+        check_command_line("study", argv[1:], job_folder=False)  # no Hydra job: the database's folder is checked later
         try:
             cfg = compose("study", argv[1:])
         except Exception as err:  # Hydra's override and missing-config errors: one line, not a traceback

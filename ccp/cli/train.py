@@ -13,14 +13,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ccp.config import CONF_DIR, exit_on_config_error
-from ccp.training.run import run_training
+from ccp.config import CONF_DIR, exit_on_config_error, run_checked
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
+    from ccp.training.run import run_training  # here: a refused command line never waits for torch
     with exit_on_config_error("ccp-train"):
         run_training(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def main() -> None:
+    """ccp-train: the command line checked (`ccp.config.check_command_line`) before Hydra runs the job."""
+    run_checked("ccp-train", "train", train)
 
 
 if __name__ == "__main__":

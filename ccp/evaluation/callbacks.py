@@ -93,7 +93,7 @@ class SampleMetrics(L.Callback):
                 raise FIDConfigError(f"eval.feature_extractor={feature_extractor!r}; use inception "
                                      "(random_conv: a random 8-d net for tests only)")
             if feature_extractor == "inception":
-                self._inception_weights = resolve_inception_weights(inception_weights)  # names the file and where to put it
+                self._inception_weights = resolve_inception_weights(inception_weights, "eval.inception_weights")  # names the file and where to put it
         if real_stats is None and not (real_path and Path(str(real_path)).expanduser().is_dir()):
             raise FIDConfigError(f"eval.real_path={real_path} is not a folder of real images; set eval.real_path")
         if predictor is not None:

@@ -81,25 +81,26 @@ def hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
-def resolve_inception_weights(path: str | Path | None = None) -> Path:
+def resolve_inception_weights(path: str | Path | None = None, key: str = "fid.inception_weights") -> Path:
     """The local Inception weights: `path` if given, else the torch hub cache; cheap, so a CLI
-    calls it before loading any model. Raises `InceptionWeightsError` saying how to get the file."""
+    calls it before loading any model. Raises `InceptionWeightsError` saying how to get the file and
+    naming the entry point's config `key`."""
     hub = hub_weights_path()
     if path:
         given = Path(path).expanduser()
         if given.is_file():
             return given
-        problem = f"fid.inception_weights={path} does not exist"
+        problem = f"{key}={path} does not exist"
     elif hub.is_file():
         return hub
     else:
-        problem = f"fid.inception_weights is not set and the torch hub cache has no {hub}"
+        problem = f"{key} is not set and the torch hub cache has no {hub}"
     raise InceptionWeightsError(
         f"FID needs the InceptionV3 weights file {INCEPTION_WEIGHTS_FILE} (the TF FID Inception that "
         f"torchmetrics' FrechetInceptionDistance loads through torch-fidelity), and nothing is downloaded "
         f"here: {problem}. On a machine with network access download {INCEPTION_WEIGHTS_URL} "
         f"(e.g. wget or curl -LO), copy it to this machine and either set "
-        f"fid.inception_weights=/path/to/{INCEPTION_WEIGHTS_FILE} or put it at {hub} "
+        f"{key}=/path/to/{INCEPTION_WEIGHTS_FILE} or put it at {hub} "
         "(the torch hub cache, $TORCH_HOME/hub/checkpoints/)."
     )
 

@@ -339,10 +339,14 @@ def report_unused(spec: GuidanceSpec, cfg: DictConfig) -> set[str]:
     term is left, that the images are the unconditional prediction; returns the denoisers in use."""
     used = denoisers_in_use(spec)
     zero = spec.zero_weight_terms
+    unused = sorted(set(configured_denoisers(cfg)) - used)
     if zero:
-        unused = sorted(set(configured_denoisers(cfg)) - used)
         log.warning("guidance term(s) %s have weight 0 and are left out%s", ", ".join(zero),
                     f"; not loaded: {', '.join(unused)} (no term with a nonzero weight uses it)" if unused else "")
+    elif unused:
+        log.warning("configured but used by no guidance term, so not loaded: denoiser(s) %s; pick a guidance preset "
+                    "that uses them (e.g. guidance=concept_control for concept.path) or add a term with "
+                    "+guidance.terms.NAME='{denoiser: NAME, weight: 1.0}'", ", ".join(unused))
     if not spec.without_zero_weights().terms:
         u = spec.unconditional
         log.warning("every guidance term has weight 0: the images are the unconditional prediction alone "
