@@ -155,6 +155,15 @@ def test_more_gpus_than_the_machine_has_is_refused(tiny_prior_dir, tmp_path, no_
         run_training(train_cfg(tiny_prior_dir, images, tmp_path, "trainer=ddp", "trainer.devices=8"), tmp_path / "run")
 
 
+def test_a_misspelt_method_setting_names_the_nearest_before_the_prior_loads(tiny_prior_dir, tmp_path, no_prior):
+    from ccp.training.run import run_training
+
+    images = write_images(tmp_path / "images", 2)
+    with pytest.raises(ConfigError, match=r"method.module.defintion: NullTextConcept \(ours\) takes no setting "
+                                          r"'defintion'; did you mean method.module.definition\?"):
+        run_training(train_cfg(tiny_prior_dir, images, tmp_path, "+method.module.defintion=value_mean"), tmp_path / "run")
+
+
 # --- ccp-sample: the concept folder, weight-0 terms -----------------------------------------------------
 @pytest.fixture(scope="module")
 def concept_export(tiny_prior, tmp_path_factory) -> Path:

@@ -68,6 +68,22 @@ def method_class_of(cfg: DictConfig) -> type[Method]:
     return cls
 
 
+def check_method_keys(cls: type[Method], settings: dict) -> None:
+    """``method.module``'s keys against what the method's constructor takes (a misspelt key added
+    with ``+`` would otherwise fail in the constructor, after the prior has loaded)."""
+    import difflib
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [name for name in params if name not in ("self", "prior", "template")]
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean method.module.{close[0]}?" if close else f"it takes: {', '.join(known) or 'nothing'}"
+            raise TrainConfigError(f"method.module.{key}: {cls.__name__} ({cls.name}) takes no setting {key!r}; {hint}")
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """``callbacks.*`` (null entries dropped; the EMA only when ``ema.enabled``)."""
     callbacks = []
@@ -260,8 +276,9 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     if missing:
         raise TrainConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. data.path=/path/to/images)")
     check_hardware(cfg.trainer)
-    method_class_of(cfg).check_settings(**{k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items()
-                                           if not k.startswith("_")})
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items() if not k.startswith("_")}
+    check_method_keys(method_class_of(cfg), settings)
+    method_class_of(cfg).check_settings(**settings)
     check_precision(cfg)
     from ccp.tracking import wandb_config
 
