@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import os
 import re
 import sys
@@ -63,15 +64,24 @@ USAGE_ERROR_STATUS = 2  # argparse's exit status for bad command-line input
 
 @contextlib.contextmanager
 def exit_on_config_error(prog: str) -> Iterator[None]:
-    """A `ConfigError` becomes ``<prog>: error: <message>`` on stderr and exit status 2, without a traceback."""
+    """A `ConfigError` becomes ``<prog>: error: <message>`` on stderr and exit status 2, without a
+    traceback; so does a full disk (a checkpoint that found no room), with status 1."""
     try:
         yield
     except ConfigError as err:
-        message = f"{prog}: error: {err}"
-        print(message, file=sys.stderr, flush=True)
-        stop = SystemExit(message)
-        stop.code = USAGE_ERROR_STATUS  # an int: Python prints nothing more; the text stays the message
-        raise stop from None
+        raise _error_exit(prog, err, USAGE_ERROR_STATUS) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _error_exit(prog, err, 1) from None  # the run's own condition, not the command line's: status 1
+
+
+def _error_exit(prog: str, err: BaseException, status: int) -> SystemExit:
+    message = f"{prog}: error: {err}"
+    print(message, file=sys.stderr, flush=True)
+    stop = SystemExit(message)
+    stop.code = status  # an int: Python prints nothing more; the text stays the message
+    return stop
 
 
 def compose(config_name: str | None, overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:

@@ -4,10 +4,10 @@ the same command resumes exactly; bad configs fail before loading anything."""
 from __future__ import annotations
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
+from pixels import write_random_pngs
 
 from ccp.config import compose
 from ccp.methods import METHODS
@@ -17,11 +17,7 @@ from ccp.training.run import TrainConfigError, check_config, run_training
 
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_random_pngs(tmp_path_factory.mktemp("images"))
 
 
 def _cfg(method, prior_dir, image_dir, *extra):
@@ -88,10 +84,10 @@ def test_bad_configs_fail_before_loading(tiny_prior_dir, image_dir, tmp_path):
     plan = check_config(_cfg("ours", tiny_prior_dir, image_dir, "trainer.global_batch_size=8"))
     assert plan.accumulate == 4
     assert [type(cb).__name__ for cb in plan.callbacks] == [  # callbacks/default.yaml; EMA on for ours
-        "ModelCheckpoint", "SaveLastOnSigterm", "StepProgressBar", "EMACallback", "ValidationGrid", "SampleMetrics"]
+        "ModelCheckpoint", "SaveLastOnInterrupt", "StepProgressBar", "EMACallback", "ValidationGrid", "SampleMetrics"]
     no_ema = check_config(_cfg("dreambooth", tiny_prior_dir, image_dir, "callbacks.progress_bar=null"))
     assert [type(cb).__name__ for cb in no_ema.callbacks] == [
-        "ModelCheckpoint", "SaveLastOnSigterm", "ValidationGrid", "SampleMetrics"]
+        "ModelCheckpoint", "SaveLastOnInterrupt", "ValidationGrid", "SampleMetrics"]
 
 
 def test_wandb_logs_offline_into_the_run_folder(tiny_prior_dir, image_dir, tmp_path, monkeypatch):
@@ -112,7 +108,7 @@ def test_periodic_sample_fid_is_logged_and_missing_inception_weights_fail_early(
     from ccp.evaluation.fid import InceptionWeightsError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-home"))
-    with pytest.raises(InceptionWeightsError, match="weights-inception-2015-12-05"):
+    with pytest.raises(InceptionWeightsError, match=r"eval.inception_weights is not set.*set eval.inception_weights=/path/to/weights-inception-2015-12-05"):
         check_config(_cfg("ours", tiny_prior_dir, image_dir, "eval.every_n_steps=1"))
     cfg = _cfg("ours", tiny_prior_dir, image_dir, "eval.every_n_steps=1", "eval.feature_extractor=random_conv",
                "eval.num_samples=4", "eval.steps=2", "eval.batch_size=4", "validation.every_n_steps=0")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ccp.methods.base import PromptTemplate
 from ccp.methods.ours import NullTextConcept
-from ccp.training.callbacks import EMACallback, SaveLastOnSigterm
+from ccp.training.callbacks import EMACallback, SaveLastOnInterrupt
 from ccp.training.module import NonFiniteLossError, PersonalizationModule, accumulation_steps
 from ccp.training.sampler import ResumableSampler
 from pixels import PixelData, Pixels
@@ -67,7 +67,7 @@ def _fit(prior, ckpt_dir, max_steps, extra=(), ckpt_path=None):
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True, save_top_k=-1),
             ema,
-            SaveLastOnSigterm(ckpt_dir),
+            SaveLastOnInterrupt(ckpt_dir),
             *extra,
         ],
     )

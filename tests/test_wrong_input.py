@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from pixels import write_random_pngs
 
 from ccp.config import ConfigError, compose
 from ccp.guidance import GuidanceSpec
@@ -33,12 +34,6 @@ def refuse(*args, **kwargs):
     raise ModelLoaded("a model was loaded before the input was checked")
 
 
-def write_images(folder: Path, count: int, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def train_cfg(prior_dir, data_dir, tmp_path, *extra):
@@ -82,7 +77,7 @@ def test_a_folder_of_unreadable_images_lists_each_file_and_why(tiny_prior_dir, t
 
 
 def test_on_bad_image_fail_is_a_one_line_cli_error_without_traceback(tiny_prior_dir, tmp_path):
-    folder = write_images(tmp_path / "images", 3)
+    folder = write_random_pngs(tmp_path / "images", 3)
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     proc = subprocess.run(
         [sys.executable, "-m", "ccp.cli.train", "experiment=tiny/ours", f"prior.path={tiny_prior_dir}",
@@ -104,7 +99,7 @@ def test_on_bad_image_fail_is_a_one_line_cli_error_without_traceback(tiny_prior_
 def test_a_batch_size_below_one_is_refused(tiny_prior_dir, tmp_path, no_prior, override, key):
     from ccp.training.run import run_training
 
-    images = write_images(tmp_path / "images", 2)
+    images = write_random_pngs(tmp_path / "images", 2)
     with pytest.raises(ConfigError, match=rf"{key}=-?\d+ must be a positive integer"):
         run_training(train_cfg(tiny_prior_dir, images, tmp_path, override), tmp_path / "run")
 
@@ -112,7 +107,7 @@ def test_a_batch_size_below_one_is_refused(tiny_prior_dir, tmp_path, no_prior, o
 def test_a_batch_larger_than_the_dataset_warns_with_the_repetition_factor(tiny_prior_dir, tmp_path, no_prior):
     from ccp.training.run import SmallDatasetWarning, run_training
 
-    images = write_images(tmp_path / "images", 2)
+    images = write_random_pngs(tmp_path / "images", 2)
     with pytest.warns(SmallDatasetWarning) as warned, pytest.raises(ModelLoaded):
         run_training(train_cfg(tiny_prior_dir, images, tmp_path, "data.batch_size=16", "trainer.global_batch_size=16"),
                      tmp_path / "run")
@@ -124,7 +119,7 @@ def test_a_batch_larger_than_the_dataset_warns_with_the_repetition_factor(tiny_p
 def test_a_batch_within_the_dataset_does_not_warn(tiny_prior_dir, tmp_path, no_prior, recwarn):
     from ccp.training.run import SmallDatasetWarning, run_training
 
-    images = write_images(tmp_path / "images", 2)
+    images = write_random_pngs(tmp_path / "images", 2)
     with pytest.raises(ModelLoaded):
         run_training(train_cfg(tiny_prior_dir, images, tmp_path, "data.batch_size=4", "trainer.global_batch_size=4"),
                      tmp_path / "run")
@@ -139,7 +134,7 @@ def test_a_gpu_trainer_on_a_machine_without_cuda_names_trainer_cpu(tiny_prior_di
 
     monkeypatch.setattr(ccp.config, "cuda_device_count", lambda: 0)
     monkeypatch.setattr("ccp.training.run.cuda_device_count", lambda: 0)
-    images = write_images(tmp_path / "images", 2)
+    images = write_random_pngs(tmp_path / "images", 2)
     cfg = compose("train", overrides=[*overrides, f"prior.path={tiny_prior_dir}", f"data.path={images}",
                                       f"data.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(ConfigError, match="no CUDA device.*add trainer=cpu"):
@@ -150,7 +145,7 @@ def test_more_gpus_than_the_machine_has_is_refused(tiny_prior_dir, tmp_path, no_
     from ccp.training.run import run_training
 
     monkeypatch.setattr("ccp.training.run.cuda_device_count", lambda: 2)
-    images = write_images(tmp_path / "images", 2)
+    images = write_random_pngs(tmp_path / "images", 2)
     with pytest.raises(ConfigError, match=r"trainer.devices=8 but 2 CUDA device\(s\) found; set trainer.devices=2"):
         run_training(train_cfg(tiny_prior_dir, images, tmp_path, "trainer=ddp", "trainer.devices=8"), tmp_path / "run")
 
@@ -158,7 +153,7 @@ def test_more_gpus_than_the_machine_has_is_refused(tiny_prior_dir, tmp_path, no_
 def test_a_misspelt_method_setting_names_the_nearest_before_the_prior_loads(tiny_prior_dir, tmp_path, no_prior):
     from ccp.training.run import run_training
 
-    images = write_images(tmp_path / "images", 2)
+    images = write_random_pngs(tmp_path / "images", 2)
     with pytest.raises(ConfigError, match=r"method.module.defintion: NullTextConcept \(ours\) takes no setting "
                                           r"'defintion'; did you mean method.module.definition\?"):
         run_training(train_cfg(tiny_prior_dir, images, tmp_path, "+method.module.defintion=value_mean"), tmp_path / "run")
@@ -261,7 +256,7 @@ def test_a_zero_weight_term_equals_leaving_the_term_out(tiny_prior):
 
 # --- ccp-eval: concept weights that measure something else -----------------------------------------------
 def eval_cfg(tiny_prior_dir, export, tmp_path, *overrides):
-    real = write_images(tmp_path / "real", 4, seed=1)
+    real = write_random_pngs(tmp_path / "real", 4, seed=1)
     return compose("eval", overrides=[
         "metric=fid", f"export.path={export}", f"prior.path={tiny_prior_dir}", f"fid.real_path={real}",
         "fid.num_samples=2", "fid.shard_size=2", "fid.feature_extractor=random_conv", "fid.num_workers=0",
@@ -295,3 +290,17 @@ def test_ccp_null_text_with_a_missing_prior_is_a_clean_usage_error(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"ccp-null-text: error: prior folder {tmp_path / 'nope'} does not exist")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_reaches_the_user_as_one_line_not_a_traceback(capsys):
+    import errno
+
+    from ccp.config import exit_on_config_error
+    from ccp.training.callbacks import CheckpointSpaceError
+
+    with pytest.raises(SystemExit) as stop, exit_on_config_error("ccp-train"):
+        raise CheckpointSpaceError(errno.ENOSPC, "no space left on device for checkpoint last.ckpt in /runs/x: ...")
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "ccp-train: error: no space left on device for checkpoint last.ckpt in /runs/x: ...\n"
+    with pytest.raises(PermissionError), exit_on_config_error("ccp-train"):  # other OS errors keep their traceback
+        raise PermissionError(errno.EACCES, "denied")

@@ -327,8 +327,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
     loggers = []
     if cfg.logger.csv:
-        # version_N per launch, so a resume never overwrites earlier logs
-        loggers.append(L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="csv"))
+        from ccp.training.logs import csv_logger
+
+        # one version per run: a resume appends to the newest one, a fresh run starts the next
+        loggers.append(csv_logger(run_dir, resuming=resume_path(cfg, run_dir) is not None))
     wandb_cfg = wandb_config(cfg)
     if wandb_cfg is not None:
         # the id follows the run folder: a resume continues the same wandb run, another folder never does;
@@ -428,6 +430,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
         class_prompt=prior_preservation.class_prompt if prior_preservation.enabled else None,
         prior_loss_weight=prior_preservation.prior_loss_weight,
     )
+    from ccp.training.callbacks import check_checkpoint_space
+
+    check_checkpoint_space(module, run_dir / "checkpoints", callbacks)  # before any step: no room, no training
     datamodule = plan.datamodule.attach_vae(prior.vae, upcast=module.upcast_vae)
     if prior_preservation.enabled:
         datamodule.attach_prior(prior, prior_preservation)
