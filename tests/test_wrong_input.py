@@ -304,3 +304,14 @@ def test_a_full_disk_reaches_the_user_as_one_line_not_a_traceback(capsys):
     assert capsys.readouterr().err == "ccp-train: error: no space left on device for checkpoint last.ckpt in /runs/x: ...\n"
     with pytest.raises(PermissionError), exit_on_config_error("ccp-train"):  # other OS errors keep their traceback
         raise PermissionError(errno.EACCES, "denied")
+
+
+@pytest.mark.parametrize("where", ["concept_unet", ".."])
+def test_eval_given_the_concept_unet_or_the_run_folder_names_the_export_folder(tiny_prior_dir, concept_export, tmp_path,
+                                                                                 monkeypatch, where):
+    import ccp.evaluation.run as eval_run
+
+    monkeypatch.setattr(eval_run, "load_prior", refuse)
+    given = concept_export / where if where != ".." else concept_export.parent
+    with pytest.raises(ConfigError, match=rf"export.path={given}: no ccp_export.json there.*; set export.path={concept_export}$"):
+        eval_run.run_eval(eval_cfg(tiny_prior_dir, given, tmp_path), tmp_path / "o")

@@ -100,8 +100,10 @@ def read_export_info(export_dir: str | Path, key: str = "export") -> dict:
         raise ExportNotFoundError(f"{key}={export_dir}: the folder does not exist; set {key}=outputs/train/<run>/export "
                                   "(written by ccp-train)")
     if not is_export(folder):
-        raise ExportNotFoundError(f"{key}={export_dir}: no {EXPORT_INFO} there, so it was not written by ccp-train; "
-                                  f"set {key}=the export/ folder of a ccp-train run")
+        near = [f for f in (folder.parent, folder / "export") if is_export(f)]  # a subfolder of it, or its run folder
+        fix = f"set {key}={near[0]}" if near else f"set {key}=the export/ folder of a ccp-train run"
+        raise ExportNotFoundError(f"{key}={export_dir}: no {EXPORT_INFO} there, so it is not an export written by "
+                                  f"ccp-train; {fix}")
     return json.loads((folder / EXPORT_INFO).read_text())
 
 
