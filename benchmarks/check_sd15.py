@@ -10,8 +10,10 @@ encoder; no download), frozen parts in bf16. One case per fresh process, so each
       move. The full-UNet methods (ours, dreambooth) use the memory options of a 24 GB GPU
       (ccp/conf/preset/gpu_24gb.yaml): 8-bit AdamW and gradient checkpointing; the others fp32 AdamW.
   gcfg_sample
-      a 2-step three-term GCFG sample at 512 px: unconditional and control prompt on the bf16 prior,
-      concept term on a null-text concept UNet converted from it.
+      a 2-step three-term GCFG sample at 512 px: unconditional and control prompt on the bf16 prior
+      (--sample-dtype float32: fp32), concept term on a null-text concept UNet converted from it; its
+      activations (peak RSS of the sample over the RSS before it) next to what
+      `ccp.pipelines.memory.predict_sampling_memory` predicts for the same pipeline.
 
 Prints and writes (benchmarks/results/check_sd15_cpu.json) each case's peak RSS, wall time, loss
 and, for training, `memory_estimate` next to the measured step. Exits non-zero if a case fails,
@@ -106,10 +108,12 @@ def sample_case(args, meter: PhaseMeter) -> dict:
     from ccp.methods import NullTextConcept, PromptTemplate
     from ccp.models.null_text_unet import NullTextUNet2DConditionModel
     from ccp.pipelines.gcfg import GCFGPipeline
+    from ccp.pipelines.memory import meta_pipeline, predict_sampling_memory
     from ccp.pipelines.sampling import sample_images
 
-    meter.mark("build prior (bf16)")
-    prior = build_prior("sd15", seed=0, dtype=torch.bfloat16)
+    dtype = getattr(torch, args.sample_dtype)
+    meter.mark(f"build prior ({args.sample_dtype})")
+    prior = build_prior("sd15", seed=0, dtype=dtype)
     meter.mark("build concept UNet")
     concept = NullTextUNet2DConditionModel.from_prior(prior.unet, prior.text_encoder, prior.tokenizer,
                                                       definition=args.ours_definition)
@@ -117,7 +121,11 @@ def sample_case(args, meter: PhaseMeter) -> dict:
     pipe.set_progress_bar_config(disable=True)
     spec = NullTextConcept.default_guidance("concept", PromptTemplate(), control_prompt="wearing glasses",
                                             concept_weight=1.0, control_weight=5.0)
+    # the same pipeline's shapes on the meta device, predicted before anything runs
+    predicted = predict_sampling_memory(meta_pipeline(pipe), spec, 1, args.sample_resolution, args.sample_resolution,
+                                        device="cpu")
     meter.mark("sample")
+    start_rss = read_status()["VmRSS"]
     t0 = time.perf_counter()
     with torch.no_grad():
         images = sample_images(pipe, spec, [0], seed=0, num_inference_steps=args.sample_steps,
@@ -125,7 +133,11 @@ def sample_case(args, meter: PhaseMeter) -> dict:
     seconds = time.perf_counter() - t0
     meter.mark("after sample")
     finite = bool(torch.isfinite(images).all().item())
+    phases = {p["phase"]: p for p in meter.phases}
+    activations = phases["sample"]["peak_rss"] - start_rss
     return {"terms": 1 + len(spec.terms), "shape": list(images.shape), "image_finite": finite, "sample_s": seconds,
+            "dtype": args.sample_dtype, "predicted": predicted, "activations": activations,
+            "activations_over_predicted": activations / predicted["activations"],
             "ok": finite and list(images.shape[-2:]) == [args.sample_resolution] * 2}
 
 
@@ -160,7 +172,8 @@ def run_case(case: str, args) -> dict:
         cmd = [sys.executable, __file__, "--child", case, "--result", str(out), "--threads", str(args.threads),
                "--optimizer", args.optimizer, "--gradient-checkpointing", args.gradient_checkpointing,
                "--ours-definition", args.ours_definition, "--resolution", str(args.resolution),
-               "--sample-resolution", str(args.sample_resolution), "--sample-steps", str(args.sample_steps)]
+               "--sample-resolution", str(args.sample_resolution), "--sample-steps", str(args.sample_steps),
+               "--sample-dtype", args.sample_dtype]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         start = time.perf_counter()
         code = subprocess.run(cmd, env=env).returncode
@@ -183,7 +196,10 @@ def line(r: dict) -> str:
                  f"  step peak {r['step_peak'] / GIB:.2f} = {r['step_peak_over_budget']:.2f} x (imports "
                  f"{r['baseline'] / GIB:.2f} + estimate {est['process'] / GIB:.2f} + activations {r['activations'] / GIB:.2f})")
     if "sample_s" in r:
-        text += f"  {r['terms']}-term GCFG {r['shape']}"
+        p = r["predicted"]
+        text += (f"  {r['terms']}-term GCFG {r['shape']} {r['dtype']}: activations {r['activations'] / GIB:.2f} GiB = "
+                 f"{r['activations_over_predicted']:.2f} x predicted {p['activations'] / GIB:.2f} ({p['peak_phase']}; "
+                 f"weights {p['weights'] / GIB:.2f})")
     return text + (f"  {r['error']}" if r.get("error") else "")
 
 
@@ -200,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--sample-resolution", type=int, default=512)
     parser.add_argument("--sample-steps", type=int, default=2)
+    parser.add_argument("--sample-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the sample case's weights and activations (prior.dtype)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "check_sd15_cpu.json")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
@@ -221,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line(results[-1]), flush=True)
     print("\n".join(["", "SD v1.5-shaped check (CPU, bf16 autocast, frozen parts bf16):", *map(line, results)]))
     payload = {"machine": machine(torch.device("cpu")), "limit_gib": args.limit_gib,
+               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # glibc: None is its adaptive default
                "settings": {k: v for k, v in vars(args).items() if k not in ("child", "result", "out", "cases")},
                "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

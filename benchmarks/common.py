@@ -1,10 +1,10 @@
-"""Shared helpers for the benchmark scripts: timing and a machine description for the JSON."""
+"""Shared helpers for the benchmark scripts: timing, file names, and the machine description every
+result JSON records (`ccp.hardware`: CPU model and bf16 flags, or the GPU)."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ccp.hardware import cpu_info, device_info, machine  # noqa: F401  (the scripts' record of the machine)
 
 
 def sync(device: torch.device) -> None:
@@ -35,31 +37,6 @@ def step_times(fn: Callable[[], object], device: torch.device, repeats: int, war
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
     return statistics.median(step_times(fn, device, repeats, warmup))
-
-
-def cpu_info() -> dict:
-    """The CPU's model name and the flags that decide whether bf16 is fast on it (AVX2 alone: emulated,
-    ~150x slower for a 3x3 convolution than fp32), so that CPU numbers can be compared across machines."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {"model_name": model or platform.processor(), "cores": os.cpu_count(),
-            **{flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}}
-
-
-def machine(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "cpu": cpu_info(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def device_slug(device: torch.device) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ccp.config import CONF_DIR
+from ccp.hardware import machine
 
 
 
@@ -117,7 +118,10 @@ def main(argv=None) -> None:
     result = estimate(training, sampling, r)
     print(markdown(result, r))
     if args.json:
-        args.json.write_text(json.dumps({"recipe": r, **result}, indent=2) + "\n")
+        # measured_on: the machines of the priced benchmarks; machine: where this arithmetic ran
+        measured_on = {"training": training.get("machine"), "sampling": sampling.get("machine")}
+        args.json.write_text(json.dumps({"recipe": r, **result, "measured_on": measured_on, "machine": machine()},
+                                        indent=2) + "\n")
 
 
 if __name__ == "__main__":

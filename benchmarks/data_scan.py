@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_info, write_json  # noqa: E402
+from common import cpu_info, machine, write_json  # noqa: E402
 from ccp.training import data as data_module  # noqa: E402
 
 SIZE = 512
@@ -204,7 +204,7 @@ def main() -> None:
                         "before_images_per_s": round(args.n / old_s), "speedup": round(old_s / first_s, 2)})
     shutil.rmtree(caches, ignore_errors=True)
     payload = {
-        "benchmark": "data_scan", "cpu": cpu_info(), "python": platform.python_version(),
+        "benchmark": "data_scan", "machine": machine(), "cpu": cpu_info(), "python": platform.python_version(),
         "n": args.n, "image": f"{SIZE}x{SIZE} JPEG q90", "mean_kb": generated["mean_kb"],
         "generate_s": generated["generate_s"], "workers": args.workers, "scan_chunk": data_module.SCAN_CHUNK,
         "page_cache": "warm", "load_average_1m_at_start": round(load_at_start, 2), "load_average_1m_after": LOAD,

@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     # paths as the command line gave them, not where this machine keeps them
     where = {str(args.work.resolve()): str(args.work), tmp: "<run dir>"}
     result["overrides"] = [next((o.replace(k, v) for k, v in where.items() if k in o), o) for o in result["overrides"]]
-    result.update(size=args.size, method=args.method, optimizer=args.optimizer, prior_dtype=args.prior_dtype,
+    from common import machine
+
+    result.update(machine=machine(), size=args.size, method=args.method, optimizer=args.optimizer, prior_dtype=args.prior_dtype,
                   ema=args.ema, workers=args.workers, resolution=args.resolution, checkpoint_io=args.checkpoint_io,
                   malloc_mmap_threshold=args.malloc_mmap_threshold, keep_grads=args.keep_grads, summary=summarize(result))
     print(format_phases(result["phases"]))

@@ -21,7 +21,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["ccp.io", "ccp.distributed", "ccp.config", "ccp.tracking", "ccp.priors", "ccp.guidance", "ccp.models",
+LAYERS = ["ccp.hardware", "ccp.io", "ccp.distributed", "ccp.config", "ccp.tracking", "ccp.priors", "ccp.guidance", "ccp.models",
           "ccp.pipelines", "ccp.methods", "ccp.training", "ccp.evaluation", "ccp.study",
           "ccp.toy", "ccp.reproduce", "ccp.dashboard", "ccp.launch", "ccp.cli"]
 CLI_MAX_LINES = 80

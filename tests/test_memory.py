@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from rss import measuring_env
 from ccp.config import ConfigError
 from ccp.methods import build_method
 from ccp.methods.params import memory_estimate, optimizer_state_bytes
@@ -193,14 +194,7 @@ MEASURE_STEP = textwrap.dedent("""
     from ccp.training.module import PersonalizationModule
     from ccp.training.optim import build_optimizer
 
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-
-    def reset_peak():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    from rss import reset_peak, status
 
     name, optimizer = sys.argv[1:3]
     torch.set_num_threads(1)
@@ -237,7 +231,7 @@ MEASURE_STEP = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("name,optimizer", [("ours", "adamw"), ("dreambooth", "adamw"), ("ours", "adamw8bit")])
 def test_estimate_matches_a_measured_training_step(name, optimizer):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = measuring_env()
     out = subprocess.run([sys.executable, "-c", MEASURE_STEP, name, optimizer], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -270,6 +264,46 @@ def test_ccp_params_memory_tiny(tmp_path, capsys):
         assert row["ema"] == 0 and row["ema_host"] == row["weights"] > 0
         assert row["total"] == row["weights"] + row["gradients"] + row["optimizer_state"] + row["frozen"]
         assert row["process"] == row["total"] + row["ema_host"] + row["frozen_host"]
+    assert report["machine"]["cpu"]["model_name"] and "avx512_bf16" in report["machine"]["cpu"]
+
+
+# --- what a result was measured on --------------------------------------------------------------
+def test_hardware_record_names_the_cpu_and_its_bf16_flags():
+    from ccp.hardware import CPU_FLAGS, cpu_info, device_info, machine
+
+    cpu = cpu_info()
+    assert cpu["model_name"] and cpu["cores"] == os.cpu_count()
+    assert set(CPU_FLAGS) <= set(cpu) and all(isinstance(cpu[f], bool) for f in CPU_FLAGS)
+    assert device_info("cpu") == {"device": "cpu", "cpu": cpu}  # no GPU entry for a CPU
+    assert machine()["torch"] == torch.__version__ and machine()["cpu"] == cpu
+
+
+def _calls(tree, names: set[str]) -> set[str]:
+    import ast
+
+    return {node.func.id if isinstance(node.func, ast.Name) else node.func.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in names}
+
+
+def test_every_benchmark_json_records_the_machine():
+    """Each script in benchmarks/ that writes JSON calls ccp.hardware's record (through benchmarks/common.py)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    writers, missing = [], []
+    for path in sorted(root.glob("*.py")):
+        if path.name == "common.py":  # defines write_json and re-exports ccp.hardware
+            continue
+        tree = ast.parse(path.read_text())
+        if _calls(tree, {"write_json", "dumps"}):
+            writers.append(path.name)
+            if not _calls(tree, {"machine", "device_info"}):
+                missing.append(path.name)
+    assert len(writers) >= 10, writers  # the check sees the scripts
+    assert not missing, f"benchmark scripts writing JSON without the machine record: {missing}"
+    common = (root / "common.py").read_text()
+    assert "from ccp.hardware import" in common and "def cpu_info" not in common  # one definition, in the library
 
 
 # --- the 24 GB preset ---------------------------------------------------------------------------

@@ -281,6 +281,7 @@ def test_a_zero_concept_weight_does_not_load_the_concept_model_and_the_result_sa
     result = eval_run.run_eval(eval_cfg(tiny_prior_dir, concept_export, tmp_path, "guidance.concept_weight=0"),
                                tmp_path / "o")
     assert result["details"]["concept_model_used"] is False
+    assert set(result["machine"]["cpu"]) >= {"model_name", "avx512_bf16", "amx_tile"}  # every result names its machine
     assert json.loads((tmp_path / "o" / "result.json").read_text())["details"]["concept_model_used"] is False
 
 

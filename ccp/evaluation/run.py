@@ -29,6 +29,7 @@ from ccp.evaluation.attributes import QUESTIONS, TABLE3_PROMPTS
 from ccp.evaluation.fid import FIDConfig, FIDConfigError, RandomConvFeatures, resolve_inception_weights
 from ccp.evaluation.metrics import METRICS, fid_metric, spatial_metric, text_metric
 from ccp.evaluation.stand_in import STAND_IN_LABEL, stand_in_marker
+from ccp.hardware import machine
 from ccp.io import list_image_files, write_json_atomic
 from ccp.methods import METHODS, method_class
 from ccp.methods.base import PromptTemplate
@@ -339,6 +340,7 @@ def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None 
         "default_weights": plan.default_weights,
         "num_images": details.get("num_samples", details.get("num_images", details.get("count"))),
         "override_dirname": override_dirname,
+        "machine": machine(device),  # what a speed or a bf16 difference was measured on
         "details": details,
         "config": resolved,
     }

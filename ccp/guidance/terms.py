@@ -92,6 +92,14 @@ class GuidanceSpec:
                             rescale=self.rescale)
 
     @property
+    def denoisers_run(self) -> set[str]:
+        """The denoisers Eq. 3 evaluates for this spec (weight-0 terms and a zero-coefficient
+        unconditional left out)."""
+        active = self.without_zero_weights()
+        sources = active.sources() if active.needs_unconditional else [t.source for t in active.terms]
+        return {source.denoiser for source in sources}
+
+    @property
     def zero_weight_terms(self) -> list[str]:
         return [t.name for t in self.terms if t.weight == 0]
 

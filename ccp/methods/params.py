@@ -13,7 +13,8 @@ text encoder).
 `memory_estimate` states the bytes a training process holds besides activations: trainable weights
 (always fp32), their gradients, the optimiser state, the EMA shadow, and every frozen tensor resident
 in the process (the prior pipeline stays loaded for validation and sampling; tensors a method shares
-with it are counted once).
+with it are counted once). `sampling_report` states the peak of ccp-sample jobs
+(`ccp.pipelines.memory`: weights and activations, from shapes on the meta device).
 """
 
 from __future__ import annotations
@@ -316,15 +317,52 @@ def sdxl_shaped_prior():
 ARCHITECTURES = {"sd15": "SD v1.5", "tiny": "tiny", "sdxl": "SDXL base 1.0", "tiny_sdxl": "tiny SDXL"}
 
 
-def report(arch: str, methods: list[str] | None = None, memory: dict | None = None) -> tuple[dict, str]:
+# --- sampling memory ------------------------------------------------------------------------------
+def format_sampling_table(rows: list[dict]) -> str:
+    """`ccp.pipelines.memory.sampling_rows` in GiB: weights, each phase's activations, the peak."""
+    header = ("guidance", "terms", "forward rows per step", "weights", "text", "denoise", "decode", "peak")
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    lines = [header] + [(r["guidance"], str(r["terms"]), ", ".join(f"{k} {v}" for k, v in r["rows"].items()),
+                         gib(r["weights"]), gib(r["phases"]["text"]),
+                         gib(r["phases"]["denoise"]) + (f" (encode {gib(r['phases']['encode'])})" if "encode" in r["phases"] else ""),
+                         gib(r["phases"]["decode"]), gib(r["peak"])) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join([*(c.ljust(w) for c, w in zip(line[:3], widths)), *(c.rjust(w) for c, w in zip(line[3:], widths[3:]))]))
+        if i == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def sampling_report(arch: str, options: dict) -> tuple[dict, str]:
+    """The peak bytes of ccp-sample jobs on `arch`, one row per guidance preset (`options`: guidance,
+    batch_size, resolution (None: the prior's default), dtype (prior.dtype), device)."""
+    from ccp.pipelines.memory import sampling_rows
+    from ccp.priors.loading import resolve_dtype
+
+    dtype = resolve_dtype(options["dtype"]) or torch.float32
+    rows = sampling_rows(arch, options["guidance"], options["batch_size"], options["resolution"], dtype, options["device"])
+    px = f"{rows[0]['height']}x{rows[0]['width']}" if rows else ""
+    text = (f"sampling memory on the {ARCHITECTURES[arch]} architecture, {px} px, {options['batch_size']} image(s) per "
+            f"call, {options['dtype']} weights, on {options['device']} (GiB; peak = weights + the largest phase):\n"
+            + format_sampling_table(rows))
+    return {"architecture": arch, "options": dict(options), "rows": rows}, text
+
+
+def report(arch: str, methods: list[str] | None = None, memory: dict | None = None,
+           sampling: dict | None = None) -> tuple[dict, str]:
     """What ccp-params prints and writes: trainable counts per method on `arch` (`ARCHITECTURES`),
     or with `memory` (`memory_estimate`'s options; frozen_dtype by name) the bytes of a training run
-    (not on "sdxl": its meta-device tensors have no bytes to count)."""
+    (not on "sdxl": its meta-device tensors have no bytes to count), or with `sampling`
+    (`sampling_report`'s options) the peak of sampling jobs."""
     from ccp.priors.loading import resolve_dtype
     from ccp.priors.tiny import build_sd15_shaped_prior, build_tiny_prior
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+    if sampling:
+        return sampling_report(arch, sampling)
     if memory and arch == "sdxl":
         raise ValueError("--memory counts the bytes of real tensors; SDXL's architecture is built on the meta "
                          "device (13 GB in fp32), so its memory is not estimated here; use --tiny --family sdxl "

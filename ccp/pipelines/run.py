@@ -30,6 +30,7 @@ from ccp.pipelines.gcfg import (
     check_guidance_against,
     check_init_inputs,
 )
+from ccp.pipelines.memory import denoisers_in_use
 from ccp.pipelines.sampling import sample_batches
 from ccp.priors.loading import looks_like_path, load_controlnet, load_prior, resolve_dtype
 from ccp.priors.single_file import SINGLE_FILE_SUFFIXES, SingleFileError, check_single_file, load_single_file_unet
@@ -327,11 +328,6 @@ def load_unet_checkpoint(path: str, dtype: torch.dtype, prior: str | None = None
                                                 local_files_only=not allow_download)
 
 
-def denoisers_in_use(spec: GuidanceSpec) -> set[str]:
-    """The denoisers Eq. 3 runs for `spec` (the prior is always loaded: it holds the VAE and text encoder)."""
-    active = spec.without_zero_weights()
-    sources = active.sources() if active.needs_unconditional else [t.source for t in active.terms]
-    return {"prior"} | {source.denoiser for source in sources}
 
 
 def report_unused(spec: GuidanceSpec, cfg: DictConfig) -> set[str]:
