@@ -58,7 +58,8 @@ class EMACallback(L.Callback):
 
     def setup(self, trainer, pl_module, stage):
         if self.ema is None:
-            self.ema = EMAModel(self._params(pl_module), **self.kwargs)
+            # foreach: one fused update over all tensors, not a few kernel launches per tensor (~700 on SD's UNet)
+            self.ema = EMAModel(self._params(pl_module), foreach=True, **self.kwargs)
         if self._pending_state is not None:
             self.ema.load_state_dict(self._pending_state)
             self._pending_state = None
