@@ -74,13 +74,15 @@ check-sd15: setup
 # SD v1.5-size sampling, training, a 50-step stability check and the recipe's device-hours, in < 7 min, into
 # benchmarks/results/gpu_check_<gpu>.json. It runs the machine's own python3 (no .venv), with ccp from this
 # checkout. That Python is assumed to have torch, lightning, transformers (so huggingface_hub, safetensors,
-# regex, requests, Pillow, numpy, filelock, PyYAML, packaging, tqdm), peft (so accelerate) and torchmetrics;
+# regex, Pillow, numpy, filelock, PyYAML, packaging, tqdm), peft (so accelerate) and torchmetrics;
+# transformers 5 and huggingface_hub 1.x no longer bring requests, which diffusers checks for at import: carried.
 # `make gpu-wheels`, run where the package index is reachable, puts the rest into .whl/ as wheels, pinned
 # as in constraints.txt (tests/test_gpu_check.py checks that). No importlib_metadata: diffusers uses the
 # standard library's on Python >= 3.8. A requirement with no wheel on the index (antlr4-python3-runtime
 # 4.9.3 is an sdist only) is built here with `pip wheel` (all of these are pure Python).
 GPU_WHEELS := diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
-	clip-anytorch==2.6.0 torch-fidelity==0.4.0 ftfy==6.3.1 wcwidth==0.9.4
+	clip-anytorch==2.6.0 torch-fidelity==0.4.0 ftfy==6.3.1 wcwidth==0.9.4 \
+	requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.2 certifi==2026.10.18
 GPU_PY ?= python3
 GPU_PYTHON_VERSION ?= 3.12
 GPU_SITE ?= /tmp/site
@@ -95,11 +97,53 @@ gpu-wheels:
 	ls .whl && du -sh .whl
 
 gpu-check:
-	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi && PYTHONPATH=$(GPU_SITE):. $(GPU_PY) benchmarks/gpu_check.py --out benchmarks/results $(ARGS)
+	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl || exit 1; \
+	else echo "make gpu-check: no .whl/ beside the Makefile: checking that $(GPU_PY) has every package without it" >&2; \
+		PYTHONPATH=$(GPU_SITE):. $(GPU_PY) benchmarks/gpu_check.py --preflight-only || { echo "make gpu-check: STOPPED before any section: packages missing and no .whl/ (make gpu-wheels where the package index is reachable, then carry .whl)" >&2; exit 1; }; fi
+	PYTHONPATH=$(GPU_SITE):. $(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 # The same code path at tiny size on the CPU in well under a minute (tests/test_gpu_check.py runs it too).
 gpu-check-smoke: setup
 	$(BIN)/python benchmarks/gpu_check.py --smoke --out outputs/gpu-check-smoke $(ARGS)
+
+# make gpu-rehearsal: before a GPU window, the GPU machine's software on this CPU. A Python 3.12 venv holds that
+# machine's own packages (benchmarks/gpu_machine_versions.txt; torch as the CPU build of the same release), then
+# make gpu-wheels and make gpu-check run as they will there (--smoke: tiny sizes), with that venv's python as
+# GPU_PY, so a wheel missing from .whl or code that needs a newer torch, numpy or transformers fails here first.
+# Last, the entry points a window may use (tiny prior, null-text, sample, 2 training steps) on the same stack.
+# Not part of make test (it downloads); tests/test_gpu_rehearsal.py checks what it installs.
+GPU_REHEARSAL_PY ?= python3.12
+GPU_REHEARSAL_VENV ?= .venv-gpu312
+GPU_REHEARSAL_OUT ?= outputs/gpu-rehearsal
+GPU_REHEARSAL_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+GPU_REHEARSAL_VERSIONS := benchmarks/gpu_machine_versions.txt
+GPU_REHEARSAL_SITE := $(GPU_REHEARSAL_VENV)/gpu-site
+GPU_REHEARSAL_RUN := HF_HUB_OFFLINE=1 PYTHONPATH=$(GPU_REHEARSAL_SITE):. $(GPU_REHEARSAL_VENV)/bin/python
+# torch and its siblings first, without dependencies, so the CPU index serves only them (the rest from the usual one)
+GPU_REHEARSAL_TORCH := $(shell grep -E '^(torch|torchvision|torchaudio)==' $(GPU_REHEARSAL_VERSIONS))
+
+.PHONY: gpu-rehearsal
+gpu-rehearsal:
+	@test -x $(GPU_REHEARSAL_VENV)/bin/python || $(GPU_REHEARSAL_PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' \
+		>/dev/null 2>&1 || { echo "make gpu-rehearsal: '$(GPU_REHEARSAL_PY)' does not run a Python 3.12, the GPU machine's;" \
+		"name one with GPU_REHEARSAL_PY=..." >&2; exit 1; }
+	test -x $(GPU_REHEARSAL_VENV)/bin/python || $(GPU_REHEARSAL_PY) -m venv $(GPU_REHEARSAL_VENV)
+	$(GPU_REHEARSAL_VENV)/bin/pip install -q --no-deps --retries 2 --extra-index-url $(GPU_REHEARSAL_TORCH_INDEX) $(GPU_REHEARSAL_TORCH)
+	$(GPU_REHEARSAL_VENV)/bin/pip install -q -r $(GPU_REHEARSAL_VERSIONS)
+	$(MAKE) --no-print-directory gpu-wheels GPU_PY=$(GPU_REHEARSAL_VENV)/bin/python
+	rm -rf $(GPU_REHEARSAL_SITE) $(GPU_REHEARSAL_OUT)
+	$(MAKE) --no-print-directory gpu-check GPU_PY=$(GPU_REHEARSAL_VENV)/bin/python GPU_SITE=$(GPU_REHEARSAL_SITE) \
+		ARGS="--smoke --out $(GPU_REHEARSAL_OUT)"
+	$(GPU_REHEARSAL_RUN) -m ccp.cli.tiny_prior $(GPU_REHEARSAL_OUT)/prior --seed 0
+	$(GPU_REHEARSAL_RUN) -m ccp.cli.null_text $(GPU_REHEARSAL_OUT)/prior $(GPU_REHEARSAL_OUT)/concept
+	$(GPU_REHEARSAL_RUN) -m ccp.cli.sample prior.path=$(GPU_REHEARSAL_OUT)/prior concept.path=$(GPU_REHEARSAL_OUT)/concept \
+		guidance=concept_control device=cpu sampling.num_images=4 sampling.batch_size=2 sampling.steps=2 \
+		sampling.height=64 sampling.width=64 hydra.run.dir=$(GPU_REHEARSAL_OUT)/sample
+	$(GPU_REHEARSAL_RUN) -m ccp.cli.train prior=tiny prior.path=$(GPU_REHEARSAL_OUT)/prior data=tiny \
+		data.path=$(GPU_REHEARSAL_OUT)/sample/images trainer=cpu trainer.max_steps=2 trainer.global_batch_size=2 \
+		data.batch_size=2 checkpoint.every_n_steps=2 validation.every_n_steps=0 logger=none \
+		paths.log_dir=$(GPU_REHEARSAL_OUT)/runs
+	@echo "make gpu-rehearsal: passed on the GPU machine's versions ($(GPU_REHEARSAL_OUT))"
 
 # Tables 1-2 and Figs. 8-10 (ccp-reproduce, ccp/conf/scale/$(SCALE).yaml): tiny = offline CPU smoke run (< 3 min),
 # toy = the digits reproduction into experiments/toy/results (docs/toy.md; 23 min with the toy prior cached),

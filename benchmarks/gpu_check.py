@@ -1,8 +1,17 @@
 """One prepared check for a CUDA machine: SD v1.5-size speed, memory and training stability.
 
 At SD v1.5 size with random weights (no download), 512 px, bfloat16, in one process, each section
-written to the JSON as soon as it ends (so a killed run keeps what finished):
+written to the JSON as soon as it ends (so a killed run keeps what finished). First the real entry
+points (benchmarks/real_path.py: ccp-train and ccp-eval themselves), then the isolated measurements:
 
+  train_ccp          ccp.training.run.run_training with experiment=table1/face_ours (Lightning Trainer,
+                     bf16-mixed, EMA, DataLoader workers, latent cache, one checkpoint) at Table 1's
+                     per-GPU batch 4 on a random-weight SD v1.5 prior folder and random images:
+                     steady images/s from the run's CSV log, checkpoint save time and size;
+  eval_fid           ccp.evaluation.run.run_eval with metric=fid on train_ccp's export (N samples, a
+                     few steps, stand-in Inception weights): samples/s, and the projected time of
+                     Table 1's FID (50k samples, 100 steps) from its timed parts;
+  train_dreambooth   as train_ccp with experiment=table1/face_dreambooth;
   sampling           benchmarks/sampling.py's (a)-(d) at batch 1, 8, 16 (few steps and repeats);
   null_text_forward  one forward of the null-text concept UNet vs. the prior UNet: seconds and
                      FLOPs (benchmarks/null_text_init.py's time_and_count);
@@ -22,6 +31,7 @@ A wall-clock budget (--budget-s) skips what would not fit, recorded as skipped w
 
     python3 benchmarks/gpu_check.py --out benchmarks/results     # CUDA: gpu_check_<gpu name>.json
     python3 benchmarks/gpu_check.py --smoke --out /tmp/x         # CPU, tiny prior: the same code path
+    python3 benchmarks/gpu_check.py --preflight-only             # every import, in seconds; exit 1 names the fix
 """
 
 from __future__ import annotations
@@ -44,21 +54,20 @@ from pathlib import Path
 
 PROCESS_START = time.perf_counter()  # the budget counts from here, torch's import included
 
-import torch  # noqa: E402
-
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 if str(BENCH_DIR.parent) not in sys.path:  # ccp from the checkout when it is not installed
     sys.path.insert(1, str(BENCH_DIR.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never reach for the hub
-from common import device_slug, machine, step_times, write_json  # noqa: E402
 
 # What each section is expected to take (seconds), before anything was measured; later estimates
 # come from the measured variants. Full: an H100/H200; smoke: a 2-core CPU.
 ESTIMATES = {
-    "full": {"sampling": 80, "null_text_forward": 15, "eager_variant": 20, "compile_variant": 120, "steady": 40,
+    "full": {"train_ccp": 120, "eval_fid": 90, "train_dreambooth": 80,
+             "sampling": 80, "null_text_forward": 15, "eager_variant": 20, "compile_variant": 120, "steady": 40,
              "cost": 5, "validation_memory": 45, "sampling_sdxl": 150},
-    "smoke": {"sampling": 15, "null_text_forward": 5, "eager_variant": 6, "compile_variant": 20, "steady": 8,
+    "smoke": {"train_ccp": 15, "eval_fid": 15, "train_dreambooth": 8,
+              "sampling": 15, "null_text_forward": 5, "eager_variant": 6, "compile_variant": 20, "steady": 8,
               "cost": 3, "validation_memory": 15, "sampling_sdxl": 15},
 }
 TARGETS = {
@@ -69,12 +78,19 @@ TARGETS = {
 }
 STEADY_LIMITS = {"p90_over_median": 1.25, "last10_over_first10_median": 0.15}  # the second: allowed |ratio - 1|
 HARD_STOP_GRACE_S = 10  # a section still running this long after the budget is stopped (SIGALRM)
-SECTIONS = ("sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory",
+# the real entry points first (most important first), then the isolated measurements
+SECTIONS = ("train_ccp", "eval_fid", "train_dreambooth",
+            "sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory",
             "sampling_sdxl", "training_compile")
 
 
 def log(message: str, started: float) -> None:
     print(f"[gpu-check +{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+
+
+PREFLIGHT_FIX = ("on a machine with the package index: make gpu-wheels, then carry .whl/ beside the Makefile "
+                 "(make gpu-check installs it); torch, torchvision, lightning, transformers, peft, torchmetrics, "
+                 "scipy and opencv must be the machine's own")
 
 
 # --- environment ---------------------------------------------------------------------------------
@@ -108,7 +124,9 @@ def preflight() -> dict:
         found["clip"] = ensure_clip_tokenizer()
     except Exception as err:
         missing["clip-anytorch"] = f"{type(err).__name__}: {err}"
-    for module in ("diffusers", "transformers", "lightning", "omegaconf", "hydra", "ccp.priors.tokenizer"):
+    # the real-path sections import ccp-train's and ccp-eval's own modules: what they need is checked here
+    for module in ("torch", "diffusers", "transformers", "lightning", "omegaconf", "hydra", "torch_fidelity",
+                   "ccp.priors.tokenizer", "ccp.training.run", "ccp.evaluation.run"):
         try:
             imported = __import__(module, fromlist=["_"])
             found[module] = getattr(imported, "__version__", "ok")
@@ -116,6 +134,25 @@ def preflight() -> dict:
             missing[module] = f"{type(err).__name__}: {err}"
     return {"found": found, "missing": missing}
 
+
+def preflight_only() -> int:
+    """--preflight-only: every import the sections need, before torch is imported by anything else."""
+    pre = preflight()
+    if pre["missing"]:
+        for name, error in pre["missing"].items():
+            print(f"gpu_check preflight: MISSING {name}: {error}", file=sys.stderr)
+        print(f"gpu_check preflight: fix: {PREFLIGHT_FIX}", file=sys.stderr)
+        return 1
+    print(f"gpu_check preflight: ok: {pre['found']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__" and "--preflight-only" in sys.argv[1:]:
+    sys.exit(preflight_only())
+
+import torch  # noqa: E402
+
+from common import device_slug, machine, step_times, write_json  # noqa: E402
 
 # --- budget --------------------------------------------------------------------------------------
 class DeadlineExceeded(BaseException):
@@ -257,6 +294,9 @@ class GPUCheck:
             "targets": {},
         }
         self.training_rows: list[dict] = []
+        self._work: Path | None = None  # inputs and runs of the real-path sections (made by the first)
+        self._inputs: dict[str, Path] = {}
+        self._ccp_export: Path | None = None
         self._sampling_prior = None  # kept from the sampling section for null_text_forward, then released
         self._sampling_result = None  # cost.py's sampling input
 
@@ -283,6 +323,7 @@ class GPUCheck:
             self.log(f"{name}: start (about {need_s:.0f} s; {self.budget.left():.0f} s of budget left)")
             start = time.perf_counter()
             begun = start - self.started
+            threads = torch.get_num_threads()  # what it ran with: a section before it may have changed it
             try:
                 result = fn()
                 status = {"status": "done"}
@@ -298,9 +339,91 @@ class GPUCheck:
                 status = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                           "traceback": traceback.format_exc()[-4000:]}
                 self.log(f"{name}: FAILED: {type(err).__name__}: {err}")
-            self.payload["sections"][name] = status | {"started_s": begun, "wall_s": time.perf_counter() - start} | result
+            self.payload["sections"][name] = status | {"started_s": begun, "wall_s": time.perf_counter() - start,
+                                                       "torch_threads": threads} | result
             self.log(f"{name}: {status['status']} in {time.perf_counter() - start:.1f} s")
         self.log(f"wrote {self.write()}")
+
+    # real entry points (benchmarks/real_path.py) ---------------------------------------------
+    def work_dir(self) -> Path:
+        """--work-dir, or a temporary folder removed at the end (full size: a 4 GB prior, checkpoints, exports)."""
+        if self._work is None:
+            import tempfile
+
+            given = self.args.work_dir
+            self._work = Path(given) if given else Path(tempfile.mkdtemp(prefix="ccp-gpu-check-"))
+            self._work.mkdir(parents=True, exist_ok=True)
+            self.payload["work_dir"] = {"path": str(self._work), "kept": bool(given)}
+        return self._work
+
+    def real_inputs(self) -> dict[str, Path]:
+        """The prior folder and the image folder, written once; each part's seconds in the JSON."""
+        import real_path
+
+        if not self._inputs:
+            work, a = self.work_dir(), self.args
+            timings = {}
+            start = time.perf_counter()
+            self._inputs["prior"] = real_path.write_prior(self.size, work / "prior")
+            timings["prior_write_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            self._inputs["images"] = real_path.write_images(work / "images", a.real_images, a.resolution)
+            timings["images_write_s"] = time.perf_counter() - start
+            self.payload["real_path_inputs"] = {
+                "prior": f"{'SD v1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder)' if self.size == 'sd15' else 'tiny'}"
+                         ", random weights", "images": f"{a.real_images} random PNGs at {a.resolution} px", **timings}
+        return self._inputs
+
+    def _train(self, method: str) -> dict:
+        import real_path
+
+        a = self.args
+        inputs = self.real_inputs()
+        try:
+            result = real_path.run_train(method, inputs["prior"], inputs["images"], self.work_dir(), self.device,
+                                         steps=a.train_steps, batch=a.train_batch, resolution=a.resolution, smoke=a.smoke)
+        finally:
+            free_memory(self.device)  # the Trainer's module and optimizer state, before the next section
+        self.log(f"train {method}: {result['images_per_s']:.2f} images/s (median of {result['steady_steps']} steady "
+                 f"steps), checkpoint {result['checkpoint']['save_s']:.1f} s")
+        if not a.work_dir:  # a full-size checkpoint is ~13 GB: the disk is needed for the next run
+            real_path.remove_checkpoints(Path(result["run_dir"]))
+        return result
+
+    def train_ccp(self) -> dict:
+        result = self._train("ours")
+        self._ccp_export = Path(result["export_dir"])
+        # DreamBooth's run is the same path without the null-text conversion: estimated from this one
+        self.estimates["train_dreambooth"] = result["run_training_s"] * 1.1
+        return result
+
+    def train_dreambooth(self) -> dict:
+        return self._train("dreambooth")
+
+    def eval_fid(self) -> dict:
+        import real_path
+
+        a = self.args
+        inputs = self.real_inputs()
+        start = time.perf_counter()
+        inception = real_path.write_inception(self.work_dir() / "inception")
+        written = time.perf_counter() - start
+        try:
+            result = real_path.run_fid(self._ccp_export, inputs["prior"], inputs["images"], inception, self.work_dir(),
+                                       self.device, num_samples=a.fid_samples, steps=a.fid_steps, resolution=a.resolution,
+                                       batch=a.fid_batch, smoke=a.smoke)
+        finally:
+            free_memory(self.device)
+        projected = result["projected"]
+        self.log(f"eval_fid: {result['samples_per_s']:.2f} samples/s at {a.fid_steps} steps; projected "
+                 f"{projected['num_samples']} samples x {projected['steps']} steps: {projected['hours']:.2f} h")
+        return {"inception_write_s": written, **result}
+
+    def remove_work_dir(self) -> None:
+        if self._work is not None and not self.args.work_dir:
+            import shutil
+
+            shutil.rmtree(self._work, ignore_errors=True)
 
     # sections ----------------------------------------------------------------------------------
     def sampling(self) -> dict:
@@ -587,8 +710,7 @@ class GPUCheck:
         self.payload["preflight"] = pre
         if pre["missing"]:
             path = self.write()
-            raise SystemExit(f"gpu_check: missing packages: {pre['missing']}; wrote {path}. "
-                             "On a machine with network: make gpu-wheels, then copy .whl/ beside the Makefile.")
+            raise SystemExit(f"gpu_check: missing packages: {pre['missing']}; wrote {path}. Fix: {PREFLIGHT_FIX}.")
         self.log(f"preflight: {pre['found']}")
         previous = signal.signal(signal.SIGALRM, _on_alarm)
         signal.alarm(max(1, math.ceil(self.budget.left() + HARD_STOP_GRACE_S)))
@@ -600,6 +722,7 @@ class GPUCheck:
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
+            self.remove_work_dir()
         path = self.write()
         self.log(f"done: {'complete' if self.payload['complete'] else 'INCOMPLETE'}; targets: "
                  + ", ".join(f"{k}={v['pass']}" for k, v in self.payload["targets"].items()))
@@ -607,6 +730,9 @@ class GPUCheck:
 
     def run_sections(self) -> None:
         e = self.estimates
+        self.section("train_ccp", self.train_ccp, e["train_ccp"])
+        self.section("eval_fid", self.eval_fid, e["eval_fid"])  # train_ccp's export; the prior if it has none
+        self.section("train_dreambooth", self.train_dreambooth, e["train_dreambooth"])
         self.section("sampling", self.sampling, e["sampling"])
         if self.payload["sections"]["sampling"]["status"] == "done":
             self.section("null_text_forward", self.null_text_forward, e["null_text_forward"])
@@ -635,11 +761,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", help="default: cuda (cpu with --smoke)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     parser.add_argument("--compile-backend", help="torch.compile backend; default inductor (eager with --smoke)")
+    parser.add_argument("--preflight-only", action="store_true", help="check every import and exit (1: something is missing)")
+    parser.add_argument("--work-dir", help="prior, images and runs of the real-path sections, kept; default: a temporary "
+                                           "folder removed at the end")
     for name, kind, help_ in [
         ("resolution", int, "pixels"), ("sampling-steps", int, None), ("sampling-repeats", int, None),
         ("training-steps", int, "timed steps per variant"), ("warmup", int, "untimed steps first"),
         ("steady-steps", int, None), ("steady-batch", int, None), ("forward-batch", int, None),
         ("forward-repeats", int, None), ("sampling-dtype", str, None), ("training-dtype", str, None),
+        ("train-steps", int, "steps of each ccp-train run"), ("train-batch", int, "ccp-train's per-GPU batch"),
+        ("real-images", int, "random images: the training data and FID's real folder"),
+        ("fid-samples", int, "ccp-eval's FID samples"), ("fid-steps", int, "their sampling steps"),
+        ("fid-batch", int, "sampling batch (default: ccp-eval's)"),
     ]:
         parser.add_argument(f"--{name}", type=kind, help=help_)
     parser.add_argument("--sampling-batches", type=int, nargs="+")
@@ -649,10 +782,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         device="cpu", compile_backend="eager", resolution=64, sampling_steps=2, sampling_repeats=1, sampling_batches=[1, 2],
         training_batches=[2], training_steps=2, warmup=1, steady_steps=6, steady_batch=2, forward_batch=2,
         forward_repeats=3, sampling_dtype="bfloat16", training_dtype="bf16-mixed",
+        train_steps=6, train_batch=2, real_images=4, fid_samples=4, fid_steps=2, fid_batch=2,
     ) if args.smoke else dict(
         device="cuda", compile_backend="inductor", resolution=512, sampling_steps=8, sampling_repeats=2,
         sampling_batches=[1, 8, 16], training_batches=[8, 16], training_steps=5, warmup=2, steady_steps=50,
         steady_batch=16, forward_batch=8, forward_repeats=10, sampling_dtype="bfloat16", training_dtype="bf16-mixed",
+        train_steps=60, train_batch=4, real_images=64, fid_samples=2000, fid_steps=2, fid_batch=None,
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -666,8 +801,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    if args.preflight_only:
+        sys.exit(preflight_only())
     if args.smoke:
         torch.set_num_threads(1)  # tiny models: one thread is the fastest and steadiest on a shared CPU
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the threads and processes torch's setting does not reach
     torch.manual_seed(0)
     check = GPUCheck(args)
     path = check.run()

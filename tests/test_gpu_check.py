@@ -1,13 +1,16 @@
-"""benchmarks/gpu_check.py: its --smoke run (the GPU check's code path, tiny, on the CPU), its budget,
-its tokenizer fallback for a bare torch machine, and the Makefile's wheel pins."""
+"""benchmarks/gpu_check.py: its --smoke run (the GPU check's code path, tiny, on the CPU) with the
+real-path sections through ccp-train and ccp-eval themselves, its budget, its preflight, its
+tokenizer fallback for a bare torch machine, and the Makefile's wheel pins and gpu-check recipe."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -17,8 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-SECTIONS = {"sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory", "sampling_sdxl",
-            "training_compile"}
+ORDER = ["train_ccp", "eval_fid", "train_dreambooth", "sampling", "null_text_forward", "training", "training_steady", "cost",
+         "validation_memory", "sampling_sdxl", "training_compile"]
+SECTIONS = set(ORDER)
 TARGETS = {"ours_training_images_per_s", "gcfg_three_term_unet_rows_per_s", "gcfg_a_over_d",
            "null_text_forward_time_ratio_minus_flop_ratio"}
 
@@ -38,15 +42,20 @@ def load_gpu_check():
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-check")
+def smoke_run(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("gpu-check"), tmp_path_factory.mktemp("gpu-check-work")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--work-dir", str(work)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["gpu_check_smoke_cpu.json"], files  # no temporary file left behind
-    return proc.stdout, strict_json(out / "gpu_check_smoke_cpu.json")
+    assert files == ["gpu_check_smoke_cpu.json"], files  # no temporary file left behind, no run folder in --out
+    return proc.stdout, strict_json(out / "gpu_check_smoke_cpu.json"), work
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_run):
+    return smoke_run[:2]
 
 
 def test_every_section_runs_and_is_written_as_it_ends(smoke):
@@ -58,13 +67,13 @@ def test_every_section_runs_and_is_written_as_it_ends(smoke):
         assert not section.get("skipped_variants"), name
         assert section["wall_s"] >= 0
     assert result["complete"] is True and result["mode"] == "smoke"
+    assert {name: s["torch_threads"] for name, s in sections.items()} == {name: 1 for name in SECTIONS}
     assert result["machine"]["device"] == "cpu" and result["preflight"]["missing"] == {}
     # one atomic write after each section, each logged with its progress line
     assert sum("] wrote " in line for line in log.splitlines()) >= len(SECTIONS)
-    order = ["sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory", "sampling_sdxl",
-             "training_compile"]
-    starts = [sections[name]["started_s"] for name in order]
-    assert starts == sorted(starts)  # in this order, the one whose time cannot be predicted (compile) last
+    starts = [sections[name]["started_s"] for name in ORDER]
+    # in this order: the real entry points first, the one whose time cannot be predicted (compile) last
+    assert starts == sorted(starts)
     grids = sections["validation_memory"]["rows"]
     assert [r["grids"] for r in grids] == [0, 2] and all(r["peak_gb"] > 0 for r in grids)
     assert all(r["prior_unet_device_after"] == "cpu" for r in grids)  # validation moved the prior back
@@ -130,8 +139,9 @@ def test_sampling_forward_cost_and_targets(smoke):
         assert target["pass"] == (target["value"] >= bound if target["target"].startswith(">=") else target["value"] <= bound)
 
 
-def test_a_budget_too_small_skips_every_section_with_its_reason(tmp_path):
+def test_a_budget_too_small_skips_every_section_with_its_reason(tmp_path, monkeypatch):
     gpu_check = load_gpu_check()
+    monkeypatch.setattr(gpu_check, "preflight", lambda: {"found": {}, "missing": {}})  # its imports cost seconds here
     path = gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget-s", "0"])
     result = strict_json(path)
     assert set(result["sections"]) == SECTIONS and result["complete"] is False
@@ -203,3 +213,146 @@ def test_sdxl_sampling_section_runs_the_sdxl_prior(smoke):
     assert set(section["summary"]) == {"1", "4"}
     for row in section["summary"].values():
         assert row["a_per_image_s"] > 0 and row["b_over_a"] > 0 and row["a_over_d"] > 0
+
+
+# --- the real-path sections: ccp-train and ccp-eval themselves ---------------------------------------
+def csv_column(path: Path, name: str) -> list[float]:
+    with open(path, newline="") as file:
+        return [float(row[name]) for row in csv.DictReader(file) if row.get(name)]
+
+
+@pytest.mark.parametrize("section, experiment, ema", [("train_ccp", "table1/face_ours", True),
+                                                      ("train_dreambooth", "table1/face_dreambooth", False)])
+def test_training_sections_run_ccp_train_and_read_its_csv_log(smoke_run, section, experiment, ema):
+    _, result, work = smoke_run
+    train = result["sections"][section]
+    config = result["config"]
+    run_dir = Path(train["run_dir"])
+    assert run_dir.parent.parent == work and f"experiment={experiment}" in train["overrides"]
+    # what only ccp-train's Lightning run leaves behind: its config, its one checkpoint, its CSV log, the export
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "export" / "ccp_export.json").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert train["checkpoint"]["saves"] == 1 and train["checkpoint"]["bytes"] == (run_dir / "checkpoints" / "last.ckpt").stat().st_size
+    logged = csv_column(Path(train["csv_log"]), "train/images_per_s")
+    assert len(logged) == config["train_steps"] == train["steps"]  # one logged row per Trainer step
+    assert train["images_per_s_each_step"] == pytest.approx(logged)
+    steady = logged[train["warmup_steps"]:-1]  # warm-up and the checkpoint step left out
+    assert train["images_per_s"] == pytest.approx(statistics.median(steady)) and train["steady_steps"] == len(steady)
+    assert csv_column(Path(train["csv_log"]), "train/loss") == pytest.approx(train["losses"]) and train["losses_finite"]
+    # Table 1's experiment as composed: DDP, bf16-mixed, latent cache, DataLoader workers; EMA for ours only
+    assert (train["strategy"], train["precision"], train["latent_cache"], train["ema"]) == ("ddp", "bf16-mixed", True, ema)
+    assert train["num_workers"] >= 1 and train["per_gpu_batch"] == config["train_batch"] and train["accumulation"] == 1
+    assert train["fit_s"] > 0 and train["checkpoint"]["save_s"] > 0
+
+
+def test_eval_fid_runs_ccp_eval_on_the_trained_export(smoke_run):
+    _, result, work = smoke_run
+    fid = result["sections"]["eval_fid"]
+    config = result["config"]
+    on_disk = json.loads(Path(fid["result_json"]).read_text())
+    assert Path(fid["result_json"]).is_relative_to(work)
+    assert on_disk["metric"] == "fid" and on_disk["num_images"] == config["fid_samples"] == fid["num_samples"]
+    assert on_disk["export"] == result["sections"]["train_ccp"]["export_dir"] and on_disk["method"] == "ours"
+    assert on_disk["details"]["feature_extractor"] == "inception" and on_disk["details"]["stand_in_weights"] is True
+    assert on_disk["config"]["sampling"]["steps"] == fid["steps"] == config["fid_steps"]
+    # every sample went through the pipeline down to VAE decode, one timed sampling call per batch, each
+    # denoising step timed between two scheduler steps (the first call, which warms up, left out)
+    calls = math.ceil(fid["num_samples"] / fid["batch"])
+    assert fid["sampling_calls"] == calls and fid["vae_decode_s"] > 0
+    assert fid["denoising_steps_timed"] == max(1, calls - 1) * (fid["steps"] - 1) and fid["denoise_step_s"] > 0
+    projected = fid["projected"]
+    per_sample = (projected["steps"] * fid["denoise_s_per_sample_step"] + fid["call_overhead_s_per_sample"]
+                  + fid["vae_decode_s_per_sample"] + fid["inception_and_rest_s_per_sample"])
+    assert projected["seconds_per_sample"] == pytest.approx(per_sample)
+    assert projected["seconds"] == pytest.approx(fid["setup_s"] + fid["distance_s"] + projected["num_samples"] * per_sample)
+    assert (projected["num_samples"], projected["steps"]) == (50_000, 100)
+
+
+def test_real_path_sections_hand_the_composed_config_to_the_entry_points(tmp_path, monkeypatch):
+    """The sections call run_training / run_eval with the experiment's config; nothing calls training_step
+    itself; the thread count that Lightning's DDP launcher sets (OMP_NUM_THREADS unset) is put back."""
+    import torch
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+    import ccp.evaluation.run as eval_run
+    import ccp.training.run as train_run
+    from ccp.training.module import PersonalizationModule
+
+    gpu_check = load_gpu_check()
+    check = gpu_check.GPUCheck(gpu_check.parse_args(["--smoke", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path)]))
+    inputs = {"prior": tmp_path / "prior", "images": tmp_path / "images"}
+    monkeypatch.setattr(check, "real_inputs", lambda: inputs)
+    import real_path
+
+    monkeypatch.setattr(real_path, "write_inception", lambda folder: folder / "weights.pth")
+    calls = []
+
+    class Called(Exception):
+        pass
+
+    def recording(name):
+        def entry_point(cfg, out_dir, *args, **kwargs):
+            calls.append((name, cfg, Path(out_dir)))
+            _set_num_threads_if_needed(num_processes=1)  # what Lightning's DDP launcher does in fit
+            raise Called(name)
+        return entry_point
+
+    monkeypatch.setattr(train_run, "run_training", recording("run_training"))
+    monkeypatch.setattr(eval_run, "run_eval", recording("run_eval"))
+    monkeypatch.setattr(PersonalizationModule, "training_step", lambda *a, **k: calls.append(("training_step",)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # not what the launcher would set (all cores)
+    chosen = torch.get_num_threads()
+    try:
+        for section in (check.train_ccp, check.train_dreambooth):
+            with pytest.raises(Called):
+                section()
+            assert torch.get_num_threads() == chosen and "OMP_NUM_THREADS" not in os.environ
+        with pytest.raises(Called):
+            check.eval_fid()
+    finally:
+        torch.set_num_threads(threads)
+    assert [c[0] for c in calls] == ["run_training", "run_training", "run_eval"]
+    ours, dreambooth, fid = (c[1] for c in calls)
+    assert (ours.method.name, dreambooth.method.name) == ("ours", "dreambooth")
+    assert ours.data.latent_cache.enabled and ours.ema.enabled and ours.trainer.strategy == "ddp"
+    assert ours.trainer.precision == "bf16-mixed" and ours.checkpoint.keep_last == 0
+    assert ours.data.path == str(inputs["images"]) and ours.prior.path == str(inputs["prior"])
+    assert fid.metric == "fid" and fid.fid.num_samples == check.args.fid_samples
+    assert calls[0][2] == tmp_path / "train" / "face_ours"
+
+
+def shadowed(tmp_path: Path, package: str) -> Path:
+    """A folder whose `package` fails to import, first on the path: a machine without it."""
+    site = tmp_path / "site"
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text(f"raise ImportError('no {package} on this machine')\n")
+    return site
+
+
+def test_gpu_check_recipe_stops_without_wheels_when_an_import_fails(tmp_path):
+    """make gpu-check with no .whl/ and a package missing fails in the preflight (--preflight-only), before any
+    section, naming what is missing and the fix."""
+    checkout = tmp_path / "checkout"  # the checkout as carried without .whl/
+    checkout.mkdir()
+    for name in ("Makefile", "benchmarks", "ccp", "tests"):
+        (checkout / name).symlink_to(ROOT / name)
+    # torch, not diffusers, is the one missing: everything then fails at once, which keeps this test at seconds
+    proc = subprocess.run(["make", "--no-print-directory", "gpu-check", f"GPU_PY={sys.executable}",
+                           f"GPU_SITE={shadowed(tmp_path, 'torch')}", "ARGS=--smoke"],
+                          cwd=checkout, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "no .whl/" in proc.stderr and "STOPPED before any section" in proc.stderr
+    assert "MISSING torch" in proc.stderr and "MISSING diffusers" in proc.stderr  # each one named
+    assert "make gpu-wheels" in proc.stderr and "[gpu-check" not in proc.stdout
+
+
+def test_out_names_the_folder_that_comes_back():
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "gpu-check", "ARGS=--out /device/out"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30).stdout
+    run_line = dry.strip().splitlines()[-1]
+    assert run_line.count("--out") == 1 and run_line.endswith("--out /device/out")
+    gpu_check = load_gpu_check()
+    assert gpu_check.parse_args(["--smoke"]).out == "benchmarks/results"
+
