@@ -71,18 +71,19 @@ check-sd15: setup
 	$(BIN)/python benchmarks/check_sd15.py $(ARGS)
 
 # make gpu-check: one prepared run on a CUDA machine without network (benchmarks/gpu_check.py, docs/benchmarks.md):
-# SD v1.5-size sampling, training, a 50-step stability check and the recipe's device-hours, in < 7 min, into
-# benchmarks/results/gpu_check_<gpu>.json. It runs the machine's own python3 (no .venv), with ccp from this
-# checkout. That Python is assumed to have torch, lightning, transformers (so huggingface_hub, safetensors,
+# ccp-train and ccp-eval at SD v1.5 size first, then the isolated sampling and training measurements and
+# the recipe's device-hours, in < 8 min, into DIR/gpu_check_<gpu>.json (ARGS="--out DIR"). It runs the
+# machine's own python3 (no .venv), with ccp from this checkout. That Python is assumed to have torch, lightning, transformers (so huggingface_hub, safetensors,
 # regex, Pillow, numpy, filelock, PyYAML, packaging, tqdm), peft (so accelerate) and torchmetrics;
 # transformers 5 and huggingface_hub 1.x no longer bring requests, which diffusers checks for at import: carried.
 # `make gpu-wheels`, run where the package index is reachable, puts the rest into .whl/ as wheels, pinned
 # as in constraints.txt (tests/test_gpu_check.py checks that). No importlib_metadata: diffusers uses the
 # standard library's on Python >= 3.8. A requirement with no wheel on the index (antlr4-python3-runtime
-# 4.9.3 is an sdist only) is built here with `pip wheel` (all of these are pure Python).
+# 4.9.3 is an sdist only) is built here with `pip wheel` (all of those are pure Python). bitsandbytes (8-bit
+# AdamW of preset=gpu_24gb, with its CUDA 13 library) is the largest: .whl/ is ~51 MB of the 64 MiB a run carries.
 GPU_WHEELS := diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
 	clip-anytorch==2.6.0 torch-fidelity==0.4.0 ftfy==6.3.1 wcwidth==0.9.4 \
-	requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.2 certifi==2026.10.18
+	requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.2 certifi==2026.10.18 bitsandbytes==0.50.2
 GPU_PY ?= python3
 GPU_PYTHON_VERSION ?= 3.12
 GPU_SITE ?= /tmp/site

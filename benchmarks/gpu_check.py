@@ -7,19 +7,28 @@ points (benchmarks/real_path.py: ccp-train and ccp-eval themselves), then the is
   train_ccp          ccp.training.run.run_training with experiment=table1/face_ours (Lightning Trainer,
                      bf16-mixed, EMA, DataLoader workers, latent cache, one checkpoint) at Table 1's
                      per-GPU batch 4 on a random-weight SD v1.5 prior folder and random images:
-                     steady images/s from the run's CSV log, checkpoint save time and size;
+                     steady images/s from the run's CSV log, checkpoint save time and size, host
+                     syncs per steady step (torch.cuda.set_sync_debug_mode, with the lines making them);
   eval_fid           ccp.evaluation.run.run_eval with metric=fid on train_ccp's export (N samples, a
-                     few steps, stand-in Inception weights): samples/s, and the projected time of
-                     Table 1's FID (50k samples, 100 steps) from its timed parts;
-  train_dreambooth   as train_ccp with experiment=table1/face_dreambooth;
+                     few steps, stand-in Inception weights): samples/s, UNet rows per sample-step,
+                     and the projected time of Table 1's FID (50k samples, 100 steps) from its timed parts;
   sampling           benchmarks/sampling.py's (a)-(d) at batch 1, 8, 16 (few steps and repeats);
   null_text_forward  one forward of the null-text concept UNet vs. the prior UNet: seconds and
                      FLOPs (benchmarks/null_text_init.py's time_and_count);
+  train_dreambooth   as train_ccp with experiment=table1/face_dreambooth;
+  cost               benchmarks/cost.py's device-hours of the full recipe: training from train_ccp and
+                     train_dreambooth (ccp-train at batch 4), sampling from the sampling section;
+  train_ccp_largest  as train_ccp at the largest batch predicted to fit the device (from train_ccp's
+                     memory: batch-independent part + per-image part), measured peak beside the prediction;
+  train_ccp_gpu_24gb as train_ccp with preset=gpu_24gb (its batch 2, 8-bit AdamW, EMA on the host,
+                     gradient checkpointing), the process capped to 24 GiB (set_per_process_memory_fraction);
+  train_dreambooth_largest  as train_ccp_largest for train_dreambooth;
   training           benchmarks/training.py's step, ours (cached latents) vs. DreamBooth-style, at
                      batch 8 and 16, eager, with and without channels_last: images/s, peak memory;
+  host_sync_cost     ours' isolated step chained without any sync, and again with one host read of a
+                     loss-sized flag per step (what ccp-train's non-finite check does): the cost of a sync;
   training_steady    50 steps of ours (bf16 autocast, fp32 master weights, AdamW): finite loss,
                      steady step time (median, p90/median, first vs. last 10 steps);
-  cost               benchmarks/cost.py's device-hours of the full recipe from the sections above;
   sampling_sdxl      benchmarks/sampling.py's (a)-(d) on SDXL base's architecture (random weights) at
                      1024 px, batch 1 and 4 (the smoke run: the tiny SDXL prior);
   training_compile   the training variants again under torch.compile (with and without
@@ -63,24 +72,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never reach
 # What each section is expected to take (seconds), before anything was measured; later estimates
 # come from the measured variants. Full: an H100/H200; smoke: a 2-core CPU.
 ESTIMATES = {
-    "full": {"train_ccp": 120, "eval_fid": 90, "train_dreambooth": 80,
+    "full": {"train_ccp": 100, "eval_fid": 90, "train_dreambooth": 70, "train_ccp_largest": 80, "train_ccp_gpu_24gb": 80,
+             "train_dreambooth_largest": 80,
              "sampling": 80, "null_text_forward": 15, "eager_variant": 20, "compile_variant": 120, "steady": 40,
-             "cost": 5, "validation_memory": 45, "sampling_sdxl": 150},
-    "smoke": {"train_ccp": 15, "eval_fid": 15, "train_dreambooth": 8,
+             "host_sync_cost": 25, "cost": 5, "validation_memory": 45, "sampling_sdxl": 150},
+    "smoke": {"train_ccp": 15, "eval_fid": 15, "train_dreambooth": 8, "train_ccp_largest": 10, "train_ccp_gpu_24gb": 10,
+              "train_dreambooth_largest": 10,
               "sampling": 15, "null_text_forward": 5, "eager_variant": 6, "compile_variant": 20, "steady": 8,
-              "cost": 3, "validation_memory": 15, "sampling_sdxl": 15},
+              "host_sync_cost": 5, "cost": 3, "validation_memory": 15, "sampling_sdxl": 15},
 }
 TARGETS = {
     "ours_training_images_per_s": (">=", 80.0),
     "gcfg_three_term_unet_rows_per_s": (">=", 300.0),
     "gcfg_a_over_d": ("<=", 1.05),
     "null_text_forward_time_ratio_minus_flop_ratio": ("<=", 0.02),
+    # UNet rows/s of the FID job (projected to Table 1's 100 steps) over the sampling section's: decode,
+    # Inception and shard writes must cost little beside the UNet
+    "fid_rows_per_s_over_sampling_rows_per_s": ("within", 0.10),
+    # one host sync per training step (ccp-train's non-finite check): kept while it costs at most this
+    "host_sync_cost_fraction_of_step": ("<=", 0.02),
+    "gpu_24gb_preset_fits_24_gib": ("==", True),
 }
 STEADY_LIMITS = {"p90_over_median": 1.25, "last10_over_first10_median": 0.15}  # the second: allowed |ratio - 1|
 HARD_STOP_GRACE_S = 10  # a section still running this long after the budget is stopped (SIGALRM)
 # the real entry points first (most important first), then the isolated measurements
-SECTIONS = ("train_ccp", "eval_fid", "train_dreambooth",
-            "sampling", "null_text_forward", "training", "training_steady", "cost", "validation_memory",
+SECTIONS = ("train_ccp", "eval_fid", "sampling", "null_text_forward", "train_dreambooth", "cost", "train_ccp_largest",
+            "train_ccp_gpu_24gb", "train_dreambooth_largest", "training", "host_sync_cost", "training_steady", "validation_memory",
             "sampling_sdxl", "training_compile")
 
 
@@ -125,7 +142,7 @@ def preflight() -> dict:
     except Exception as err:
         missing["clip-anytorch"] = f"{type(err).__name__}: {err}"
     # the real-path sections import ccp-train's and ccp-eval's own modules: what they need is checked here
-    for module in ("torch", "diffusers", "transformers", "lightning", "omegaconf", "hydra", "torch_fidelity",
+    for module in ("torch", "diffusers", "transformers", "lightning", "omegaconf", "hydra", "torch_fidelity", "bitsandbytes",
                    "ccp.priors.tokenizer", "ccp.training.run", "ccp.evaluation.run"):
         try:
             imported = __import__(module, fromlist=["_"])
@@ -152,7 +169,7 @@ if __name__ == "__main__" and "--preflight-only" in sys.argv[1:]:
 
 import torch  # noqa: E402
 
-from common import device_slug, machine, step_times, write_json  # noqa: E402
+from common import device_slug, machine, step_times, sync, write_json  # noqa: E402
 
 # --- budget --------------------------------------------------------------------------------------
 class DeadlineExceeded(BaseException):
@@ -374,31 +391,84 @@ class GPUCheck:
                          ", random weights", "images": f"{a.real_images} random PNGs at {a.resolution} px", **timings}
         return self._inputs
 
-    def _train(self, method: str) -> dict:
+    def _train(self, method: str, batch: int | None, steps: int | None = None, **kwargs) -> dict:
         import real_path
 
         a = self.args
         inputs = self.real_inputs()
         try:
             result = real_path.run_train(method, inputs["prior"], inputs["images"], self.work_dir(), self.device,
-                                         steps=a.train_steps, batch=a.train_batch, resolution=a.resolution, smoke=a.smoke)
+                                         steps=steps or a.train_steps, batch=batch, resolution=a.resolution,
+                                         smoke=a.smoke, **kwargs)
         finally:
             free_memory(self.device)  # the Trainer's module and optimizer state, before the next section
-        self.log(f"train {method}: {result['images_per_s']:.2f} images/s (median of {result['steady_steps']} steady "
-                 f"steps), checkpoint {result['checkpoint']['save_s']:.1f} s")
+        syncs = result["host_syncs"]
+        self.log(f"train {method} batch {result['per_gpu_batch']}: {result['images_per_s']:.2f} images/s (median of "
+                 f"{result['steady_steps']} steady steps), checkpoint {result['checkpoint']['save_s']:.1f} s, host syncs "
+                 f"per step: {syncs['median_per_step'] if syncs['counted'] else 'not counted'}")
         if not a.work_dir:  # a full-size checkpoint is ~13 GB: the disk is needed for the next run
             real_path.remove_checkpoints(Path(result["run_dir"]))
         return result
 
     def train_ccp(self) -> dict:
-        result = self._train("ours")
+        result = self._train("ours", self.args.train_batch)
         self._ccp_export = Path(result["export_dir"])
-        # DreamBooth's run is the same path without the null-text conversion: estimated from this one
+        # the other runs are the same path: estimated from this one (DreamBooth: no null-text conversion)
         self.estimates["train_dreambooth"] = result["run_training_s"] * 1.1
+        self.estimates["train_ccp_largest"] = result["run_training_s"] * 1.5
+        self.estimates["train_ccp_gpu_24gb"] = result["run_training_s"] * 1.5
+        self._ccp_train = result
         return result
 
     def train_dreambooth(self) -> dict:
-        return self._train("dreambooth")
+        result = self._train("dreambooth", self.args.train_batch)
+        self.estimates["train_dreambooth_largest"] = result["run_training_s"] * 1.5
+        self._dreambooth_train = result
+        return result
+
+    def train_ccp_largest(self) -> dict:
+        return self._train_largest("ours", self._ccp_train)
+
+    def train_dreambooth_largest(self) -> dict:
+        return self._train_largest("dreambooth", self._dreambooth_train)
+
+    def _train_largest(self, method: str, measured: dict) -> dict:
+        """`method` at the largest batch predicted to fit, from its batch-4 run's memory; a batch that still
+        runs out of memory is retried once at four fifths of it. The smoke run (no device memory): twice the batch."""
+        import real_path
+
+        a = self.args
+        if self.device.type != "cuda":
+            plan = {"batch": 2 * a.train_batch, "how": "smoke: twice the batch (a CPU has no device memory to fill)"}
+        else:
+            memory = measured["memory"]
+            plan = real_path.largest_batch(
+                measured["per_gpu_batch"], int(memory["peak_allocated_gib"] * 2**30), int(memory["static_gib"] * 2**30),
+                int(memory["trainable_gib"] * 2**30), torch.cuda.get_device_properties(self.device).total_memory)
+            plan["how"] = "linear in the batch from the batch-4 run's peak (real_path.largest_batch)"
+        self.log(f"{method} largest: batch {plan['batch']} ({plan['how']})")
+        tries = []
+        batch = plan["batch"]
+        for _ in range(2):
+            try:
+                result = self._train(method, batch, steps=a.largest_steps, name=f"face_{method}_largest")
+                break
+            except torch.cuda.OutOfMemoryError as err:
+                tries.append({"batch": batch, "error": f"out of memory: {str(err)[:200]}"})
+                batch = max(1, batch * 4 // 5)
+                self.log(f"{method} largest: out of memory, retrying at batch {batch}")
+        else:
+            raise RuntimeError(f"out of memory at every batch tried: {tries}")
+        return {"plan": plan, "out_of_memory_tries": tries, **result}
+
+    def train_ccp_gpu_24gb(self) -> dict:
+        """Ours with preset=gpu_24gb (its own batch, no accumulation), the process capped to 24 GiB."""
+        try:
+            result = self._train("ours", None, steps=self.args.preset_steps, extra=("preset=gpu_24gb",),
+                                 name="face_ours_gpu_24gb", cap_gib=24.0)
+        except torch.cuda.OutOfMemoryError as err:
+            return {"fits": False, "cap_gib": 24.0, "error": f"out of memory under the 24 GiB cap: {str(err)[:400]}"}
+        return {"fits": True, **result}
 
     def eval_fid(self) -> dict:
         import real_path
@@ -587,6 +657,55 @@ class GPUCheck:
     def training_compile(self) -> dict:
         return self._variants(self.args.compile_backend, "training_compile", reserve_s=lambda: 2.0)
 
+    def host_sync_cost(self) -> dict:
+        """Ours' isolated step (eager, contiguous) at the steady batch, `training_steps` steps chained with
+        one device sync at the end, then the same with a host read of a one-element flag after each step's
+        loss (the `.item()` of ccp-train's non-finite check): their difference is what a sync per step costs."""
+        import training
+
+        a = self.args
+        reads = {"on": False, "count": 0}
+        measured = {}
+
+        def chained(fn, device, repeats, warmup=1):
+            for _ in range(warmup):
+                fn()
+            for label, on in (("without", False), ("with", True)):
+                reads["on"] = on
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                sync(device)
+                measured[label] = (time.perf_counter() - start) / repeats
+            reads["on"] = False
+            return measured["without"]
+
+        from ccp.training import module as module_lib
+
+        base = module_lib.PersonalizationModule
+
+        class Reading(base):
+            def training_step(self, batch, batch_idx):
+                loss = super().training_step(batch, batch_idx)
+                if reads["on"]:
+                    reads["count"] += 1
+                    (~torch.isfinite(loss.detach())).float().item()  # the sync under test
+                return loss
+
+        with patched(module_lib, "PersonalizationModule", Reading), patched(training, "median_seconds", chained):
+            row = training.run_variant("ours", self.size, str(self.device), a.training_dtype, a.resolution,
+                                       a.steady_batch, a.training_steps, a.warmup, torch.get_num_threads())
+        free_memory(self.device)
+        fraction = (measured["with"] - measured["without"]) / measured["without"]
+        self.log(f"host_sync_cost: {measured['without'] * 1000:.1f} ms per step without a sync, "
+                 f"{measured['with'] * 1000:.1f} ms with one ({fraction:+.1%})")
+        return {"batch": a.steady_batch, "steps_each": a.training_steps, "host_reads": reads["count"],
+                "step_s_without_sync": measured["without"], "step_s_with_one_sync": measured["with"],
+                "cost_fraction_of_step": fraction, "images_per_s_without_sync": row["images_per_s"],
+                "where": "after the loss, before backward (ccp-train's read is after backward, before the "
+                         "optimizer step: one sync either way)"}
+
     def steady_estimate(self) -> float:
         batch = self.args.steady_batch
         measured = [r for r in self.training_rows if r.get("variant") == "ours" and r.get("batch") == batch
@@ -645,22 +764,24 @@ class GPUCheck:
                 "peak_memory_gb": row["peak_memory_gb"], "peak_memory_kind": row["peak_memory_kind"],
                 "step_time": stats, "limits": STEADY_LIMITS, "checks": checks}
 
-    def cost_training_rows(self) -> tuple[int, dict] | None:
-        """cost.py's training input: ours and DreamBooth, eager and contiguous (ccp-train's defaults), largest batch."""
-        eager = {(r["variant"], r["batch"]): r for r in self.training_rows
-                 if "images_per_s" in r and not r["channels_last"] and not r["compile_backend"]}
-        batches = [b for b in sorted(self.args.training_batches, reverse=True)
-                   if ("ours", b) in eager and ("dreambooth", b) in eager]
-        return (batches[0], eager) if batches else None
+    def cost_training_rows(self) -> dict | None:
+        """cost.py's training input: ccp-train's own images/s of ours and DreamBooth (train_ccp and
+        train_dreambooth, Table 1's per-GPU batch)."""
+        sections = self.payload["sections"]
+        runs = {k: sections.get(f"train_{k if k == 'dreambooth' else 'ccp'}", {}) for k in ("ours", "dreambooth")}
+        if not all(r.get("status") == "done" for r in runs.values()):
+            return None
+        return runs
 
     def cost(self) -> dict:
         import cost
 
         sampling = self._sampling_result
-        b, eager = self.cost_training_rows()
+        runs = self.cost_training_rows()
+        b = runs["ours"]["per_gpu_batch"]
         training = {"benchmark": "training", "machine": self.payload["machine"], "model": {"size": self.size},
                     "dtype": self.args.training_dtype, "resolution": self.args.resolution, "batch": b,
-                    "results": {"ours": eager[("ours", b)], "dreambooth": eager[("dreambooth", b)]}}
+                    "results": {k: {"images_per_s": r["images_per_s"]} for k, r in runs.items()}}
         allow_other = self.size != "sd15"
         cost.check(training, "training", allow_other)
         cost.check(sampling, "sampling", allow_other)
@@ -668,25 +789,41 @@ class GPUCheck:
         estimate = cost.estimate(training, sampling, r)
         table = cost.markdown(estimate, r)
         print(table, flush=True)
-        return {"inputs": f"training: eager, contiguous, batch {b} ({self.args.training_dtype}); sampling: "
-                          f"{sampling['steps']}-step run above, its largest batch",
+        return {"inputs": f"training: ccp-train's steady images/s at per-GPU batch {b} (train_ccp, train_dreambooth); "
+                          f"sampling: the sampling section's {sampling['steps']}-step run, its largest batch",
                 "recipe": r, **estimate, "markdown": table}
 
     # targets -----------------------------------------------------------------------------------
     def targets(self) -> dict:
         sections = self.payload["sections"]
         values = {}
-        ours = [r for r in self.training_rows if r.get("variant") == "ours" and "images_per_s" in r]
-        big = [r for r in ours if r["batch"] >= 8] or ours
-        if big:
-            best = max(big, key=lambda r: r["images_per_s"])
-            values["ours_training_images_per_s"] = (best["images_per_s"], f"best measured ours variant: {best['name']}")
+        real = [(name, sections[name]) for name in ("train_ccp_largest", "train_ccp")
+                if sections.get(name, {}).get("status") == "done"]
+        if real:  # through ccp-train: the largest batch when it ran
+            name, run = real[0]
+            values["ours_training_images_per_s"] = (run["images_per_s"], f"ccp-train ({name}), per-GPU batch "
+                                                                         f"{run['per_gpu_batch']}")
         summary = sections.get("sampling", {}).get("summary")
         if summary:
             largest = max(summary, key=int)
             values["gcfg_three_term_unet_rows_per_s"] = (summary[largest]["a_three_term_unet_rows_per_s"],
                                                          f"(a) at batch {largest}")
             values["gcfg_a_over_d"] = (summary[largest]["a_over_d"], f"batch {largest}")
+            fid = sections.get("eval_fid", {})
+            if fid.get("status") == "done":
+                rows = fid["projected"]["unet_rows_per_s"]
+                values["fid_rows_per_s_over_sampling_rows_per_s"] = (
+                    rows / summary[largest]["a_three_term_unet_rows_per_s"],
+                    f"FID {rows:.1f} UNet rows/s ({fid['unet_rows_per_sample_step']:g} rows per sample-step, projected "
+                    f"to {fid['projected']['steps']} steps) over (a) at batch {largest}")
+        sync_cost = sections.get("host_sync_cost", {})
+        if sync_cost.get("status") == "done":
+            values["host_sync_cost_fraction_of_step"] = (sync_cost["cost_fraction_of_step"],
+                                                         f"batch {sync_cost['batch']}, isolated step")
+        preset = sections.get("train_ccp_gpu_24gb", {})
+        if preset.get("status") == "done":
+            values["gpu_24gb_preset_fits_24_gib"] = (preset["fits"], "ccp-train preset=gpu_24gb under the cap"
+                                                     if self.device.type == "cuda" else "CPU: no cap applies")
         forward = sections.get("null_text_forward", {})
         if "time_ratio_minus_flop_ratio" in forward:
             values["null_text_forward_time_ratio_minus_flop_ratio"] = (
@@ -699,7 +836,8 @@ class GPUCheck:
                 out[name] = {"target": f"{op} {bound}", "value": None, "pass": None, "reason": "not measured"}
                 continue
             value, where = values[name]
-            ok = value >= bound if op == ">=" else value <= bound
+            ok = {">=": lambda: value >= bound, "<=": lambda: value <= bound, "==": lambda: value == bound,
+                  "within": lambda: abs(value - 1) <= bound}[op]()
             out[name] = {"target": f"{op} {bound}", "value": value, "pass": bool(ok), "measured": where}
         return out
 
@@ -730,24 +868,31 @@ class GPUCheck:
 
     def run_sections(self) -> None:
         e = self.estimates
+        sections = self.payload["sections"]
         self.section("train_ccp", self.train_ccp, e["train_ccp"])
         self.section("eval_fid", self.eval_fid, e["eval_fid"])  # train_ccp's export; the prior if it has none
-        self.section("train_dreambooth", self.train_dreambooth, e["train_dreambooth"])
         self.section("sampling", self.sampling, e["sampling"])
-        if self.payload["sections"]["sampling"]["status"] == "done":
+        if sections["sampling"]["status"] == "done":
             self.section("null_text_forward", self.null_text_forward, e["null_text_forward"])
         else:
-            self.payload["sections"]["null_text_forward"] = {"status": "skipped", "reason": "needs the sampling section's prior"}
+            sections["null_text_forward"] = {"status": "skipped", "reason": "needs the sampling section's prior"}
         self._release_sampling()
-        self.section("training", self.training, e["eager_variant"])
-        self.section("training_steady", self.training_steady, self.steady_estimate())
-        if self.payload["sections"]["sampling"]["status"] != "done":
-            self.payload["sections"]["cost"] = {"status": "skipped", "reason": "needs the sampling section"}
+        self.section("train_dreambooth", self.train_dreambooth, e["train_dreambooth"])
+        if sections["sampling"]["status"] != "done":
+            sections["cost"] = {"status": "skipped", "reason": "needs the sampling section"}
         elif self.cost_training_rows() is None:
-            self.payload["sections"]["cost"] = {"status": "skipped", "reason": "needs ours and dreambooth at one batch "
-                                                "size from the training section (eager, contiguous)"}
+            sections["cost"] = {"status": "skipped", "reason": "needs train_ccp and train_dreambooth"}
         else:
             self.section("cost", self.cost, e["cost"])
+        for name, after in (("train_ccp_largest", "train_ccp"), ("train_ccp_gpu_24gb", None),
+                            ("train_dreambooth_largest", "train_dreambooth")):
+            if after and sections[after]["status"] != "done":
+                sections[name] = {"status": "skipped", "reason": f"sized from {after}'s memory"}
+            else:
+                self.section(name, getattr(self, name), e[name])
+        self.section("training", self.training, e["eager_variant"])
+        self.section("host_sync_cost", self.host_sync_cost, e["host_sync_cost"])
+        self.section("training_steady", self.training_steady, self.steady_estimate())
         self.section("validation_memory", self.validation_memory, e["validation_memory"])
         self.section("sampling_sdxl", self.sampling_sdxl, e["sampling_sdxl"])
         self.section("training_compile", self.training_compile, e["compile_variant"])
@@ -773,6 +918,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("real-images", int, "random images: the training data and FID's real folder"),
         ("fid-samples", int, "ccp-eval's FID samples"), ("fid-steps", int, "their sampling steps"),
         ("fid-batch", int, "sampling batch (default: ccp-eval's)"),
+        ("largest-steps", int, "steps of the largest-batch ccp-train run"),
+        ("preset-steps", int, "steps of the preset=gpu_24gb ccp-train run"),
     ]:
         parser.add_argument(f"--{name}", type=kind, help=help_)
     parser.add_argument("--sampling-batches", type=int, nargs="+")
@@ -782,12 +929,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         device="cpu", compile_backend="eager", resolution=64, sampling_steps=2, sampling_repeats=1, sampling_batches=[1, 2],
         training_batches=[2], training_steps=2, warmup=1, steady_steps=6, steady_batch=2, forward_batch=2,
         forward_repeats=3, sampling_dtype="bfloat16", training_dtype="bf16-mixed",
-        train_steps=6, train_batch=2, real_images=4, fid_samples=4, fid_steps=2, fid_batch=2,
+        train_steps=10, train_batch=2, real_images=4, fid_samples=4, fid_steps=2, fid_batch=2, largest_steps=6,
+        preset_steps=6,
     ) if args.smoke else dict(
         device="cuda", compile_backend="inductor", resolution=512, sampling_steps=8, sampling_repeats=2,
         sampling_batches=[1, 8, 16], training_batches=[8, 16], training_steps=5, warmup=2, steady_steps=50,
         steady_batch=16, forward_batch=8, forward_repeats=10, sampling_dtype="bfloat16", training_dtype="bf16-mixed",
-        train_steps=60, train_batch=4, real_images=64, fid_samples=2000, fid_steps=2, fid_batch=None,
+        train_steps=40, train_batch=4, real_images=64, fid_samples=2000, fid_steps=2, fid_batch=None, largest_steps=30,
+        preset_steps=20,
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:

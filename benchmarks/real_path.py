@@ -31,6 +31,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STEADY_SKIP = 0.2  # the first fifth of the steps (at least 2) is warm-up; the last step holds the checkpoint save
+SYNC_COUNTED_STEPS = 3  # steps right after the warm-up run under torch.cuda.set_sync_debug_mode("warn"), left out of the rates
+SYNC_WARNING = "synchroniz"  # torch's "called a synchronizing CUDA operation"
+BATCH_HEADROOM = 0.92  # the largest batch is sized to this fraction of the device's memory (allocator slack, fragmentation)
 PROJECTED_FID = {"num_samples": 50_000, "steps": 100}  # Table 1's FID (App. D.2)
 
 
@@ -137,13 +140,27 @@ def read_csv_log(run_dir: Path) -> list[dict[str, float]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def steady_rates(rows: list[dict[str, float]]) -> dict:
-    """Median images/s and step time over the steady steps: warm-up and the final (checkpoint) step left out."""
+def warmup_steps(steps: int) -> int:
+    return min(steps - 2, max(2, math.ceil(TRAIN_STEADY_SKIP * steps)))
+
+
+def sync_window(steps: int) -> range:
+    """The batch indices whose host syncs are counted: right after the warm-up, before the steady read,
+    never the last (checkpoint) step; empty when the run is too short to spare them."""
+    start = warmup_steps(steps)
+    if steps - 1 - start < SYNC_COUNTED_STEPS + 3:  # keep at least 3 steady steps to read rates from
+        return range(0)
+    return range(start, start + SYNC_COUNTED_STEPS)
+
+
+def steady_rates(rows: list[dict[str, float]], exclude: range = range(0)) -> dict:
+    """Median images/s and step time over the steady steps: warm-up, the sync-counted steps (`exclude`)
+    and the final (checkpoint) step left out."""
     rates = [r["train/images_per_s"] for r in rows if "train/images_per_s" in r]
     times = [r["train/step_time_s"] for r in rows if "train/step_time_s" in r]
     if len(rates) < 3:
         raise RuntimeError(f"the CSV log holds {len(rates)} train/images_per_s rows; a steady read needs at least 3")
-    skip = min(len(rates) - 2, max(2, math.ceil(TRAIN_STEADY_SKIP * len(rates))))
+    skip = max(warmup_steps(len(rates)), exclude.stop)
     steady_rates_, steady_times = rates[skip:-1], times[skip:-1]
     median_time = statistics.median(steady_times)
     p90 = sorted(steady_times)[min(len(steady_times) - 1, math.ceil(0.9 * len(steady_times)) - 1)]
@@ -153,11 +170,108 @@ def steady_rates(rows: list[dict[str, float]]) -> dict:
             "images_per_s_each_step": rates}
 
 
+class StepProbe:
+    """What a Trainer's steps do besides their arithmetic, read by wrapping the module's
+    `on_train_batch_start` (the first hook of a step; the window of batch i runs until batch i+1 starts):
+
+    - host syncs: during the `window` batches, torch.cuda.set_sync_debug_mode("warn") makes every
+      synchronizing CUDA call warn; the warnings are counted per batch, with the Python line that made
+      them. On the CPU nothing syncs and nothing is counted (`counted` false).
+    - memory: allocated device memory at the start of each batch after the first (weights, optimizer
+      state, EMA, frozen parts: what does not grow with the batch), and the trainable parameters' bytes
+      (the gradients of the backward pass).
+    """
+
+    def __init__(self, device: torch.device, window: range):
+        self.device, self.window = device, window
+        self.batch = -1
+        self.syncs: dict[int, int] = {i: 0 for i in window}
+        self.where: dict[str, int] = {}
+        self.static_bytes: int | None = None
+        self.trainable_bytes: int | None = None
+
+    def on_batch_start(self, module) -> None:
+        self.batch += 1
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(1 if self.batch in self.window else 0)
+            if self.batch >= 1:
+                allocated = torch.cuda.memory_allocated(self.device)
+                self.static_bytes = allocated if self.static_bytes is None else max(self.static_bytes, allocated)
+        if self.trainable_bytes is None:
+            self.trainable_bytes = sum(p.numel() * p.element_size() for p in module.method.trainable_parameters())
+
+    def record(self, message, filename: str, lineno: int) -> bool:
+        """True when `message` is a sync warning of a counted batch (then it is not shown)."""
+        if SYNC_WARNING not in str(message) or self.batch not in self.window:
+            return False
+        self.syncs[self.batch] += 1
+        where = f"{Path(filename).name}:{lineno}"
+        self.where[where] = self.where.get(where, 0) + 1
+        return True
+
+    @contextlib.contextmanager
+    def installed(self):
+        import warnings
+
+        from ccp.training.module import PersonalizationModule
+
+        original_hook = PersonalizationModule.on_train_batch_start
+        probe = self
+
+        def on_train_batch_start(module, *args, **kwargs):
+            probe.on_batch_start(module)
+            return original_hook(module, *args, **kwargs)
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")  # every one, not once per line
+            shown = warnings.showwarning
+
+            def showwarning(message, category, filename, lineno, file=None, line=None):
+                if not probe.record(message, filename, lineno):
+                    shown(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = showwarning
+            PersonalizationModule.on_train_batch_start = on_train_batch_start
+            try:
+                yield self
+            finally:
+                PersonalizationModule.on_train_batch_start = original_hook
+                if self.device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+
+    def host_syncs(self) -> dict:
+        if self.device.type != "cuda":
+            return {"counted": False, "reason": "a CPU run: torch.cuda.set_sync_debug_mode sees CUDA syncs only"}
+        if not self.window:
+            return {"counted": False, "reason": "too few steps to spare the counted ones"}
+        per_step = [self.syncs[i] for i in self.window]
+        return {"counted": True, "steps": list(self.window), "per_step": per_step,
+                "median_per_step": statistics.median(per_step),
+                "where": dict(sorted(self.where.items(), key=lambda kv: -kv[1]))}
+
+
+def largest_batch(batch: int, peak_bytes: int, static_bytes: int, trainable_bytes: int, capacity_bytes: int,
+                  headroom: float = BATCH_HEADROOM) -> dict:
+    """The largest per-GPU batch predicted to fit, from one measured run at `batch`: peak = base + b x
+    per_image, base = what does not grow with the batch (allocated at a step's start) + the gradients,
+    per_image = the rest of the measured peak over `batch` (activations kept for the backward pass)."""
+    base = static_bytes + trainable_bytes
+    per_image = (peak_bytes - base) / batch
+    if per_image <= 0:
+        raise ValueError(f"the measured peak ({peak_bytes / 2**30:.2f} GiB) is not above the batch-independent part "
+                         f"({base / 2**30:.2f} GiB): no per-image memory to extrapolate from")
+    fits = int((headroom * capacity_bytes - base) // per_image)
+    return {"batch": max(fits, 0), "measured_batch": batch, "base_gib": base / 2**30, "per_image_gib": per_image / 2**30,
+            "capacity_gib": capacity_bytes / 2**30, "headroom": headroom,
+            "predicted_peak_gib": (base + max(fits, 0) * per_image) / 2**30}
+
+
 def train_overrides(method: str, prior: Path, images: Path, work: Path, *, steps: int, batch: int, resolution: int,
-                    smoke: bool) -> list[str]:
+                    smoke: bool, extra: tuple[str, ...] = ()) -> list[str]:
     overrides = [
-        f"experiment=table1/face_{method}", f"prior.path={prior}", f"data.path={images}", f"data.cache_dir={work / 'cache'}",
-        # per-GPU batch of Table 1 (8 GPUs x 4) and no accumulation: every step is what one of its 8 GPUs does
+        f"experiment=table1/face_{method}", *extra, f"prior.path={prior}", f"data.path={images}",
+        f"data.cache_dir={work / 'cache'}",
+        # one GPU's batch and no accumulation: every step is what one of Table 1's 8 GPUs does (batch 4)
         f"data.batch_size={batch}", f"trainer.global_batch_size={batch}", "trainer.devices=1",
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
         f"checkpoint.every_n_steps={steps}", "checkpoint.keep_last=0",  # one checkpoint: last.ckpt at the end
@@ -168,23 +282,46 @@ def train_overrides(method: str, prior: Path, images: Path, work: Path, *, steps
     return overrides
 
 
-def run_train(method: str, prior: Path, images: Path, work: Path, device: torch.device, *, steps: int, batch: int,
-              resolution: int, smoke: bool) -> dict:
-    """One `run_training` of `experiment=table1/face_<method>`; speed from its CSV log."""
+@contextlib.contextmanager
+def memory_cap(device: torch.device, cap_gib: float | None):
+    """The process may allocate at most `cap_gib` of the device (a smaller card), restored after."""
+    if cap_gib is None or device.type != "cuda":
+        yield None
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, cap_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        yield fraction
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def run_train(method: str, prior: Path, images: Path, work: Path, device: torch.device, *, steps: int, batch: int | None,
+              resolution: int, smoke: bool, extra: tuple[str, ...] = (), name: str | None = None,
+              cap_gib: float | None = None) -> dict:
+    """One `run_training` of `experiment=table1/face_<method>` (with `extra` overrides after it, e.g. a
+    preset); speed from its CSV log, host syncs and memory from a StepProbe. `batch` None: the composed
+    config's data.batch_size (the preset's), without accumulation."""
     import lightning as L
     from ccp.config import compose
     from ccp.training import run as train_run
     from ccp.training.callbacks import FileCheckpointIO
 
-    overrides = train_overrides(method, prior, images, work, steps=steps, batch=batch, resolution=resolution, smoke=smoke)
+    if batch is None:
+        batch = int(compose("train", [f"experiment=table1/face_{method}", *extra]).data.batch_size)
+    overrides = train_overrides(method, prior, images, work, steps=steps, batch=batch, resolution=resolution, smoke=smoke,
+                                extra=extra)
     cfg = compose("train", overrides)
-    run_dir = work / "train" / f"face_{method}"
+    run_dir = work / "train" / (name or f"face_{method}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a kept --work-dir: start fresh, never resume a finished run
     saves, fits = [], []
+    probe = StepProbe(device, sync_window(steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with kept_threads(), timed(FileCheckpointIO, "save_checkpoint", device, saves), timed(L.Trainer, "fit", device, fits):
+    with (kept_threads(), timed(FileCheckpointIO, "save_checkpoint", device, saves), timed(L.Trainer, "fit", device, fits),
+          probe.installed(), memory_cap(device, cap_gib) as fraction):
         export = train_run.run_training(cfg, run_dir)
     total = time.perf_counter() - start
     rows = read_csv_log(run_dir)
@@ -196,8 +333,14 @@ def run_train(method: str, prior: Path, images: Path, work: Path, device: torch.
         "strategy": cfg.trainer.strategy, "precision": cfg.trainer.precision, "prior_dtype": cfg.prior.dtype,
         "ema": bool(cfg.ema.enabled), "latent_cache": bool(cfg.data.latent_cache.enabled),
         "num_workers": cfg.data.num_workers, "per_gpu_batch": batch, "accumulation": 1, "steps": steps,
-        "resolution": cfg.data.resolution, "optimizer": cfg.optim.name,
-        **steady_rates(rows),
+        "resolution": cfg.data.resolution, "optimizer": cfg.optim.name, "ema_device": cfg.ema.get("device"),
+        "gradient_checkpointing": bool(cfg.speed.gradient_checkpointing),
+        **steady_rates(rows, exclude=probe.window),
+        "host_syncs": probe.host_syncs(),
+        "memory": {"static_gib": None if probe.static_bytes is None else probe.static_bytes / 2**30,
+                   "trainable_gib": probe.trainable_bytes / 2**30 if probe.trainable_bytes else None,
+                   "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "cap_gib": cap_gib, "cap_fraction": fraction},
         "losses": losses, "losses_finite": bool(losses) and all(math.isfinite(v) for v in losses),
         "checkpoint": {"path": str(last), "exists": last.is_file(), "bytes": last.stat().st_size if last.is_file() else None,
                        "save_s": sum(saves), "saves": len(saves)},
@@ -248,6 +391,7 @@ def run_fid(export: Path | None, prior: Path, images: Path, inception: Path, wor
     from ccp.evaluation import fid as fid_lib
     from ccp.evaluation import run as eval_run
     from ccp.evaluation.generation import PipelineSampler
+    from ccp.models.denoisers import Denoiser
     from ccp.pipelines.run import sampling_precision
 
     if steps < 2:
@@ -298,7 +442,8 @@ def run_fid(export: Path | None, prior: Path, images: Path, inception: Path, wor
                     patched_schedulers.add(scheduler)
                     patch(scheduler, "step", marking_step)
                 sync(device)
-                calls.append({"start": time.perf_counter(), "marks": [], "decode_s": 0.0, "images": len(indices)})
+                calls.append({"start": time.perf_counter(), "marks": [], "decode_s": 0.0, "images": len(indices),
+                              "unet_rows": 0})
                 try:
                     return original(self, indices, seed)
                 finally:
@@ -306,7 +451,22 @@ def run_fid(export: Path | None, prior: Path, images: Path, inception: Path, wor
                     calls[-1]["end"] = time.perf_counter()
             return call
 
+        def counted_rows(original):
+            def denoise(self, latents, *args, **kwargs):
+                if (call := active()) is not None:
+                    call["unet_rows"] += latents.shape[0]
+                return original(self, latents, *args, **kwargs)
+            return denoise
+
+        def denoiser_classes(cls):
+            for sub in cls.__subclasses__():
+                yield sub
+                yield from denoiser_classes(sub)
+
         patch(PipelineSampler, "__call__", timed_call)
+        for cls in set(denoiser_classes(Denoiser)):  # every denoiser of the plan: the prior's and the concept model's
+            if "__call__" in vars(cls):
+                patch(cls, "__call__", counted_rows)
         patch(AutoencoderKL, "decode", timed_decode)
         stack.enter_context(timed(fid_lib, "fid_from_shards", device, distances))
         start = time.perf_counter()
@@ -329,6 +489,7 @@ def run_fid(export: Path | None, prior: Path, images: Path, inception: Path, wor
     decode_per_call = statistics.fmean(c["decode_s"] for c in timed_calls)
     overhead_per_call = statistics.fmean(c["end"] - c["start"] - c["decode_s"] for c in timed_calls) - steps * step_s
     rest_per_sample = (generation_s - sampling_s) / num_samples  # Inception features, shards
+    rows_per_sample_step = sum(c["unet_rows"] for c in timed_calls) / sum(c["images"] * steps for c in timed_calls)
     n, s = PROJECTED_FID["num_samples"], PROJECTED_FID["steps"]
     per_sample = (s * step_s + overhead_per_call + decode_per_call) / batch_size + rest_per_sample
     projected = setup_s + distance_s + n * per_sample
@@ -343,9 +504,9 @@ def run_fid(export: Path | None, prior: Path, images: Path, inception: Path, wor
         "vae_decode_s": sum(c["decode_s"] for c in calls), "denoising_steps_timed": len(intervals),
         "denoise_step_s": step_s, "denoise_s_per_sample_step": step_s / batch_size,
         "call_overhead_s_per_sample": overhead_per_call / batch_size, "vae_decode_s_per_sample": decode_per_call / batch_size,
-        "inception_and_rest_s_per_sample": rest_per_sample,
+        "inception_and_rest_s_per_sample": rest_per_sample, "unet_rows_per_sample_step": rows_per_sample_step,
         "projected": {**PROJECTED_FID, "seconds_per_sample": per_sample, "seconds": projected, "hours": projected / 3600,
-                      "samples_per_s": 1 / per_sample,
+                      "samples_per_s": 1 / per_sample, "unet_rows_per_s": s * rows_per_sample_step / per_sample,
                       "how": "setup + distance + samples x (steps x denoise per sample-step + call overhead + decode + "
                              "Inception and rest, per sample); rates from the full-batch sampling calls after the first; "
                              "setup holds the real statistics of the small random-image folder (FFHQ's are computed "
