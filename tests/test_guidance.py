@@ -17,7 +17,7 @@ from ccp.guidance import (
     reference_prediction,
     rescale,
 )
-from ccp.pipelines.gcfg import check_guidance_against
+from ccp.pipelines.validation import check_guidance_against
 
 
 def _preds(n, seed=0, shape=(2, 4, 8, 8)):

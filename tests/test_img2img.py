@@ -11,8 +11,9 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipelin
 
 from ccp.config import ConfigError
 from ccp.guidance import GuidanceSpec
-from ccp.pipelines.gcfg import GCFGPipeline, ImageInputError
+from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.pipelines.sampling import noise_generators, sample_images
+from ccp.pipelines.validation import ImageInputError
 from schedulers import FAMILIES, gcfg_with, reference_scheduler
 
 SIZE, STEPS = 64, 5

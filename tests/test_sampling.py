@@ -21,7 +21,8 @@ from ccp.config import compose
 from ccp.evaluation.alignment import SamplingConfig, generate
 from ccp.evaluation.generation import PipelineSampler
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
-from ccp.pipelines.gcfg import EXTRA_DENOISERS, GCFGPipeline
+from ccp.pipelines.extra_denoisers import EXTRA_DENOISERS
+from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.pipelines.run import run_sampling
 from ccp.pipelines.sampling import noise_generators, sample_images
 from ccp.priors import load_controlnet

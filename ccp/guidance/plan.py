@@ -28,7 +28,11 @@ class GuidancePlan:
 
     @classmethod
     def from_spec(cls, spec: GuidanceSpec) -> "GuidancePlan":
-        """Group sources by denoiser (first-use order, unconditional first), merging equal conditions."""
+        """Group sources by denoiser (first-use order, unconditional first), merging equal conditions.
+
+        Built from `spec.without_zero_weights()` (its `spec`): Eq. 3 adds 0 * (eps_i - eps_0) for a
+        weight-0 term, so the plan never evaluates one."""
+        spec = spec.without_zero_weights()
         sources = []
         if spec.needs_unconditional:
             sources.append((UNCONDITIONAL, spec.unconditional))

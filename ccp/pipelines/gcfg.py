@@ -1,8 +1,11 @@
 """Sampling with Generalized Classifier-free Guidance (Eq. 3, Algorithm 1), as a diffusers pipeline.
 
-Reads top to bottom as the algorithm: encode the prompts once, draw the initial latents exactly
-as diffusers does, then at every step evaluate each distinct denoiser once on all conditions
-that use it, combine the predictions with the guidance weights, and step the scheduler.
+`__call__` reads top to bottom as the algorithm, in diffusers' numbered steps: check the inputs,
+encode the prompts once, set the timesteps, draw the initial latents exactly as diffusers does,
+then at every step evaluate each distinct denoiser once on all conditions that use it, combine
+the predictions with the guidance weights (`guided_prediction`, a function of its inputs alone),
+step the scheduler, and decode. A call keeps its state in its locals, its scheduler included, so
+calls on one pipeline may interleave.
 
 Image to image (translation) and inpainting are the same loop started later: the schedule and
 the noised init latents are diffusers' img2img ones, and with a mask the known region is blended
@@ -11,12 +14,8 @@ back after every step as diffusers' inpainting pipeline does for a non-inpaintin
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
-import json
+import copy
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from diffusers import (
     ControlNetModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
-    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -46,7 +44,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ccp.config import ConfigError
-from ccp.guidance import Condition, GuidanceConfigError, GuidancePlan, GuidanceSpec, combine, reference_prediction, rescale
+from ccp.guidance import GuidancePlan, GuidanceSpec
 from ccp.models.denoisers import (
     BatchedCondition,
     ConceptDenoiser,
@@ -55,9 +53,17 @@ from ccp.models.denoisers import (
     LoRADenoiser,
     TextUNetDenoiser,
 )
+from ccp.pipelines.extra_denoisers import (
+    load_extra_denoiser_modules,
+    quiet_about_extra_components,
+    read_extra_denoisers,
+    saved_class_name,
+    write_extra_denoisers,
+)
+from ccp.pipelines.prediction import guided_prediction
+from ccp.pipelines.validation import check_control_inputs, check_guidance_against, check_init_inputs, open_image
 
 logger = logging.getLogger(__name__)
-EXTRA_DENOISERS = "ccp_extra_denoisers.json"  # beside model_index.json: denoiser name -> its components
 
 
 @dataclass
@@ -65,8 +71,14 @@ class GCFGPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class ImageInputError(ConfigError, ValueError):
-    """An init image, mask or strength that cannot start a sample; the message says how to fix it."""
+@dataclass
+class InitImages:
+    """An image-to-image call's init images, preprocessed, and the sample size they set."""
+
+    image: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    mask: torch.Tensor | None  # [N, 1, H, W] in {0, 1}, 1 = repaint; None: no inpainting
+    height: int
+    width: int
 
 
 @dataclass
@@ -134,9 +146,6 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         # Their modules are registered components, so .to(), offload and save_pretrained see them.
         self._extra_denoisers: dict[str, tuple[str, str | None]] = {}
         self._lora_denoisers: dict[str, str] = {}  # name -> adapter name on the prior UNet
-        self._device_for_call: torch.device | None = None
-        self._call_denoisers: dict[str, Denoiser] = {}  # built once per __call__, with their dtypes
-        self._call_dtypes: dict[str, torch.dtype] = {}
 
     def pin_execution_device(self, device: torch.device | str | None) -> None:
         """Sample on `device` even while some unused components live elsewhere (None: diffusers' rule)."""
@@ -148,8 +157,8 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
     @property
     def device_for_call(self) -> torch.device:
-        # diffusers' _execution_device walks every module (~17 ms on a tiny model): once per call.
-        return self._device_for_call or self._execution_device
+        """The device a call samples on (diffusers' `_execution_device`, or the pinned one)."""
+        return self._execution_device
 
     @classmethod
     def from_prior(
@@ -279,37 +288,24 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 "keep the LoRA files and add them again with add_lora_denoiser after loading"
             )
         super().save_pretrained(save_directory, **kwargs)
-        if self._extra_denoisers:
-            table = {name: {"unet": unet, "controlnet": cn} for name, (unet, cn) in self._extra_denoisers.items()}
-            (Path(save_directory) / EXTRA_DENOISERS).write_text(json.dumps(table, indent=2) + "\n")
+        write_extra_denoisers(save_directory, self._extra_denoisers)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GCFGPipeline":
         """diffusers' loading, plus the extra denoisers a local folder's `EXTRA_DENOISERS` names."""
         folder = Path(pretrained_model_name_or_path)
-        index_file = folder / "model_index.json"
-        if cls is GCFGPipeline and index_file.is_file():
-            saved_as = json.loads(index_file.read_text()).get("_class_name")
+        if cls is GCFGPipeline:
+            saved_as = saved_class_name(folder)
             for other in set(cls._family_classes.values()):
                 if other.__name__ == saved_as:
                     return other.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if not (folder / EXTRA_DENOISERS).is_file():
+        table = read_extra_denoisers(folder)
+        if not table:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        index = json.loads((folder / "model_index.json").read_text())
-        extra = set(index) - set(inspect.signature(cls.__init__).parameters) - {"_class_name", "_diffusers_version"}
-        with _dropping_warnings_about(extra):  # diffusers warns that it ignores them; loaded below
+        with quiet_about_extra_components(folder, cls):
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        dtype = kwargs.get("torch_dtype")
-        for name, parts in json.loads((folder / EXTRA_DENOISERS).read_text()).items():
-            modules = []
-            for key in (parts["unet"], parts["controlnet"]):
-                if key is None or hasattr(pipe, key):
-                    modules.append(getattr(pipe, key) if key else None)
-                    continue
-                library, class_name = index[key]
-                model_cls = getattr(importlib.import_module(library), class_name)
-                modules.append(model_cls.from_pretrained(folder / key, torch_dtype=dtype).to(pipe.device))
-            pipe.add_denoiser(name, modules[0], controlnet=modules[1])
+        for name, (unet, controlnet) in load_extra_denoiser_modules(pipe, folder, table, kwargs.get("torch_dtype")).items():
+            pipe.add_denoiser(name, unet, controlnet=controlnet)
         return pipe
 
     # --- checks, all before any denoising --------------------------------------------------------
@@ -321,8 +317,9 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         check_control_inputs(spec, controlnets, num_images)
 
     # --- conditions --------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """[1, 77, D] text embedding, computed exactly as diffusers' StableDiffusionPipeline does."""
+    def encode_prompt(self, prompt: str, device: torch.device | None = None) -> torch.Tensor:
+        """[1, 77, D] text embedding, computed exactly as diffusers' StableDiffusionPipeline does
+        (on `device`; None: the pipeline's execution device)."""
         prompt = self.maybe_convert_prompt(prompt, self.tokenizer)  # multi-vector textual inversion
         tokens = self.tokenizer(
             prompt,
@@ -339,23 +336,28 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 self.tokenizer.model_max_length,
                 removed[0],
             )
-        device = self.device_for_call
+        device = self._execution_device if device is None else device
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(device)
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return embeds.to(dtype=self.text_encoder.dtype, device=device)
 
-    def encode_text(self, prompt: str) -> dict[str, torch.Tensor]:
+    def encode_text(self, prompt: str, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The `BatchedCondition` fields of one prompt on a text denoiser, each with batch 1."""
-        return {"prompt_embeds": self.encode_prompt(prompt)}
+        return {"prompt_embeds": self.encode_prompt(prompt, device)}
 
-    def image_conditions(self, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Fields every condition carries whatever its text, each with batch 1 (none on SD v1.x/2.x)."""
+    def image_conditions(self, height: int, width: int, device: torch.device | None = None, **conditioning) -> dict[str, torch.Tensor]:
+        """Fields every condition carries whatever its text, each with batch 1 (none on SD v1.x/2.x).
+        `conditioning`: a family's own keyword arguments of `__call__` (SDXL's size conditioning)."""
+        if conditioning:
+            raise TypeError(f"{type(self).__name__} takes no {', '.join(sorted(conditioning))} (SDXL priors' "
+                            "GCFGXLPipeline takes original_size, crops_coords_top_left and target_size)")
         return {}
 
     def prepare_control_image(
-        self, image: Any, height: int, width: int, dtype: torch.dtype, num_images: int = 1
+        self, image: Any, height: int, width: int, dtype: torch.dtype, num_images: int = 1,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
         """[num_images, 3, H, W] in [0, 1], preprocessed as StableDiffusionControlNetPipeline does:
         one image for every output, or a list of one per output."""
@@ -363,18 +365,21 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         image = self.control_image_processor.preprocess(images, height=height, width=width).to(dtype=torch.float32)
         if image.shape[0] == 1:
             image = image.repeat_interleave(num_images, dim=0)
-        return image.to(device=self.device_for_call, dtype=dtype)
+        return image.to(device=self._execution_device if device is None else device, dtype=dtype)
 
     def batch_conditions(
-        self, plan: GuidancePlan, num_images: int, height: int, width: int, dtype: torch.dtype
+        self, plan: GuidancePlan, num_images: int, height: int, width: int, dtype: torch.dtype, **conditioning
     ) -> dict[str, BatchedCondition]:
         """Per denoiser, the conditions of its call stacked in call order, each repeated per image
-        (control images in `dtype`; `predict_noise` casts each call's tensors to its denoiser's dtype)."""
+        (control images in `dtype`; each step casts a call's tensors to its denoiser's dtype).
+        `conditioning`: as `image_conditions` takes it."""
+        device = self._execution_device
+        denoisers = self.denoisers
         prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
-        shared = self.image_conditions(height, width)
+        shared = self.image_conditions(height, width, device, **conditioning)
         batched = {}
         for call in plan.calls:
-            denoiser = self.denoisers[call.denoiser]
+            denoiser = denoisers[call.denoiser]
             fields: dict[str, list[torch.Tensor]] = {}
             images, scales = [], []
             for condition in call.conditions:
@@ -382,7 +387,7 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 if denoiser.takes_prompt:
                     prompt = condition.prompt or ""
                     if prompt not in prompt_cache:
-                        prompt_cache[prompt] = self.encode_text(prompt)
+                        prompt_cache[prompt] = self.encode_text(prompt, device)
                     tensors.update(prompt_cache[prompt])
                 for key, value in tensors.items():
                     fields.setdefault(key, []).append(value.repeat(num_images, *[1] * (value.ndim - 1)))
@@ -390,7 +395,7 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                     several = denoiser.num_controlnets > 1
                     per_net = condition.control_image if several else [condition.control_image]
                     net_scales = _control_scales(condition.control_scale, denoiser.num_controlnets)
-                    images.append([self.prepare_control_image(im, height, width, dtype, num_images) for im in per_net])
+                    images.append([self.prepare_control_image(im, height, width, dtype, num_images, device) for im in per_net])
                     scales.append(net_scales)
             control = None
             if images:  # per ControlNet: its images and strengths over the call's conditions
@@ -399,7 +404,7 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                     net_scales = [s[j] for s in scales]
                     control.append((
                         torch.cat([im[j] for im in images]),
-                        torch.tensor(net_scales).repeat_interleave(num_images).to(self.device_for_call),
+                        torch.tensor(net_scales).repeat_interleave(num_images).to(device),
                         net_scales[0] if len(set(net_scales)) == 1 else None,
                     ))
                 several = len(control) > 1
@@ -412,19 +417,33 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             )
         return batched
 
-    def prepare_latents(self, num_images, height, width, dtype, generator, latents=None) -> torch.Tensor:
-        """Initial noise drawn exactly as diffusers' SD pipelines draw it for the same generator."""
+    # --- timesteps and latents -------------------------------------------------------------------
+    def scheduler_for_call(self, num_inference_steps: int, device: torch.device) -> Any:
+        """A scheduler set to `num_inference_steps` steps for one call alone: a multistep solver
+        keeps a history of its steps, which interleaved calls must not share. The pipeline's own
+        scheduler is set to the same steps (what it shows after a call, as in diffusers) and copied."""
+        retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        return copy.deepcopy(self.scheduler)
+
+    def prepare_latents(
+        self, num_images, height, width, dtype, generator, latents=None, scheduler: Any = None,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """Initial noise drawn exactly as diffusers' SD pipelines draw it for the same generator,
+        scaled by `scheduler`'s (None: the pipeline's) initial sigma."""
+        scheduler = self.scheduler if scheduler is None else scheduler
+        device = self._execution_device if device is None else device
         shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device_for_call, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
-            latents = latents.to(device=self.device_for_call, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * scheduler.init_noise_sigma
 
-    def preprocess_init(self, image: Any, mask_image: Any, height: int | None, width: int | None):
-        """(image in [-1, 1], mask in {0, 1} or None, height, width), preprocessed as diffusers'
-        img2img and inpainting pipelines do. Without height/width the first image's size (rounded
-        down to a multiple of 8) is used, as img2img does."""
+    def preprocess_init(self, image: Any, mask_image: Any, height: int | None, width: int | None) -> InitImages:
+        """The init images (and mask), preprocessed as diffusers' img2img and inpainting pipelines
+        do. Without height/width the first image's size (rounded down to a multiple of 8) is used,
+        as img2img does."""
         images = [open_image(im, "init image") for im in _as_list(image)]
         height, width = self.image_processor.get_default_height_width(images[0], height, width)
         init = self.image_processor.preprocess(images, height=height, width=width).to(dtype=torch.float32)
@@ -432,35 +451,34 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         if mask_image is not None:
             masks = [open_image(m, "mask image") for m in _as_list(mask_image)]
             mask = self.mask_processor.preprocess(masks, height=height, width=width)
-        return init, mask, height, width
+        return InitImages(init, mask, height, width)
 
     def prepare_init_latents(
-        self, init: torch.Tensor, mask: torch.Tensor | None, strength: float, timesteps: torch.Tensor,
-        num_images: int, dtype: torch.dtype, generator,
+        self, init: InitImages, strength: float, timesteps: torch.Tensor, num_images: int, dtype: torch.dtype,
+        generator, scheduler: Any, device: torch.device,
     ) -> InitLatents:
         """The noised init latents exactly as diffusers' img2img (no mask) or inpainting pipeline
         (mask) draws them: the VAE's sample with the same generators, then the noise."""
-        device = self.device_for_call
-        init = init.to(device=device, dtype=self.vae.dtype)
+        image, mask = init.image.to(device=device, dtype=self.vae.dtype), init.mask
         timestep = timesteps[:1].repeat(num_images)
         per_image = isinstance(generator, list)
         if per_image and len(generator) != num_images:
             raise ValueError(f"{len(generator)} generators for {num_images} images; pass one per image")
-        if mask is None and per_image and init.shape[0] == 1:
-            init = init.repeat(num_images, 1, 1, 1)  # img2img encodes one copy per generator
+        if mask is None and per_image and image.shape[0] == 1:
+            image = image.repeat(num_images, 1, 1, 1)  # img2img encodes one copy per generator
         if per_image:
-            latents = torch.cat([self._encode(init[i : i + 1], generator[i]) for i in range(init.shape[0])])
+            latents = torch.cat([self._encode(image[i : i + 1], generator[i]) for i in range(image.shape[0])])
         else:
-            latents = self._encode(init, generator)
+            latents = self._encode(image, generator)
         image_latents = latents.repeat(num_images // latents.shape[0], 1, 1, 1)
         shape = (num_images, *image_latents.shape[1:])
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         if mask is None:
-            return InitLatents(self.scheduler.add_noise(image_latents, noise, timestep), timesteps)
+            return InitLatents(scheduler.add_noise(image_latents, noise, timestep), timesteps)
         if strength == 1.0:  # inpainting at full strength starts from pure noise
-            latents = noise * self.scheduler.init_noise_sigma
+            latents = noise * scheduler.init_noise_sigma
         else:
-            latents = self.scheduler.add_noise(image_latents, noise, timestep)
+            latents = scheduler.add_noise(image_latents, noise, timestep)
         size = (image_latents.shape[-2], image_latents.shape[-1])
         mask = torch.nn.functional.interpolate(mask, size=size).to(device=device, dtype=dtype)
         return InitLatents(latents, timesteps, noise, image_latents, mask.repeat(num_images // mask.shape[0], 1, 1, 1))
@@ -471,37 +489,25 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return self.vae.config.scaling_factor * (latents - shift)
 
-    def blend_known_region(self, latents: torch.Tensor, init: InitLatents, i: int) -> torch.Tensor:
+    @staticmethod
+    def blend_known_region(latents: torch.Tensor, init: InitLatents, i: int, scheduler: Any) -> torch.Tensor:
         """Inpainting with a non-inpainting UNet: outside the mask, the init latents noised to the
         next timestep (diffusers' StableDiffusionInpaintPipeline, 4-channel case)."""
         known = init.image_latents
         if i < len(init.timesteps) - 1:
-            known = self.scheduler.add_noise(known, init.noise, torch.tensor([init.timesteps[i + 1]]))
+            known = scheduler.add_noise(known, init.noise, torch.tensor([init.timesteps[i + 1]]))
         return (1 - init.mask) * known + init.mask * latents
 
     # --- sampling --------------------------------------------------------------------------------
     def predict_noise(
-        self, plan: GuidancePlan, latents: torch.Tensor, t: torch.Tensor, conditions: dict[str, BatchedCondition]
+        self, plan: GuidancePlan, latents: torch.Tensor, t: torch.Tensor, conditions: dict[str, BatchedCondition],
+        denoisers: dict[str, Denoiser] | None = None, scheduler: Any = None, dtypes: dict[str, torch.dtype] | None = None,
     ) -> torch.Tensor:
-        """One GCFG step: one batched forward per distinct denoiser, then Eq. 3.
-
-        Denoisers may differ in dtype (a bf16 prior beside an fp32 concept UNet): each gets its
-        inputs in its own dtype, and the predictions are combined in fp32."""
-        denoisers = self._call_denoisers or self.denoisers
-        outputs = {}
-        for call in plan.calls:
-            denoiser = denoisers[call.denoiser]
-            dtype = self._call_dtypes.get(call.denoiser) or denoiser.dtype
-            model_input = torch.cat([latents] * len(call.conditions))
-            model_input = self.scheduler.scale_model_input(model_input, t).to(dtype)
-            prediction = denoiser(model_input, t, conditions[call.denoiser].to(dtype))
-            outputs[call.denoiser] = prediction.float()
-        uncond, predictions = plan.split(outputs)
-        spec = plan.spec
-        guided = combine(uncond, predictions, spec.weights)
-        if spec.rescale > 0 and predictions:
-            guided = rescale(guided, reference_prediction(uncond, predictions, spec.weights), spec.rescale)
-        return guided
+        """One GCFG step, `guided_prediction`, with the given denoisers, scheduler and dtypes (None:
+        the pipeline's registered denoisers and scheduler; `__call__` passes those it read once)."""
+        scheduler = self.scheduler if scheduler is None else scheduler
+        return guided_prediction(latents, t, self.denoisers if denoisers is None else denoisers, plan, conditions,
+                                 scale_model_input=scheduler.scale_model_input, dtypes=dtypes)
 
     @torch.no_grad()
     def __call__(
@@ -520,62 +526,62 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         image: Any = None,
         strength: float = 1.0,
         mask_image: Any = None,
+        **conditioning: Any,
     ):
         """Text to image, or, with `image` (one, or a list of one per output), image to image from
         `strength` in (0, 1] as diffusers' img2img; with `mask_image` too, inpainting (white =
-        repaint) as diffusers' inpainting pipeline with a non-inpainting UNet."""
+        repaint) as diffusers' inpainting pipeline with a non-inpainting UNet. `conditioning`: a
+        prior family's own conditions, shared by every term (SDXL: original_size,
+        crops_coords_top_left, target_size; None sizes: the sample's height and width).
+
+        Everything a call needs lives in its locals, its scheduler too: calls may interleave (one
+        started from another's step callback) and each gives the images it gives alone."""
+        # 1. check inputs, and read and size the init images, before any model runs
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         check_init_inputs(image, mask_image, strength, num_images, num_inference_steps, latents)
-        guidance = guidance.without_zero_weights()
-        self.check_guidance(guidance, num_images)
-        init = None
-        if image is not None:  # read and size the init images before any model runs
-            init = self.preprocess_init(image, mask_image, height, width)
-            height, width = init[2], init[3]
+        plan = GuidancePlan.from_spec(guidance)  # weight-0 terms left out: never evaluated
+        self.check_guidance(plan.spec, num_images)
+        init = None if image is None else self.preprocess_init(image, mask_image, height, width)
+        if init is not None:
+            height, width = init.height, init.width
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
-        plan = GuidancePlan.from_spec(guidance)
-        self._device_for_call = self._execution_device
-        self._call_denoisers = self.denoisers
-        self._call_dtypes = {name: d.dtype for name, d in self._call_denoisers.items()}
-        try:
-            # Latents, the scheduler and Eq. 3 run in fp32 whatever the denoisers' dtypes.
-            return self._sample(plan, num_images, height, width, num_inference_steps, generator, latents, eta,
-                                output_type, return_dict, callback_on_step_end, torch.float32, init, strength)
-        finally:
-            self._device_for_call = None
-            self._call_denoisers, self._call_dtypes = {}, {}
+        device = self._execution_device
+        denoisers = self.denoisers
+        dtypes = {call.denoiser: denoisers[call.denoiser].dtype for call in plan.calls}
+        dtype = torch.float32  # latents, the scheduler and Eq. 3 run in fp32 whatever the denoisers' dtypes
 
-    # diffusers' img2img schedule: the last `strength` of the steps, begin index set on the scheduler
-    get_timesteps = StableDiffusionImg2ImgPipeline.get_timesteps
+        # 2. encode the prompts and control images, once per call
+        conditions = self.batch_conditions(plan, num_images, height, width, dtype, **conditioning)
 
-    def _sample(self, plan, num_images, height, width, num_inference_steps, generator, latents, eta, output_type,
-                return_dict, callback_on_step_end, dtype, init=None, strength=1.0):
+        # 3. timesteps (img2img: the last `strength` of them)
+        scheduler = self.scheduler_for_call(num_inference_steps, device)
+        timesteps = scheduler.timesteps if init is None else img2img_timesteps(scheduler, num_inference_steps, strength)
 
-        conditions = self.batch_conditions(plan, num_images, height, width, dtype)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, self.device_for_call)
+        # 4. latents: noise, or the init images' latents noised to the first timestep
         start = None
         if init is None:
-            latents = self.prepare_latents(num_images, height, width, dtype, generator, latents)
+            latents = self.prepare_latents(num_images, height, width, dtype, generator, latents, scheduler, device)
         else:
-            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, self.device_for_call)
-            start = self.prepare_init_latents(init[0], init[1], strength, timesteps, num_images, dtype, generator)
+            start = self.prepare_init_latents(init, strength, timesteps, num_images, dtype, generator, scheduler, device)
             latents = start.latents
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
+        # 5. denoising loop
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                noise_pred = self.predict_noise(plan, latents, t, conditions)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                noise_pred = self.predict_noise(plan, latents, t, conditions, denoisers, scheduler, dtypes)
+                latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if start is not None and start.mask is not None:
-                    latents = self.blend_known_region(latents, start, i)
+                    latents = self.blend_known_region(latents, start, i, scheduler)
                 if callback_on_step_end is not None:
                     callback_on_step_end(i, t, latents)
                 progress.update()
 
+        # 6. decode
         if output_type == "latent":
             images = latents
         else:
@@ -597,166 +603,20 @@ class GCFGPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
 
 
-@contextlib.contextmanager
-def _dropping_warnings_about(keys: set[str]):
-    """Silence diffusers' "not expected and will be ignored" warnings that name any of `keys`."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("not expected" in message and any(repr(k) in message for k in keys))
-
-    loggers = [logging.getLogger(n) for n in ("diffusers.configuration_utils", "diffusers.pipelines.pipeline_utils")]
-    for lg in loggers:
-        lg.addFilter(keep)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(keep)
-
-
-def check_guidance_against(spec: GuidanceSpec, denoiser_kinds: dict[str, str]) -> None:
-    """Validate a spec against the configured denoisers (name -> kind: unet, controlnet, concept).
-
-    Cheap and model-free, so a CLI can call it before loading any weights.
-    """
-    takes_prompt = {"unet", "controlnet"}
-    for where, source in [("guidance.unconditional", spec.unconditional)] + [
-        (f"guidance.terms.{t.name}", t.source) for t in spec.terms
-    ]:
-        if where == "guidance.unconditional" and not spec.needs_unconditional:
-            continue
-        kind = denoiser_kinds.get(source.denoiser)
-        if kind is None:
-            raise GuidanceConfigError(
-                f"{where} uses denoiser {source.denoiser!r}, which is not configured; configured: "
-                f"{sorted(denoiser_kinds)}. Configure it (e.g. concept.path=... for 'concept', "
-                f"controlnet.path=... for 'controlnet') or point {where}.denoiser at one of those."
-            )
-        condition: Condition = source.condition
-        if kind == "concept" and condition.prompt:
-            raise GuidanceConfigError(
-                f"{where}: the null-text concept model takes no prompt (got {condition.prompt!r}); "
-                "put the prompt in its own term on the prior (control guidance)."
-            )
-        if kind not in takes_prompt and condition.control_image is not None:
-            raise GuidanceConfigError(f"{where}: denoiser {source.denoiser!r} ({kind}) takes no control image")
-        if kind == "controlnet":
-            image = condition.control_image
-            if image is None:
-                raise GuidanceConfigError(
-                    f"{where} uses the ControlNet denoiser {source.denoiser!r} but has no control image; "
-                    f"set {where}.control_image=path/to/image.png"
-                )
-            for file in _paths_in(image):
-                if not Path(file).expanduser().is_file():
-                    raise GuidanceConfigError(f"{where}.control_image: file {file} does not exist")
-    for term in spec.terms:
-        if not math.isfinite(term.weight):
-            raise GuidanceConfigError(f"guidance.terms.{term.name}.weight must be finite, got {term.weight}")
-
-
-def _paths_in(value: Any) -> list:
-    if isinstance(value, (str, Path)):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [p for v in value for p in _paths_in(v)]
-    return []
+def img2img_timesteps(scheduler: Any, num_inference_steps: int, strength: float) -> torch.Tensor:
+    """The last `strength` of the steps `scheduler` is set to, its begin index set to the first
+    of them: diffusers' `StableDiffusionImg2ImgPipeline.get_timesteps`, on a given scheduler."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order :]
 
 
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def open_image(image: Any, what: str) -> Any:
-    """A PIL image, array or tensor as given; a path opened, with an error that names it."""
-    if not isinstance(image, (str, Path)):
-        return image
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise ImageInputError(f"{what} {image} does not exist; pass an existing image file")
-    try:
-        with PIL.Image.open(path) as opened:
-            return opened.convert("RGB")
-    except OSError as err:
-        raise ImageInputError(f"{what} {image} cannot be read as an image ({err}); pass a PNG or JPEG file") from None
-
-
-def _image_count(value: Any) -> int:
-    if isinstance(value, (list, tuple)):
-        return len(value)
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 4:
-        return value.shape[0]
-    return 1
-
-
-def check_init_inputs(image: Any, mask_image: Any, strength: Any, num_images: int, steps: int, latents: Any = None) -> None:
-    """Image-to-image inputs that cannot start a sample, found before any model runs."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise ImageInputError(f"strength must be a number in (0, 1], got {strength!r}")
-    if image is None:
-        if mask_image is not None:
-            raise ImageInputError("a mask image needs an init image to inpaint: pass image=... with mask_image")
-        if strength != 1.0:
-            raise ImageInputError(f"strength={strength} needs an init image (image=...); text to image runs all steps")
-        return
-    if latents is not None:
-        raise ImageInputError("pass either latents or an init image, not both: the init image defines the start latents")
-    if not 0.0 < strength <= 1.0:
-        raise ImageInputError(
-            f"strength must be in (0, 1], got {strength}: the share of the schedule run from the init image "
-            "(1 = from pure noise, small = close to the image)"
-        )
-    if int(steps * strength) < 1:
-        raise ImageInputError(
-            f"strength {strength} of {steps} steps leaves no denoising step; raise strength to at least "
-            f"{1 / steps:.3g} or the number of steps"
-        )
-    for what, value in (("init image", image), ("mask image", mask_image)):
-        count = _image_count(value) if value is not None else 1
-        if count not in (1, num_images):
-            raise ImageInputError(
-                f"{count} {what}s for {num_images} output images; give one for all outputs or one per output"
-            )
-
-
 def _control_scales(scale: Any, count: int) -> list[float]:
     scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * count
     return [float(s) for s in scales]
-
-
-def check_control_inputs(spec: GuidanceSpec, controlnets: dict[str, int], num_images: int) -> None:
-    """Every ControlNet term's images and strengths against its ControlNets and the batch.
-
-    `controlnets`: denoiser name -> its number of ControlNets. A term on one ControlNet takes one
-    image or a list of one per output; on several, a tuple of one entry per ControlNet (each one
-    image or a list per output) and one strength or one per ControlNet."""
-    for where, source in [("guidance.unconditional", spec.unconditional)] + [
-        (f"guidance.terms.{t.name}", t.source) for t in spec.terms
-    ]:
-        if where == "guidance.unconditional" and not spec.needs_unconditional:
-            continue
-        count = controlnets.get(source.denoiser)
-        if count is None:
-            continue
-        image, scale = source.condition.control_image, source.condition.control_scale
-        per_net = [image]
-        if count > 1:
-            if not isinstance(image, tuple) or len(image) != count:
-                given = f"{len(image)} control image entries" if isinstance(image, tuple) else f"a {type(image).__name__}"
-                raise GuidanceConfigError(
-                    f"{where}: denoiser {source.denoiser!r} has {count} ControlNets but got {given}; give a tuple "
-                    f"of {count} control images, one per ControlNet in order (a list means one image per output)"
-                )
-            per_net = list(image)
-        if isinstance(scale, (list, tuple)) and len(scale) != count:
-            raise GuidanceConfigError(
-                f"{where}.control_scale: {len(scale)} strengths for {count} ControlNet(s); give one number or {count}"
-            )
-        for entry in per_net:
-            n = len(entry) if isinstance(entry, list) else 1
-            if n not in (1, num_images):
-                raise GuidanceConfigError(
-                    f"{where}.control_image: a list of {n} images for {num_images} output images; give one "
-                    f"image for all outputs or a list of exactly {num_images}, one per output"
-                )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,21 +29,13 @@ from ccp.pipelines.gcfg import GCFGPipeline
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SizeConditioning:
-    """SDXL's micro-conditioning; None sizes mean (height, width) of the sample, as diffusers' defaults."""
-
-    original_size: tuple[int, int] | None = None
-    crops_coords_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-
-
 class GCFGXLPipeline(GCFGPipeline):
     """`GCFGPipeline` for SDXL priors: two text encoders, pooled embeddings and time ids per condition.
 
-    Only prompt encoding, the batched conditions and VAE upcasting differ from the base; the
-    denoisers, the plan (one batched call per denoiser per step), Eq. 3, img2img and inpainting
-    are the base's."""
+    Only prompt encoding, the batched conditions (with the size conditioning `__call__` takes:
+    original_size, crops_coords_top_left, target_size) and VAE upcasting differ from the base;
+    the denoisers, the plan (one batched call per denoiser per step), Eq. 3, img2img and
+    inpainting are the base's."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     prior_families = ("sdxl",)
@@ -66,7 +57,6 @@ class GCFGXLPipeline(GCFGPipeline):
                          concept_unet=concept_unet, controlnet=controlnet)
         self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self._size_conditioning = SizeConditioning()
 
     @classmethod
     def _prior_components(cls, prior) -> dict[str, Any]:
@@ -93,14 +83,15 @@ class GCFGXLPipeline(GCFGPipeline):
         super().add_denoiser(name, unet, controlnet=controlnet)
 
     # --- conditions --------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, device: torch.device | None = None) -> torch.Tensor:
         """[1, 77, D1 + D2] text embedding as `StableDiffusionXLPipeline.encode_prompt` computes it."""
-        return self.encode_text(prompt)["prompt_embeds"]
+        return self.encode_text(prompt, device)["prompt_embeds"]
 
-    def encode_text(self, prompt: str) -> dict[str, torch.Tensor]:
+    def encode_text(self, prompt: str, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """prompt_embeds [1, 77, D1 + D2] and pooled_embeds [1, P], as diffusers' SDXL pipeline
-        (zeros for the empty prompt under force_zeros_for_empty_prompt, see the module doc)."""
-        device = self.device_for_call
+        (zeros for the empty prompt under force_zeros_for_empty_prompt, see the module doc), on
+        `device` (None: the pipeline's execution device)."""
+        device = self._execution_device if device is None else device
         hidden, pooled = [], None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             if encoder is None:  # e.g. a refiner-like prior without the first encoder
@@ -122,10 +113,17 @@ class GCFGXLPipeline(GCFGPipeline):
             embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         return {"prompt_embeds": embeds, "pooled_embeds": pooled.to(device)}
 
-    def image_conditions(self, height: int, width: int) -> dict[str, torch.Tensor]:
+    def image_conditions(
+        self,
+        height: int,
+        width: int,
+        device: torch.device | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """time_ids [1, 6]: (original size, crop top-left, target size), diffusers' defaults (h, w), (0, 0), (h, w)."""
-        size = self._size_conditioning
-        ids = [*(size.original_size or (height, width)), *size.crops_coords_top_left, *(size.target_size or (height, width))]
+        ids = [*(original_size or (height, width)), *crops_coords_top_left, *(target_size or (height, width))]
         config = self.unet.config
         if config.get("addition_embed_type") == "text_time":
             passed = config.addition_time_embed_dim * len(ids) + self.text_encoder_2.config.projection_dim
@@ -136,7 +134,8 @@ class GCFGXLPipeline(GCFGPipeline):
                     f"{self.text_encoder_2.config.projection_dim}-d pooled embedding give {passed}; this pipeline "
                     "supports SDXL base-style UNets (size/crop/target time ids, no aesthetic score)"
                 )
-        return {"time_ids": torch.tensor([ids], dtype=torch.float32, device=self.device_for_call)}
+        device = self._execution_device if device is None else device
+        return {"time_ids": torch.tensor([ids], dtype=torch.float32, device=device)}
 
     # --- the VAE: fp16 SDXL VAEs overflow, so diffusers runs them in fp32 (force_upcast) ------------
     @contextlib.contextmanager
@@ -157,24 +156,3 @@ class GCFGXLPipeline(GCFGPipeline):
     def _encode(self, image: torch.Tensor, generator) -> torch.Tensor:
         with self._vae_upcast():
             return super()._encode(image.to(self.vae.dtype), generator)
-
-    # --- sampling --------------------------------------------------------------------------------
-    def __call__(
-        self,
-        guidance,
-        *args,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        **kwargs,
-    ):
-        """`GCFGPipeline.__call__`, plus SDXL's size conditioning, shared by every condition
-        (None: the sample's height and width, as diffusers)."""
-        self._size_conditioning = SizeConditioning(
-            tuple(original_size) if original_size else None, tuple(crops_coords_top_left),
-            tuple(target_size) if target_size else None,
-        )
-        try:
-            return super().__call__(guidance, *args, **kwargs)
-        finally:
-            self._size_conditioning = SizeConditioning()

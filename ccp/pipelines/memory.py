@@ -46,6 +46,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedModel
 from ccp.guidance import GuidancePlan, GuidanceSpec
 from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.pipelines.gcfg_xl import GCFGXLPipeline  # noqa: F401  (registers the SDXL pipeline for from_prior)
+from ccp.pipelines.prediction import guided_prediction
 
 META = torch.device("meta")
 GIB = 2**30
@@ -359,14 +360,13 @@ def predict_sampling_memory(pipe: GCFGPipeline, spec: GuidanceSpec, num_images: 
     pipe.check_guidance(spec, num_images)
     weights = weight_bytes(pipe)
     phases: dict[str, int] = {}
-    scheduler = pipe.scheduler  # the meta pipeline's own (predict_noise scales inputs with it)
+    scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(2, device="cpu")
     tracker = LiveTensorBytes(cpu_kernels=device == "cpu")
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # SDXL's fp16 VAE upcast casts with diffusers' .to, which warns
-    pipe._device_for_call = META
-    pipe._call_denoisers = pipe.denoisers
-    pipe._call_dtypes = {name: d.dtype for name, d in pipe._call_denoisers.items()}
+    denoisers = pipe.denoisers
+    dtypes = {call.denoiser: denoisers[call.denoiser].dtype for call in plan.calls}
     try:
         with torch.no_grad(), _FusedAttention(), tracker:
             conditions = pipe.batch_conditions(plan, num_images, height, width, torch.float32)
@@ -378,10 +378,10 @@ def predict_sampling_memory(pipe: GCFGPipeline, spec: GuidanceSpec, num_images: 
                 del image
                 phases["encode"] = tracker.peak
             else:
-                latents = pipe.prepare_latents(num_images, height, width, torch.float32, None)
+                latents = pipe.prepare_latents(num_images, height, width, torch.float32, None, scheduler=scheduler, device=META)
             tracker.reset_peak()
             for t in scheduler.timesteps:
-                noise = pipe.predict_noise(plan, latents, t, conditions)
+                noise = guided_prediction(latents, t, denoisers, plan, conditions, scheduler.scale_model_input, dtypes)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             del noise
             phases["denoise"] = tracker.peak
@@ -393,8 +393,6 @@ def predict_sampling_memory(pipe: GCFGPipeline, spec: GuidanceSpec, num_images: 
             phases["decode"] = max(tracker.peak, tracker.current + host)
     finally:
         diffusers_logging.set_verbosity(verbosity)
-        pipe._device_for_call = None
-        pipe._call_denoisers, pipe._call_dtypes = {}, {}
     activations = max(phases.values())
     total = sum(weights.values())
     return {

@@ -23,15 +23,10 @@ from tqdm.auto import tqdm
 
 from ccp.config import ConfigError, with_output_dir
 from ccp.guidance import GuidanceSpec
-from ccp.pipelines.gcfg import (
-    GCFGPipeline,
-    ImageInputError,
-    check_control_inputs,
-    check_guidance_against,
-    check_init_inputs,
-)
+from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.pipelines.memory import denoisers_in_use
 from ccp.pipelines.sampling import sample_batches
+from ccp.pipelines.validation import ImageInputError, check_control_inputs, check_guidance_against, check_init_inputs
 from ccp.priors.loading import looks_like_path, load_controlnet, load_prior, resolve_dtype
 from ccp.priors.single_file import SINGLE_FILE_SUFFIXES, SingleFileError, check_single_file, load_single_file_unet
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ccp.guidance import GuidanceSpec
-from ccp.pipelines.gcfg import check_init_inputs
+from ccp.pipelines.validation import check_init_inputs
 
 
 def noise_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
