@@ -202,7 +202,7 @@ def test_sample_metrics_callback_logs_fid_and_alignment_with_the_ema_weights(set
     from ccp.methods.base import PromptTemplate
     from ccp.methods.ours import NullTextConcept
     from ccp.training.callbacks import EMACallback
-    from ccp.training.module import PersonalizationModule
+    from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 
     class Spy(SampleMetrics):
         seen = []  # (weights measured, eval mode) per measurement
@@ -223,7 +223,7 @@ def test_sample_metrics_callback_logs_fid_and_alignment_with_the_ema_weights(set
                   predictor=CLIPAttributePredictor(setup["clip"], device="cpu"), prompts=("smiling",), images_per_prompt=2)
     method = NullTextConcept(tiny_prior, template, definition="value_mean")
     module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
-                                   lr=1e-3, seed=0, prior=tiny_prior)
+                                   prior=tiny_prior, config=TrainingConfig(optim=OptimConfig(lr=1e-3), seed=0))
     loader = torch.utils.data.DataLoader(_Pixels(), batch_size=2)
     logger = L.pytorch.loggers.CSVLogger(str(tmp_path), name="csv")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=logger, log_every_n_steps=1, enable_progress_bar=False,

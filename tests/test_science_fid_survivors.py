@@ -28,14 +28,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ccp.evaluation import fid as fid_module
+from ccp.evaluation import statistics as statistics_module
 from ccp.evaluation.fid import (
     INCEPTION_WEIGHTS_URL,
     FeatureStats,
     FIDConfig,
     FIDConfigError,
-    _collate,
-    _device_of,
-    _FolderImages,
     extract_features,
     extractor_fingerprint,
     fake_statistics,
@@ -48,6 +46,8 @@ from ccp.evaluation.fid import (
     real_stats_key,
     run_fid,
 )
+from ccp.evaluation.inception import _device_of
+from ccp.evaluation.statistics import _collate, _FolderImages
 from ccp.io import BadImageWarning
 from ccp.pipelines.sampling import noise_generators
 from stand_ins import CountingExtractor, pil_reference_images
@@ -132,7 +132,7 @@ class TqdmRecorder:
 @pytest.fixture
 def bars(monkeypatch):
     recorder = TqdmRecorder()
-    monkeypatch.setattr(fid_module, "tqdm", recorder)
+    monkeypatch.setattr(statistics_module, "tqdm", recorder)
     return recorder
 
 
@@ -140,14 +140,14 @@ def bars(monkeypatch):
 def loaders(monkeypatch):
     """Records the DataLoader arguments; runs in-process whatever num_workers was asked for."""
     calls: list[dict] = []
-    real_loader = fid_module.DataLoader
+    real_loader = statistics_module.DataLoader
 
     def loader(*args, **kwargs):
         calls.append(dict(kwargs))
         kwargs["num_workers"] = 0
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(fid_module, "DataLoader", loader)
+    monkeypatch.setattr(statistics_module, "DataLoader", loader)
     return calls
 
 
@@ -227,13 +227,13 @@ def test_cache_false_writes_nothing_and_info_has_no_cache_file(tmp_path, monkeyp
 def test_a_cached_file_is_read_back_without_the_extractor_and_logged(tmp_path, caplog):
     extractor = CountingExtractor()
     folder = write_folder(tmp_path / "real", 3)
-    with caplog.at_level(logging.INFO, logger="ccp.evaluation.fid"):
+    with caplog.at_level(logging.INFO, logger="ccp.evaluation.statistics"):
         first = real_statistics(folder, extractor, resolution=12, cache_dir=tmp_path / "c", progress=False)
     path = first.info["cache_file"]
     assert [r.getMessage() for r in caplog.records] == [f"real FID statistics of 3 images cached in {path}"]
     caplog.clear()
     calls = extractor.calls
-    with caplog.at_level(logging.INFO, logger="ccp.evaluation.fid"):
+    with caplog.at_level(logging.INFO, logger="ccp.evaluation.statistics"):
         again = real_statistics(folder, extractor, resolution=12, cache_dir=tmp_path / "c", progress=False)
     assert extractor.calls == calls
     assert [r.getMessage() for r in caplog.records] == [f"real FID statistics from cache {path}"]
@@ -291,7 +291,7 @@ def test_unreadable_images_are_skipped_with_a_warning_each_and_a_log_line(tmp_pa
     extractor = CountingExtractor()
     folder = write_folder(tmp_path / "real", 3, prefix="b")
     bad = [corrupt(folder / "a0.png"), corrupt(folder / "a1.png")]  # sorted first: one batch of only bad files
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="ccp.evaluation.fid"):
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="ccp.evaluation.statistics"):
         warnings.simplefilter("always")
         stats = real_statistics(folder, extractor, resolution=12, cache_dir=tmp_path / "c", batch_size=2,
                                 progress=False)
@@ -462,13 +462,13 @@ def test_one_process_or_no_cache_means_no_barrier(tmp_path, monkeypatch):
 @pytest.fixture
 def waits(monkeypatch):
     recorded: list[float] = []
-    original = fid_module.iter_shard_features
+    original = statistics_module.iter_shard_features
 
     def recording(*args, wait_s=0.0, **kwargs):
         recorded.append(wait_s)
         return original(*args, wait_s=wait_s, **kwargs)
 
-    monkeypatch.setattr(fid_module, "iter_shard_features", recording)
+    monkeypatch.setattr(statistics_module, "iter_shard_features", recording)
     return recorded
 
 

@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ccp.evaluation import fid as fid_module
+from ccp.evaluation import statistics as statistics_module
+from ccp.evaluation.statistics import KID_FORMAT_VERSION
 from ccp.evaluation.fid import (
-    KID_FORMAT_VERSION,
     RandomConvFeatures,
     fake_features,
     fid_over_samples,
@@ -138,7 +139,7 @@ def test_unreadable_images_are_skipped_and_a_folder_of_none_is_refused(tmp_path)
 
 def test_progress_bar_counts_images_and_follows_the_flag(tmp_path, monkeypatch):
     bars = []
-    monkeypatch.setattr(fid_module, "tqdm", lambda **kwargs: bars.append(RecordingBar(**kwargs)) or bars[-1])
+    monkeypatch.setattr(statistics_module, "tqdm", lambda **kwargs: bars.append(RecordingBar(**kwargs)) or bars[-1])
     paths = write_folder(tmp_path / "real", [(16, 16)] * 3)
     paths[0].write_bytes(b"broken")
     real_features(tmp_path / "real", CountingExtractor(), resolution=16, cache_dir=tmp_path / "c", batch_size=2,
@@ -209,13 +210,13 @@ def test_cache_names_keep_letters_of_either_case_and_are_cut_at_48_characters(tm
 
 def test_loader_defaults_are_batches_of_50_in_the_main_process(tmp_path, monkeypatch):
     seen = []
-    real_loader = fid_module.DataLoader
+    real_loader = statistics_module.DataLoader
 
     def recording_loader(dataset, **kwargs):
         seen.append({k: kwargs[k] for k in ("batch_size", "num_workers")})
         return real_loader(dataset, **kwargs)
 
-    monkeypatch.setattr(fid_module, "DataLoader", recording_loader)
+    monkeypatch.setattr(statistics_module, "DataLoader", recording_loader)
     write_folder(tmp_path / "real", [(16, 16)] * 2)
     real_features(tmp_path / "real", CountingExtractor(), resolution=16, cache_dir=tmp_path / "c", progress=False)
     real_features(tmp_path / "real", CountingExtractor(1), resolution=16, cache_dir=tmp_path / "d", batch_size=3,
@@ -225,7 +226,7 @@ def test_loader_defaults_are_batches_of_50_in_the_main_process(tmp_path, monkeyp
 
 def test_a_batch_of_only_unreadable_images_counts_once_and_progress_shows_by_default(tmp_path, monkeypatch):
     bars = []
-    monkeypatch.setattr(fid_module, "tqdm", lambda **kwargs: bars.append(RecordingBar(**kwargs)) or bars[-1])
+    monkeypatch.setattr(statistics_module, "tqdm", lambda **kwargs: bars.append(RecordingBar(**kwargs)) or bars[-1])
     paths = write_folder(tmp_path / "real", [(16, 16)] * 3)
     paths[1].write_bytes(b"broken")
     real_features(tmp_path / "real", CountingExtractor(), resolution=16, cache_dir=tmp_path / "c", batch_size=1)

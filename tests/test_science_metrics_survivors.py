@@ -24,13 +24,13 @@ from ccp.evaluation.fid import (
     FIDConfigError,
     InceptionWeightsError,
     RandomConvFeatures,
-    _FeatureDim,
     fill_metric_state,
     frechet_distance,
     hub_weights_path,
     resolve_inception_weights,
     run_fid,
 )
+from ccp.evaluation.inception import GivenFeatures
 
 
 # --- _normalise: unit rows --------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_answers_live_on_the_device_of_the_class_features():
 def new_metric(dim=3):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=_FeatureDim(dim), sync_on_compute=False)
+    return FrechetInceptionDistance(feature=GivenFeatures(dim), sync_on_compute=False)
 
 
 FEATURES = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [2.0, 2.0, 0.0], [1.0, -1.0, 1.0]], dtype=torch.float64)

@@ -2,11 +2,12 @@
 
 A metric run is a function of global sample indices ``0 .. N-1``: image ``i`` is image ``i`` of
 seed ``base_seed`` as `ccp.pipelines.sampling` defines it (a CPU generator seeded ``base_seed + i``),
-so which device, process, batch or shard makes it does not change it. The indices are cut into shards of ``shard_size`` (the last may be shorter);
-rank ``r`` of ``W`` takes shards ``r, r + W, r + 2W, ...`` (ranks on every node together: W is the
-total number of processes). Per shard, the features of its images are written in one file,
-atomically (temporary file, then `os.replace`), so a rerun skips finished shards and an
-interrupted run resumes at the shard it was in. Layout of a shard folder::
+so which device, process, batch or shard makes it does not change it. The folder is a
+`ccp.io.shards.ShardedFolder`: the indices are cut into shards of ``shard_size`` (the last may be
+shorter), rank ``r`` of ``W`` takes shards ``r, r + W, r + 2W, ...`` (W counts the processes of
+every node), and per shard the features of its images are written in one file, atomically, so a
+rerun skips finished shards and an interrupted run resumes at the shard it was in. Nothing here
+meets other ranks: the evaluation run does (`ccp.evaluation.fid`). Layout of a shard folder::
 
     meta.json                      what is generated: shard size, seed, noise, run key,
                                    feature extractor; a different run is refused, not mixed in
@@ -23,8 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ccp.io import write_atomic, write_json_atomic
+from ccp.io import write_atomic
+from ccp.io.shards import ShardedFolder, as_ranges, open_meta
 from ccp.pipelines.sampling import sample_images
 
 log = logging.getLogger(__name__)
@@ -110,21 +111,12 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 # --- shards ----------------------------------------------------------------------------------
-def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
-    if num_samples < 1 or shard_size < 1:
-        raise ValueError(f"num_samples and shard_size must be positive, got {num_samples} and {shard_size}")
-    return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
-
-
-def rank_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
-    """Shards of rank `rank` among `world_size` processes: rank, rank + W, ..."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    return list(range(rank, num_shards, world_size))
-
-
 def shard_path(shard_dir: str | Path, index: int) -> Path:
-    return Path(shard_dir) / "features" / f"shard-{index:05d}.safetensors"
+    return Path(shard_dir) / shard_file(index)
+
+
+def shard_file(index: int) -> str:
+    return f"features/shard-{index:05d}.safetensors"
 
 
 def image_path(shard_dir: str | Path, sample_index: int) -> Path:
@@ -161,6 +153,15 @@ def meta_hash(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sample_shards(shard_dir: str | Path, num_samples: int, shard_size: int, run_hash: str,
+                  with_images: bool = False) -> ShardedFolder:
+    """The shard folder of samples 0 .. num_samples-1 of the run `run_hash` (`prepare_shard_dir`)."""
+    return ShardedFolder(
+        Path(shard_dir), num_samples, shard_size,
+        shard_done=lambda k, indices: shard_done(shard_dir, k, indices, run_hash, with_images),
+        shard_files=lambda k, indices: [shard_file(k)])
+
+
 def prepare_shard_dir(shard_dir: str | Path, meta: dict[str, Any]) -> str:
     """Create the folder and its meta.json, or check that the existing one is the same run.
 
@@ -169,19 +170,15 @@ def prepare_shard_dir(shard_dir: str | Path, meta: dict[str, Any]) -> str:
     shard_dir = Path(shard_dir)
     (shard_dir / "features").mkdir(parents=True, exist_ok=True)
     meta = json.loads(json.dumps(meta, sort_keys=True))  # compare as it reads back from disk
-    path = shard_dir / META
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        existing.pop("hash", None)
-        if existing != meta:
-            keys = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
-            raise ShardDirMismatchError(
-                f"{shard_dir} holds samples of another run (differs in: {', '.join(keys)}; "
-                f"there: {json.dumps({k: existing.get(k) for k in keys})}, now: {json.dumps({k: meta.get(k) for k in keys})}). "
-                "Use a new shard folder for this run, or delete that one to start over."
-            )
-    else:
-        write_json_atomic(path, {**meta, "hash": meta_hash(meta)})
+    existing = open_meta(shard_dir, {**meta, "hash": meta_hash(meta)})
+    existing.pop("hash", None)
+    if existing != meta:
+        keys = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
+        raise ShardDirMismatchError(
+            f"{shard_dir} holds samples of another run (differs in: {', '.join(keys)}; "
+            f"there: {json.dumps({k: existing.get(k) for k in keys})}, now: {json.dumps({k: meta.get(k) for k in keys})}). "
+            "Use a new shard folder for this run, or delete that one to start over."
+        )
     return meta_hash(meta)
 
 
@@ -209,9 +206,7 @@ def shard_done(shard_dir: str | Path, index: int, indices: range, run_hash: str,
 def pending_shards(shard_dir: str | Path, num_samples: int, shard_size: int, run_hash: str, rank: int = 0,
                    world_size: int = 1, keep_images: bool = False) -> list[int]:
     """Shards of `rank` not written yet."""
-    ranges = shard_ranges(num_samples, shard_size)
-    return [k for k in rank_shards(len(ranges), rank, world_size)
-            if not shard_done(shard_dir, k, ranges[k], run_hash, keep_images)]
+    return sample_shards(shard_dir, num_samples, shard_size, run_hash, keep_images).pending(rank, world_size)
 
 
 def _write_shard(shard_dir: Path, index: int, indices: range, features: torch.Tensor, run_hash: str, images: bool) -> None:
@@ -252,9 +247,10 @@ def generate_shards(
     `prepare_shard_dir`.
     """
     shard_dir = Path(shard_dir)
-    ranges = shard_ranges(num_samples, shard_size)
-    mine = rank_shards(len(ranges), rank, world_size)
-    todo = pending_shards(shard_dir, num_samples, shard_size, run_hash, rank, world_size, keep_images)
+    store = sample_shards(shard_dir, num_samples, shard_size, run_hash, keep_images)
+    ranges = store.ranges
+    mine = store.owned(rank, world_size)
+    todo = store.pending(rank, world_size)
     pending = set(todo)
     skipped = [k for k in mine if k not in pending]
     run = ShardRun(rank, world_size, [], skipped, 0)
@@ -292,17 +288,6 @@ def generate_shards(
     return run
 
 
-def _as_ranges(indices: Sequence[int]) -> str:
-    parts, start = [], None
-    for pos, k in enumerate(indices):
-        if start is None:
-            start = k
-        if pos + 1 == len(indices) or indices[pos + 1] != k + 1:
-            parts.append(str(start) if start == k else f"{start}-{k}")
-            start = None
-    return ", ".join(parts)
-
-
 def iter_shard_features(shard_dir: str | Path, num_samples: int, shard_size: int, run_hash: str,
                         wait_s: float = 0.0) -> Iterator[torch.Tensor]:
     """The features of samples 0 .. num_samples-1, shard by shard in index order.
@@ -312,21 +297,16 @@ def iter_shard_features(shard_dir: str | Path, num_samples: int, shard_size: int
     finished (after a barrier): a Cloud Storage FUSE mount may answer "not found" from its cache
     for a few seconds after another node's upload.
     """
-    ranges = shard_ranges(num_samples, shard_size)
-    deadline = time.monotonic() + wait_s
-    while True:
-        missing = [k for k, r in enumerate(ranges) if not shard_done(shard_dir, k, r, run_hash)]
-        if not missing or time.monotonic() >= deadline:
-            break
-        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    store = sample_shards(shard_dir, num_samples, shard_size, run_hash)
+    missing = store.missing(wait_s)
     if missing:
         raise MissingShardsError(
-            f"{len(missing)} of {len(ranges)} shards are not finished in {shard_dir} (shards {_as_ranges(missing)}). "
+            f"{len(missing)} of {len(store.ranges)} shards are not finished in {shard_dir} (shards {as_ranges(missing)}). "
             f"With W processes, shard k belongs to rank k mod W: run those ranks (or rerun with fewer ranks; "
             "finished shards are skipped), then combine again.",
             missing,
         )
-    for k in range(len(ranges)):
+    for k in range(len(store.ranges)):
         with safe_open(str(shard_path(shard_dir, k)), framework="pt") as f:
             yield f.get_tensor("features")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ccp.config import ConfigError, with_output_dir
+from ccp.distributed import local_rank, rank_world
 from ccp.evaluation.alignment import SamplingConfig, SpatialAlignmentConfig, TextAlignmentConfig
 from ccp.evaluation.attributes import QUESTIONS, TABLE3_PROMPTS
 from ccp.evaluation.fid import FIDConfig, FIDConfigError, RandomConvFeatures, resolve_inception_weights
@@ -286,16 +286,15 @@ def join_launcher_group(device: torch.device) -> tuple[torch.device, int]:
     without an index becomes this rank's ``cuda:LOCAL_RANK``. Returns (device, rank)."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1 or not dist.is_available():
+    if rank_world()[1] <= 1 or not dist.is_available():
         return device, 0
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=EVAL_COLLECTIVE_TIMEOUT)
-        log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
-    return device, dist.get_rank()
+        log.info("rank %d of %d (%s)", *rank_world(), dist.get_backend())
+    return device, rank_world()[0]
 
 
 def run_eval(cfg: DictConfig, out_dir: str | Path, override_dirname: str | None = None) -> dict:

@@ -10,14 +10,15 @@ Layout of the folder (``prior_preservation.class_data_dir``, default
 
     meta.json            what is generated (prompt, count, size, steps, guidance, seed, prior hash)
     00000.png ...        one file per image, each written atomically
-    .ccp_complete.json   written last: every image is there (`ccp.io.dir_complete`)
+    .ccp_complete.json   written last: every image is there, with its size (`ccp.io.dir_complete`)
 
 Images are drawn in fixed blocks of ``sample_batch_size`` (block b: images b*bs .. b*bs + bs - 1),
 so every image comes from the same batch whichever rank draws it and however the run was
 interrupted (a batch's numerics can differ in the last bit with its size). Finished images are
-kept: a rerun draws only the blocks with missing images and writes only those. Under DDP rank r
-draws blocks r, r + W, ... and all ranks meet at a barrier before the completion record is
-written, as the latent cache does; the folder must be visible to every rank.
+kept: a rerun draws only the blocks with missing images and writes only those. The folder is a
+`ccp.io.shards.ShardedFolder` whose shards are the blocks: under DDP rank r draws blocks r, r + W,
+... and all ranks meet at a barrier before the completion record is written, as the latent cache
+does; the folder must be visible to every rank.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from PIL import Image
 from ccp.config import ConfigError
 from ccp.distributed import barrier_or_none
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
-from ccp.io import (COMPLETE_RECORD, content_hash, dir_complete, file_sizes, remove_stale_temporaries, write_atomic,
-                    write_json_atomic)
+from ccp.io import COMPLETE_RECORD, content_hash, dir_complete, write_atomic
+from ccp.io.shards import ShardedFolder, open_meta
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def generate_class_images(
     A complete folder returns at once without running the prior. Otherwise rank `rank` of
     `world_size` draws its blocks with missing images (blocks rank, rank + world_size, ...) on `device`
     (default: where the prior's UNet is; the prior's parts go back where they were), then
-    `barrier` (default: `torch.distributed.barrier` when initialised) is called and the completion
+    `barrier` (default: `ccp.distributed.barrier` when a process group is up) is called and the completion
     record is written once every image is there. Without a barrier, the last rank to finish
     completes the folder.
     """
@@ -189,15 +190,14 @@ def generate_class_images(
     if dir_complete(folder):
         log.info("class images %s are complete; reusing them", folder)
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / META, meta)  # every rank writes the same bytes
+    open_meta(folder, meta)
 
-    size, total = cfg.sample_batch_size, cfg.num_class_images
-    blocks = [range(start, min(start + size, total)) for start in range(0, total, size)]
-    missing = {i for b in range(rank, len(blocks), world_size) for i in blocks[b]
-               if not _image_ok(folder / image_name(i), resolution)}
-    # whole blocks in order: sample_batches' batches are exactly the blocks (only the last may be short)
-    mine = [i for block in blocks if missing & set(block) for i in block]
+    # a shard is a block of sample_batch_size images: sample_batches' batches are exactly the blocks
+    store = class_image_blocks(folder, cfg, resolution)
+    blocks = store.ranges
+    todo = store.pending(rank, world_size)
+    missing = {i for b in todo for i in blocks[b] if not _image_ok(folder / image_name(i), resolution)}
+    mine = [i for b in todo for i in blocks[b]]
     if mine:
         parts = [prior.unet, prior.text_encoder, prior.vae]
         places = [next(m.parameters()).device for m in parts]
@@ -225,17 +225,16 @@ def generate_class_images(
     barrier = barrier or (barrier_or_none() if world_size > 1 else None)
     if barrier is not None:
         barrier()
-    absent = [image_name(i) for i in range(total) if not (folder / image_name(i)).is_file()]
-    if not absent:
-        if not dir_complete(folder):
-            remove_stale_temporaries(folder)  # killed writers' leftovers must not enter the record
-            # the commit point, last: lists every file with its size
-            write_json_atomic(folder / COMPLETE_RECORD, {"files": file_sizes(folder)})
-    elif barrier is not None:
-        raise RuntimeError(f"class images {folder} are missing after every rank finished: {absent[:5]}")
-    else:
-        log.info("class images %s: %d left for other ranks", folder, len(absent))
+    store.finish({}, met=barrier is not None)
     return folder
+
+
+def class_image_blocks(folder: Path, cfg: ClassImagesConfig, resolution: int) -> ShardedFolder:
+    """The class-image folder as a sharded store: shard b is block b; its record is `COMPLETE_RECORD`."""
+    return ShardedFolder(
+        folder, cfg.num_class_images, cfg.sample_batch_size,
+        shard_done=lambda b, block: all(_image_ok(folder / image_name(i), resolution) for i in block),
+        shard_files=lambda b, block: [image_name(i) for i in block], record=COMPLETE_RECORD)
 
 
 def class_images_config(node) -> ClassImagesConfig:

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from ccp.config import ConfigError
 from ccp.training.sampler import resumable_loader
 from ccp.io import BadImageWarning, default_cache_root, list_image_files, load_rgb8, resize_to_square, to_rgb8, write_json_atomic
+from ccp.distributed import rank_world
 from ccp.training.class_images import ClassImagesConfig, class_images_config, generate_class_images
 from ccp.training.latent_cache import CachedLatentDataset, LatentCache, LatentCacheConfig, build_latent_cache
 
@@ -604,9 +605,7 @@ class ConceptDataModule(L.LightningDataModule):
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_world()
 
     def _barrier(self) -> Callable[[], None] | None:
         if self.trainer is not None and self.trainer.world_size > 1:

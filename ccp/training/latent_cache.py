@@ -10,13 +10,14 @@ Layout, under ``<root>/<key>/``::
     shard-00000.safetensors       "mean", "logvar": [K, 2, C, h, w], index 1 of dim 1 = mirrored;
                                   "original_size", "crop_top_left": [K, 2] (SDXL's time ids; flip-independent)
     ...
-    manifest.json                 written last: the cache is complete
+    manifest.json                 written last, with each shard's size: the cache is complete
+                                  (a manifest written before sizes were recorded counts by its presence)
 
 The key hashes the VAE (config and encoder weights), the resolution, the crop mode, the storage
 and encoding dtypes and the file list (relative paths, sizes, mtimes): it does not depend on the
 method, so every method and every later run with the same data and prior reuses one cache.
-Shards are written atomically (temporary file, then `os.replace`), so an interrupted build resumes
-where it stopped. An fp16 VAE whose config says ``force_upcast`` encodes in fp32 on SDXL priors
+The folder is a `ccp.io.shards.ShardedFolder`: shards are written atomically, so an interrupted
+build resumes where it stopped, and the manifest (with every shard's size) is its completion record. An fp16 VAE whose config says ``force_upcast`` encodes in fp32 on SDXL priors
 (`needs_upcast`), as diffusers' SDXL pipelines and training scripts do (SDXL's fp16 VAE overflows).
 Under DDP rank r builds shards r, r + W, ... and all ranks meet at a barrier;
 the cache folder must be visible to all ranks (one node, or a shared filesystem).
@@ -40,7 +41,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ccp.distributed import barrier_or_none
-from ccp.io import content_hash, default_cache_root, write_atomic, write_json_atomic
+from ccp.io import content_hash, default_cache_root, write_atomic
+from ccp.io.shards import ShardedFolder, open_meta, record_complete
 from ccp.priors.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -146,8 +148,11 @@ def _shard_ok(path: Path, count: int) -> bool:
         return False
 
 
-def _shard_ranges(num_images: int, shard_size: int) -> list[range]:
-    return [range(s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size)]
+def latent_shards(folder: Path, num_images: int, shard_size: int) -> ShardedFolder:
+    """The cache folder as a sharded store; its completion record is the manifest."""
+    return ShardedFolder(folder, num_images, shard_size,
+                         shard_done=lambda k, items: _shard_ok(folder / shard_name(k), len(items)),
+                         shard_files=lambda k, items: [shard_name(k)], record=MANIFEST)
 
 
 # --- building --------------------------------------------------------------------------------
@@ -184,7 +189,7 @@ def build_latent_cache(
     `cache_dir` defaults to ``<cache root>/latents``. Finished shards are kept, so a rerun builds
     only what is missing, and a complete cache (manifest present) returns at once without calling
     the VAE. Rank `rank` of `world_size` builds shards rank, rank + world_size, ...; then `barrier`
-    (default: `torch.distributed.barrier` when initialised) is called, and a rank that sees every
+    (default: `ccp.distributed.barrier` when a process group is up) is called, and a rank that sees every
     shard writes the manifest. Without a barrier, the rank that finishes last completes the cache.
     `device`/`dtype` default to the VAE's (fp32 for an fp16 VAE with ``force_upcast`` when `upcast`,
     i.e. on SDXL priors); `vae` itself is left where it was.
@@ -194,37 +199,30 @@ def build_latent_cache(
     dtype = resolve_dtype(dtype) or (torch.float32 if upcast and needs_upcast(vae, True) else vae_dtype)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / "latents"
     folder = cache_dir / latent_cache_key(dataset, vae, storage_dtype, dtype)
-    if (folder / MANIFEST).is_file():
+    if record_complete(folder, MANIFEST):
         log.info("latent cache %s is complete; reusing it", folder)
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
 
     meta = _read_or_write_meta(folder, dataset, vae, shard_size, storage_dtype, dtype)
-    shards = _shard_ranges(meta["num_images"], meta["shard_size"])
-    mine = [s for s in range(rank, len(shards), world_size) if not _shard_ok(folder / shard_name(s), len(shards[s]))]
+    store = latent_shards(folder, meta["num_images"], meta["shard_size"])
+    mine = store.pending(rank, world_size)
     if mine:
         _encode_shards(
-            dataset, vae, folder, meta["shard_size"], [(s, shards[s]) for s in mine], device, dtype, storage_dtype,
+            dataset, vae, folder, meta["shard_size"], [(s, store.ranges[s]) for s in mine], device, dtype, storage_dtype,
             batch_size, num_workers, progress, desc=f"encoding latents (rank {rank}/{world_size})" if world_size > 1 else "encoding latents",
         )
 
     barrier = barrier or (barrier_or_none() if world_size > 1 else None)
     if barrier is not None:
         barrier()
-    missing = [shard_name(s) for s, r in enumerate(shards) if not _shard_ok(folder / shard_name(s), len(r))]
-    if not missing:
-        write_json_atomic(folder / MANIFEST, {"complete": True, "num_images": meta["num_images"], "shards": [shard_name(s) for s in range(len(shards))]})
-    elif barrier is not None:
-        raise RuntimeError(f"latent cache {folder} is missing shards after every rank finished: {missing}")
-    else:
-        log.info("latent cache %s: %d shards left for other ranks", folder, len(missing))
+    store.finish({"complete": True, "num_images": meta["num_images"],
+                  "shards": [shard_name(s) for s in range(len(store.ranges))]}, met=barrier is not None)
     return folder
 
 
 def _read_or_write_meta(folder: Path, dataset, vae, shard_size: int, storage_dtype, encode_dtype) -> dict[str, Any]:
-    path = folder / META
-    if path.is_file():  # resuming: keep the layout the first run chose
-        meta = json.loads(path.read_text())
+    if (folder / META).is_file():  # resuming: keep the layout the first run chose
+        meta = json.loads((folder / META).read_text())
         if meta["shard_size"] != shard_size:
             log.info("latent cache %s was started with shard_size=%d; keeping it", folder, meta["shard_size"])
         return meta
@@ -244,8 +242,7 @@ def _read_or_write_meta(folder: Path, dataset, vae, shard_size: int, storage_dty
         "encode_dtype": str(encode_dtype).removeprefix("torch."),
         "data": dataset.cache_fingerprint(),
     }
-    write_json_atomic(path, meta)  # every rank writes the same bytes, so racing writers agree
-    return meta
+    return open_meta(folder, meta)
 
 
 def _encode_shards(dataset, vae, folder, shard_size, shards, device, dtype, storage_dtype, batch_size, num_workers, progress, desc):
@@ -295,7 +292,7 @@ class LatentCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        if not (self.folder / MANIFEST).is_file():
+        if not record_complete(self.folder, MANIFEST):
             raise FileNotFoundError(
                 f"latent cache {self.folder} is incomplete (no {MANIFEST}); build it with build_latent_cache"
             )

@@ -92,12 +92,15 @@ def dir_complete(folder: str | Path) -> bool:
         return False
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, sparing: str | None = None) -> list[Path]:
     """Delete the temporaries that killed writers left in `folder` (`.<name>.*.tmp` files of
     `write_atomic` and the checkpoint writer): on a Cloud Storage FUSE mount they are uploaded on
-    close, and a checkpoint's can be gigabytes. Only while nothing else writes to `folder`."""
+    close, and a checkpoint's can be gigabytes. Only while nothing else writes to `folder`, except
+    the file named `sparing`, whose temporaries are left alone (another rank may be writing it now)."""
     folder = Path(folder)
     stale = [p for p in folder.glob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    if sparing is not None:
+        stale = [p for p in stale if not p.name.startswith(f".{sparing}.")]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
