@@ -5,7 +5,7 @@
 
 The recipe's sizes come from the configs, not from this file: ten trainings (methods x datasets of
 ccp/conf/scale/full.yaml) of `trainer.max_steps` x `trainer.global_batch_size` images
-(ccp/conf/experiment/table1/face_ours.yaml), FID over `fid.num_samples` per cell, text alignment
+(ccp/conf/experiment/table1.yaml), FID over `fid.num_samples` per cell, text alignment
 (prompts x images_per_prompt) and spatial alignment (conditions x samples) for every method on
 the Table 2 dataset, all at `sampling.steps` denoising steps.
 
@@ -37,7 +37,7 @@ class BenchmarkMismatch(ValueError):
 
 def recipe(conf_dir: Path = Path(CONF_DIR)) -> dict:
     full = OmegaConf.load(conf_dir / "scale" / "full.yaml")
-    train = OmegaConf.load(conf_dir / "experiment" / "table1" / "face_ours.yaml")
+    train = OmegaConf.load(conf_dir / "experiment" / "table1.yaml")
     return {
         "methods": list(full.methods),
         "datasets": list(full.datasets),

@@ -1,8 +1,8 @@
 """The GPU check's real-path sections: `ccp-train` and `ccp-eval` themselves, in this process.
 
 `benchmarks/gpu_check.py` runs these first. Nothing here re-implements a training step or a sampler:
-the config is composed as the command line composes it (`experiment=table1/face_<method>` of
-ccp-train, `metric=fid` of ccp-eval), and `ccp.training.run.run_training` / `ccp.evaluation.run.run_eval`
+the config is composed as the command line composes it (`experiment=table1 dataset=face method=<method>`
+of ccp-train, `metric=fid` of ccp-eval), and `ccp.training.run.run_training` / `ccp.evaluation.run.run_eval`
 run it: the Lightning Trainer with its precision plugin, EMA, checkpoint, DataLoader workers and
 latent cache; the GCFG pipeline down to VAE decode, then Inception and the Frechet distance.
 Speed is read from what the run itself writes (the CSV log's ``train/images_per_s``); a few class
@@ -266,10 +266,15 @@ def largest_batch(batch: int, peak_bytes: int, static_bytes: int, trainable_byte
             "predicted_peak_gib": (base + max(fits, 0) * per_image) / 2**30}
 
 
+def table1_face(method: str) -> list[str]:
+    """Table 1's face row of `method`, as ccp-train's command line composes it."""
+    return ["experiment=table1", "dataset=face", f"method={method}"]
+
+
 def train_overrides(method: str, prior: Path, images: Path, work: Path, *, steps: int, batch: int, resolution: int,
                     smoke: bool, extra: tuple[str, ...] = ()) -> list[str]:
     overrides = [
-        f"experiment=table1/face_{method}", *extra, f"prior.path={prior}", f"data.path={images}",
+        *table1_face(method), *extra, f"prior.path={prior}", f"data.path={images}",
         f"data.cache_dir={work / 'cache'}",
         # one GPU's batch and no accumulation: every step is what one of Table 1's 8 GPUs does (batch 4)
         f"data.batch_size={batch}", f"trainer.global_batch_size={batch}", "trainer.devices=1",
@@ -300,7 +305,7 @@ def memory_cap(device: torch.device, cap_gib: float | None):
 def run_train(method: str, prior: Path, images: Path, work: Path, device: torch.device, *, steps: int, batch: int | None,
               resolution: int, smoke: bool, extra: tuple[str, ...] = (), name: str | None = None,
               cap_gib: float | None = None) -> dict:
-    """One `run_training` of `experiment=table1/face_<method>` (with `extra` overrides after it, e.g. a
+    """One `run_training` of `experiment=table1 dataset=face method=<method>` (with `extra` overrides after it, e.g. a
     preset); speed from its CSV log, host syncs and memory from a StepProbe. `batch` None: the composed
     config's data.batch_size (the preset's), without accumulation."""
     import lightning as L
@@ -309,7 +314,7 @@ def run_train(method: str, prior: Path, images: Path, work: Path, device: torch.
     from ccp.training.callbacks import FileCheckpointIO
 
     if batch is None:
-        batch = int(compose("train", [f"experiment=table1/face_{method}", *extra]).data.batch_size)
+        batch = int(compose("train", [*table1_face(method), *extra]).data.batch_size)
     overrides = train_overrides(method, prior, images, work, steps=steps, batch=batch, resolution=resolution, smoke=smoke,
                                 extra=extra)
     cfg = compose("train", overrides)

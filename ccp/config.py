@@ -53,6 +53,34 @@ def short_dirname(name) -> str:
 OmegaConf.register_new_resolver("ccp.dirname", short_dirname, replace=True)
 
 
+def run_name_suffix(family) -> str:
+    """``${ccp.run_suffix:${prior.family}}``: ``_sdxl`` for a prior chosen as SDXL (prior=sdxl), so its runs
+    never share a folder, nor resume checkpoints, with the SD v1.5 runs of the same dataset and method."""
+    return "_sdxl" if str(family) == "sdxl" else ""
+
+
+def class_prompt(template) -> str:
+    """``${ccp.class_prompt:${template.template}}``: the prompt template without its token ("a photo of
+    {token} face" -> "a photo of face"): what the concept is an instance of, DreamBooth's class prompt."""
+    return " ".join(str(template).replace("{token}", " ").split())
+
+
+# The weights every method samples with by default (its ``default_guidance``; Table 1's FID runs at them):
+# the one default of ccp-train's validation and sample metrics, ccp-eval and ccp-reproduce, which read it
+# as ``${ccp.default_weight:concept}``. ccp-sample's presets are recipes of the paper's figures instead.
+DEFAULT_GUIDANCE_WEIGHTS = {"concept": 1.0, "control": 5.0}
+
+
+def default_weight(term) -> float:
+    """``${ccp.default_weight:concept}`` or ``${ccp.default_weight:control}``."""
+    return DEFAULT_GUIDANCE_WEIGHTS[str(term)]
+
+
+OmegaConf.register_new_resolver("ccp.default_weight", default_weight, replace=True)
+OmegaConf.register_new_resolver("ccp.run_suffix", run_name_suffix, replace=True)
+OmegaConf.register_new_resolver("ccp.class_prompt", class_prompt, replace=True)
+
+
 class ConfigError(Exception):
     """Bad input found before any long compute; the message names the problem and the fix.
 
@@ -91,15 +119,104 @@ def compose(config_name: str | None, overrides: Sequence[str] = (), *, return_hy
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = with_experiments_composed(overrides) if config_name == "train" else list(overrides)
     outer = GlobalHydra.instance()
     running = outer.hydra
     outer.clear()  # Hydra allows one initialisation at a time
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.set_instance(outer)
         outer.hydra = running
+
+
+# --- experiments: a recipe composed with a dataset, a method and a prior ---------------------------
+
+# The experiment names of earlier versions, one file per dataset x method x prior, and the groups that
+# compose each now: table1/animal_oft is experiment=table1 dataset=animal method=oft.
+OLD_EXPERIMENT_FOLDERS = {  # old folder -> (experiment, prior); None: the prior the experiment names
+    "table1": ("table1", None), "table1_sdxl": ("table1", "sdxl"), "tiny": ("tiny", None), "toy": ("toy", None)}
+OLD_EXPERIMENT_DATASETS = ("face", "animal")  # the table1 files' prefixes, now dataset=
+OLD_EXPERIMENT_FILES = {  # the names that were no dataset x method row
+    "toy/prior": ["experiment=toy_prior"], "table1_sdxl/sdxl": ["prior=sdxl"]}
+_announced: set[str] = set()
+
+
+def experiment_overrides(name: str) -> list[str] | None:
+    """The overrides an earlier experiment name stands for (``table1_sdxl/face_oft`` ->
+    ``experiment=table1 dataset=face method=oft prior=sdxl``), or None where `name` is none."""
+    if name in OLD_EXPERIMENT_FILES:
+        return list(OLD_EXPERIMENT_FILES[name])
+    folder, _, row = name.partition("/")
+    if folder not in OLD_EXPERIMENT_FOLDERS or not row:
+        return None
+    experiment, prior = OLD_EXPERIMENT_FOLDERS[folder]
+    dataset = None
+    if experiment == "table1":
+        dataset, _, row = row.partition("_")
+        if dataset not in OLD_EXPERIMENT_DATASETS:
+            return None
+    if row not in group_options("method") or row == "text_to_image":
+        return None
+    return [f"experiment={experiment}", *([f"dataset={dataset}"] if dataset else []), f"method={row}",
+            *([f"prior={prior}"] if prior else [])]
+
+
+def old_experiment_names() -> list[str]:
+    """Every earlier experiment name that still resolves (for suggestions and tests)."""
+    methods = [m for m in group_options("method") if m != "text_to_image"]
+    names = [f"{folder}/{d}_{m}" for folder in ("table1", "table1_sdxl") for d in OLD_EXPERIMENT_DATASETS for m in methods]
+    names += [f"{folder}/{m}" for folder in ("tiny", "toy") for m in methods]
+    return sorted([*names, *OLD_EXPERIMENT_FILES])
+
+
+def with_experiments_composed(overrides: Sequence[str], *, announce: bool = False) -> list[str]:
+    """`overrides` with an earlier experiment name (``experiment=table1/face_ours``, or a sweep of them
+    over one dataset) written as the groups that compose it (`announce`: said once per name on stderr,
+    as the command line does). A group the overrides set themselves wins over the one the old name
+    implies, as it did over the old file."""
+    lines = [str(o) for o in overrides]
+    out: list[str] = []
+    for line in lines:
+        key, _, value = line.partition("=")
+        names = value.split(",") if key == "experiment" and re.fullmatch(r"[\w/]+(,[\w/]+)*", value) else []
+        composed = [experiment_overrides(n) for n in names]
+        if not names or None in composed:
+            out.append(line)
+            continue
+        given = {o.partition("=")[0] for o in lines if o != line}
+        out.extend(o for o in _as_sweep(names, composed) if o.partition("=")[0] not in given)
+        for name, new in zip(names, composed):
+            if announce and name not in _announced:
+                _announced.add(name)
+                print(f"ccp: experiment={name} is written {' '.join(new)} now; the old name still works",
+                      file=sys.stderr, flush=True)
+    return out
+
+
+def _as_sweep(names: list[str], composed: list[list[str]]) -> list[str]:
+    """One override per group: a single value, or a sweep where the names differ in it. Names that are
+    no grid of their groups (face_ours with animal_oft) have no such form: run one sweep per dataset."""
+    keys = [o.partition("=")[0] for o in composed[0]]
+    values: dict[str, list[str]] = {}
+    for overrides in composed:
+        if [o.partition("=")[0] for o in overrides] != keys:
+            raise ConfigError(f"experiment={','.join(names)}: these experiments are no longer one group; "
+                              f"sweep one experiment at a time, e.g. {' '.join(composed[0])}")
+        for o in overrides:
+            key, _, value = o.partition("=")
+            values.setdefault(key, [])
+            if value not in values[key]:
+                values[key].append(value)
+    grid = 1
+    for chosen in values.values():
+        grid *= len(chosen)
+    if grid != len(set(names)):
+        raise ConfigError(f"experiment={','.join(names)}: not every combination of "
+                          + ", ".join(f"{k}={','.join(v)}" for k, v in values.items() if len(v) > 1)
+                          + "; run one sweep per dataset (e.g. experiment=table1 dataset=face method=ours,oft)")
+    return [f"{key}={','.join(chosen)}" for key, chosen in values.items()]
 
 
 def with_output_dir(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
@@ -141,12 +258,18 @@ OPEN_NODES: dict[str, dict[str, str]] = {
 # Keys the code reads that no config sets, because unset means something.
 READ_UNSET_KEYS = {"logger.wandb.group": "ccp.tracking.group_for: unset, a job joins its own experiment's group"}
 JOB_FOLDERS = {False: "hydra.run.dir", True: "hydra.sweep.dir"}  # by multirun
+# The command line as the user typed it, before an old experiment name was rewritten for Hydra:
+# what a resume command repeats.
+TYPED_ARGV: list[str] = []
 
 
 def run_checked(prog: str, config_name: str, hydra_main: Callable[[], None]) -> None:
     """A Hydra entry point: the command line checked (`check_command_line`), then `hydra_main`,
     the ``@hydra.main`` function, which reads the same command line."""
+    TYPED_ARGV[:] = sys.argv
     with exit_on_config_error(prog):
+        if config_name == "train":  # the one config with experiments; Hydra reads them from sys.argv
+            sys.argv[1:] = with_experiments_composed(sys.argv[1:], announce=True)
         check_command_line(config_name, sys.argv[1:])
     hydra_main()
 
@@ -247,6 +370,9 @@ def _check_group_choices(override) -> None:
             continue
         close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
         guess = f"did you mean {override.get_key_element()}={close[0]}? " if close else ""
+        old = difflib.get_close_matches(str(value), old_experiment_names(), n=1, cutoff=0.8) if group == "experiment" else []
+        if old:  # a mistyped earlier name: suggest what it is written now
+            guess = f"did you mean {' '.join(experiment_overrides(old[0]))}? "
         raise ConfigError(f"{override.input_line}: {group} has no option {value}; {guess}"
                           f"Options of {group}: {', '.join(options)}")
 

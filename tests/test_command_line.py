@@ -62,22 +62,32 @@ def user(tmp_path):
 def test_a_mistyped_key_is_refused_before_anything_loads_and_keys_that_code_reads_pass(user):
     cwd, prior, logs = user
     for typo in ("+trainer.max_step=3", "trainer.max_step=3"):
-        result = run_cli("train", "experiment=tiny/ours", prior, f"paths.log_dir={logs}", typo, cwd=cwd)
+        result = run_cli("train", "experiment=tiny", "method=ours", prior, f"paths.log_dir={logs}", typo, cwd=cwd)
         assert_refused(result, "ccp-train", typo, "did you mean trainer.max_steps=3?")
     assert not logs.exists()  # no run folder: Hydra never started the job
     # the fix, with keys added that code reads: a setting read unset and a keyword of a `_target_`
-    result = run_cli("train", "--cfg", "job", "experiment=tiny/ours", prior, f"paths.log_dir={logs}",
+    result = run_cli("train", "--cfg", "job", "experiment=tiny", "method=ours", prior, f"paths.log_dir={logs}",
                      "trainer.max_steps=3", "+logger.wandb.group=faces", "+callbacks.model_checkpoint.verbose=true",
                      cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(f in result.stdout for f in ("max_steps: 3", "group: faces", "verbose: true"))
 
 
+def test_an_earlier_experiment_name_runs_as_its_composition_and_says_so_once(user):
+    cwd, prior, logs = user
+    result = run_cli("train", "--cfg", "job", "experiment=table1_sdxl/animal_oft", prior, f"paths.log_dir={logs}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(f in result.stdout for f in ("dataset_name: animal", "name: oft", "family: sdxl", "resolution: 1024"))
+    notice = "experiment=table1_sdxl/animal_oft is written experiment=table1 dataset=animal method=oft prior=sdxl now"
+    assert result.stderr.count(notice) == 1
+
+
 def test_mistyped_group_choices_name_the_closest_and_list_the_options(user):
     cwd, prior, logs = user
+    # an earlier experiment name, mistyped: the suggestion is what it is written now
     line = assert_refused(run_cli("train", "experiment=table1/face_our", prior, f"paths.log_dir={logs}", cwd=cwd),
-                          "ccp-train", "did you mean experiment=table1/face_ours?", "tiny/ours")
-    assert "table1_sdxl/face_ours" in line  # the nested options, listed by their paths
+                          "ccp-train", "did you mean experiment=table1 dataset=face method=ours?")
+    assert "table1, tiny, toy, toy_prior" in line  # the options: recipes, composed with dataset, method, prior
     assert_refused(run_cli("reproduce", "scale=ful", f"paths.log_dir={logs}", cwd=cwd),
                    "ccp-reproduce", "did you mean scale=full?", "full, tiny, toy")
     assert_refused(run_cli("sample", "guidance=concpt", prior, f"paths.log_dir={logs}", cwd=cwd),
@@ -103,7 +113,7 @@ def test_an_unwritable_log_dir_names_the_key_to_change(user):
         # root writes into a 0o555 folder anyway; nobody creates a folder under a file
         log_dir = cwd / "a-file" / "logs" if os.access(read_only, os.W_OK) else read_only / "logs"
         (cwd / "a-file").write_text("")
-        result = run_cli("train", "experiment=tiny/ours", prior, f"paths.log_dir={log_dir}", cwd=cwd)
+        result = run_cli("train", "experiment=tiny", prior, f"paths.log_dir={log_dir}", cwd=cwd)
         assert_refused(result, "ccp-train", f"paths.log_dir={log_dir}",
                        "set paths.log_dir to a folder you can write to")
         assert not log_dir.exists()
@@ -143,7 +153,8 @@ def test_keys_without_a_reader_are_refused_where_a_node_takes_no_new_keys():
 
 
 def test_open_nodes_target_keywords_group_choices_and_hydra_flags_pass():
-    accepts("train", "experiment=table1/face_ours", "+callbacks.model_checkpoint.save_weights_only=false")
+    accepts("train", "experiment=table1", "dataset=animal", "method=oft", "prior=sdxl",
+            "+callbacks.model_checkpoint.save_weights_only=false")
     accepts("train", "+logger.wandb.group=faces", "hydra/launcher=basic", "hydra.job.chdir=false")
     accepts("sample", "+loras.style=s.safetensors", "+control_images.edges=e.png",
             "+guidance.terms.edges={denoiser: prior, weight: 2.0}", "guidance.terms.edges.weight=3")

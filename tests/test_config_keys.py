@@ -205,7 +205,8 @@ EMA_ON = {"ema.enabled": True}  # the EMA callback is built only then
 RANDOM_CONV = {"eval.feature_extractor": "random_conv"}
 METRICS_ON = {"callbacks.sample_metrics.every_n_steps": 5, "callbacks.sample_metrics.feature_extractor": "random_conv"}
 DREAMBOOTH = ("method=dreambooth",)
-METHODS = [() if m == "ours" else (f"method={m}",) for m in group_options("method")]  # ours: the default
+# ours: the default; dreambooth_prior: DreamBooth's module (its class images are prior_preservation's keys)
+METHODS = [() if m == "ours" else (f"method={m}",) for m in group_options("method") if m != "dreambooth_prior"]
 ZERO_STEPS = {"trainer.max_steps": 0, "logger.wandb.enabled": False, "data.latent_cache.enabled": False, "data.num_workers": 0,
               "data.persistent_workers": False, "data.resolution": 64, "data.batch_size": 2, "trainer.global_batch_size": 2}
 PRESERVE = {"prior_preservation.enabled": True, "prior_preservation.class_prompt": "a photo of a dog"}
@@ -271,7 +272,7 @@ TRAIN: dict[str, Reach | list[Reach]] = {
                                        needs={**ONE_DEVICE, "data.batch_size": 4}),
     "trainer.gradient_clip_val": Reach(0.5, lambda w: w.trainer.gradient_clip_val),
     "trainer.log_every_n_steps": Reach(3, lambda w: w.trainer.log_every_n_steps),
-    "trainer.allow_tf32": Reach(lambda f: not by_gpus(False, True, True), lambda w: w.module.allow_tf32),
+    "trainer.allow_tf32": Reach(lambda f: not by_gpus(False, True, True), lambda w: w.module.config.allow_tf32),
     "trainer.auto": both(False, True, trainer_line_says_auto),
     "callbacks.model_checkpoint.dirpath": Reach(lambda f: f.root / "ckpts", lambda w: Path(ckpt(w).dirpath),
                                                 want=lambda f: (f.root / "ckpts").resolve(), level="check"),
@@ -318,7 +319,7 @@ TRAIN: dict[str, Reach | list[Reach]] = {
     "logger.wandb.mode": Reach("online", lambda w: wandb_logger(w)["mode"], needs=WANDB_ON),
     "logger.wandb.project": Reach("elsewhere", lambda w: wandb_logger(w)["project"], needs=WANDB_ON),
     "logger.wandb.entity": Reach("my-team", lambda w: wandb_logger(w)["entity"], needs=WANDB_ON),
-    "seed": Reach(7, lambda w: (w.module.seed, w.datamodule.seed), want=(7, 7)),
+    "seed": Reach(7, lambda w: (w.module.config.seed, w.datamodule.seed), want=(7, 7)),
     "dataset_name": Reach("animal", lambda w: wandb_logger(w)["name"], want="animal_ours", needs=WANDB_ON),
     "run_name": Reach("my_run", lambda w: wandb_logger(w)["name"], needs=WANDB_ON),
     "resume": Reach("/some/where/last.ckpt", lambda w: w.fit["ckpt_path"]),
@@ -336,8 +337,8 @@ TRAIN: dict[str, Reach | list[Reach]] = {
                               needs={**SCHED, "optim.lr_scheduler": "cosine_with_restarts"}),
     "optim.power": Reach(2.0, lr_factor(HALF_STEPS // 2), want=round(((1e-5 - 1e-7) * 0.5**2 + 1e-7) / 1e-5, 3),
                          needs={**SCHED, "optim.lr_scheduler": "polynomial", "optim.lr": 1e-5}),  # decays to 1e-7
-    "loss.snr_gamma": Reach(5.0, lambda w: w.module.snr_gamma),
-    "loss.noise_offset": Reach(0.1, lambda w: w.module.noise_offset),
+    "loss.snr_gamma": Reach(5.0, lambda w: w.module.config.loss.snr_gamma),
+    "loss.noise_offset": Reach(0.1, lambda w: w.module.config.loss.noise_offset),
     "prior_preservation.enabled": Reach(True, lambda w: (w.datamodule.class_images.enabled,
                                                          hasattr(w.method, "class_prompt_ids")),
                                         want=(True, True), scenario=DREAMBOOTH,
@@ -346,8 +347,8 @@ TRAIN: dict[str, Reach | list[Reach]] = {
                                              scenario=DREAMBOOTH, needs={"prior_preservation.enabled": True}),
     "prior_preservation.num_class_images": Reach(3, lambda w: w.datamodule.class_images.num_class_images,
                                                  scenario=DREAMBOOTH, needs=PRESERVE),
-    "prior_preservation.prior_loss_weight": Reach(0.5, lambda w: w.module.prior_loss_weight, scenario=DREAMBOOTH,
-                                                  needs=PRESERVE),
+    "prior_preservation.prior_loss_weight": Reach(0.5, lambda w: w.module.config.prior_preservation.prior_loss_weight,
+                                                  scenario=DREAMBOOTH, needs=PRESERVE),
     "prior_preservation.class_data_dir": Reach("/class_images", lambda w: w.datamodule.class_images.class_data_dir,
                                                scenario=DREAMBOOTH, needs=PRESERVE),
     "prior_preservation.sample_batch_size": Reach(2, lambda w: w.datamodule.class_images.sample_batch_size,

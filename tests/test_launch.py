@@ -415,7 +415,8 @@ def test_dockerfile_installs_every_extra_a_config_needs():
     installed = _dockerfile_extras()
     assert installed <= set(_pyproject_extras()) - {"test"}, installed
     needs = {}
-    configs = [*(REPO / "ccp" / "conf" / "preset").glob("*.yaml"), *(REPO / "ccp" / "conf" / "experiment").rglob("*.yaml")]
+    groups = ("preset", "experiment", "dataset", "prior_training", "method_training")  # the global ones a run composes
+    configs = [path for group in groups for path in (REPO / "ccp" / "conf" / group).rglob("*.yaml")]
     for path in sorted(configs):
         assert path.read_text().startswith("# @package _global_"), path  # keys below are global
         flat = _flatten(yaml.safe_load(path.read_text()) or {})

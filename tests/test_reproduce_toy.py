@@ -29,7 +29,7 @@ def toy_config(out: Path, *extra: str):
     """scale=toy with every count shrunk; the tiny prior's 64 px and the tiny experiments."""
     cfg = compose_reproduce([
         "scale=toy", f"out_dir={out}", f"results_dir={out}/results", f"prior.path={out}/toy-prior", "resolution=64",
-        "data.bold.experiment='tiny/{method}'", "data.outlined.experiment='tiny/{method}'",
+        "data.bold.train_overrides=['experiment=tiny']", "data.outlined.train_overrides=['experiment=tiny']",
         "train_settings.trainer.max_steps=2", "+train_settings.checkpoint.every_n_steps=2",
         "classifier.settings.epochs=1", "fid.num_samples=8", "fid.shard_size=8", "sampling.steps=2",
         "sampling.batch_size=8", "text_alignment.images_per_prompt=2", "drift.num_samples=4",

@@ -61,7 +61,7 @@ def test_wheel_contains_the_configs(wheel):
         assert name in names, f"{name} missing from {wheel.name}"
     methods = [n for n in names if n.startswith("ccp/conf/method/") and n.endswith(".yaml")]
     assert methods, f"no ccp/conf/method/*.yaml in {wheel.name}"
-    # Every config of the checkout ships (nested groups such as experiment/tiny/ included).
+    # Every config of the checkout ships (nested groups such as method_training/dreambooth_prior/ included).
     in_repo = {f"ccp/{p.relative_to(REPO / 'ccp').as_posix()}" for p in (REPO / "ccp" / "conf").rglob("*.yaml")}
     assert in_repo <= names, sorted(in_repo - names)
 

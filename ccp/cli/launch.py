@@ -1,6 +1,6 @@
 """`ccp-launch`: render and (unless dry_run=true) submit a ccp job on several GPU nodes (conf/launch.yaml).
 
-    ccp-launch target=vertex nodes=4 gpus_per_node=8 spot=true 'command="ccp-train experiment=table1/face_ours"'
+    ccp-launch target=vertex nodes=4 gpus_per_node=8 spot=true 'command="ccp-train experiment=table1 dataset=face method=ours"'
     ccp-launch target=gke job=fid fid.run=face_ours weights.inception=gs://<bucket>/<path>/weights-inception-2015-12-05-6726825d.pth dry_run=true
     ccp-launch target=slurm job=reproduce weights.inception=... weights.clip=... dry_run=true out_dir=gcp/examples/slurm
 

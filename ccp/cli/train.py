@@ -1,6 +1,6 @@
 """`ccp-train`: train ours or a baseline with the one loop, from a Hydra config.
 
-    ccp-train experiment=table1/face_ours
+    ccp-train experiment=table1 dataset=face method=ours
     ccp-train prior=tiny prior.path=outputs/tiny-prior data=tiny data.path=imgs method=dreambooth
 
 The run folder is <paths.log_dir>/train/<run_name>; the same command resumes it. At the end the

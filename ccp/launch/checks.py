@@ -103,7 +103,7 @@ def split_command(command: str, allowed: Sequence[str] = ENTRY_POINTS) -> tuple[
         raise LaunchConfigError(f"command={command!r} cannot be split into words: {err}") from None
     if not argv or argv[0] not in allowed:
         raise LaunchConfigError(f"command={command!r} is not a ccp entry point; start it with one of "
-                                f"{', '.join(allowed)} (e.g. command=\"ccp-train experiment=table1/face_ours\")")
+                                f"{', '.join(allowed)} (e.g. command=\"ccp-train experiment=table1 dataset=face method=ours\")")
     overrides = argv[1:]
     for word in overrides:
         if word.startswith("-"):

@@ -178,8 +178,8 @@ def reproduce_jobs(spec_name: str, rep: DictConfig, nodes: int, gpus: int, log_d
         for method in cfg.methods:
             if (exports.get(dataset) or {}).get(method):
                 continue  # given as +exports.<dataset>.<method>=...: nothing to train
-            experiment = str(cfg.data[dataset].experiment).format(method=method)
-            trainings.append(train_job(spec_name, [f"experiment={experiment}", *train_extra], nodes, gpus, log_dir,
+            train_overrides = [*cfg.data[dataset].train_overrides, f"method={method}"]
+            trainings.append(train_job(spec_name, [*train_overrides, *train_extra], nodes, gpus, log_dir,
                                        data_path, weights))
     evaluate = Job(k8s_name(spec_name, "reproduce", str(rep.scale)), "reproduce",
                    ("ccp-reproduce", *overrides, f"hydra.run.dir={out_dir}/logs/launch"), 1, 1, out_dir,

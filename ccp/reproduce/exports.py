@@ -1,5 +1,5 @@
-"""Table cells' exports: use the ccp-train export a cell names, or train it in-process with the
-experiment it lists, reusing a run only while its config and prior files are those it was trained with."""
+"""Table cells' exports: use the ccp-train export a cell names, or train it in-process with its
+dataset's experiment, reusing a run only while its config and prior files are those it was trained with."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def train_config(cfg: DictConfig, dataset: str, method: str) -> DictConfig:
-    """The ccp-train config of one table cell: its experiment, the prior, data and extra settings."""
+    """The ccp-train config of one table cell: its dataset's experiment with the cell's method, the prior,
+    data and extra settings."""
     row, method = method, method_of(cfg, method)
     spec = row_spec(cfg, row)
-    experiment = str(cfg.data[dataset].experiment).format(method=method, dataset=dataset, row=row)
-    train_cfg = compose("train", overrides=[f"experiment={experiment}"])
+    train_cfg = compose("train", overrides=[*cfg.data[dataset].train_overrides, f"method={method}"])
     OmegaConf.update(train_cfg, "prior.path", str(cfg.prior.path))
     OmegaConf.update(train_cfg, "data.path", str(cfg.data[dataset].path))
     layers = [cfg.train_settings, cfg.data[dataset].get("train_settings")]

@@ -4,7 +4,7 @@
 
 1. the toy open-world prior (`ensure_toy_prior`: trained from scratch on captioned plain digits,
    or reused when finished);
-2. a null-text concept UNet (``ccp-train experiment=toy/ours``) on unlabeled digits of a style the
+2. a null-text concept UNet (``ccp-train experiment=toy method=ours``) on unlabeled digits of a style the
    prior never saw (default ``bold``); rerunning resumes or reuses it;
 3. one labelled grid, ``<out>/grid.png``, every column one seed and one prompt:
    the prior alone with the prompt (CFG), GCFG with the concept term plus the prompt as a control
@@ -40,8 +40,8 @@ def ensure_concept_data(root: Path, style: str, split: str = "train", seed: int 
 
 
 def train_concept(prior_dir: Path, data_dir: Path, run_dir: Path, style: str, overrides: list[str] = ()) -> Path:
-    """ccp-train experiment=toy/ours on `data_dir`; an export of the same step count is reused."""
-    cfg = compose("train", overrides=["experiment=toy/ours", f"prior.path={prior_dir}", f"data.path={data_dir}",
+    """ccp-train experiment=toy method=ours on `data_dir`; an export of the same step count is reused."""
+    cfg = compose("train", overrides=["experiment=toy", "method=ours", f"prior.path={prior_dir}", f"data.path={data_dir}",
                                       f"data.cache_dir={run_dir / 'cache'}", f"dataset_name={style}",
                                       f"template.placeholder='<{style}>'", *overrides])
     export = run_dir / "export"

@@ -9,7 +9,7 @@ Stages, each kept when finished so an interrupted run continues where it stopped
 2. VAE: `ccp.toy.vae.train_toy_vae` (32 px -> 8x8x4 latents);
 3. an initial pipeline folder: that VAE, a random small token-identity CLIP text encoder with the real CLIP
    tokenizer (frozen, like SD's), a random cross-attention UNet, SD v1.5's scheduler;
-4. ccp-train with ``experiment=toy/prior`` (method ``text_to_image``: per-image captions, caption
+4. ccp-train with ``experiment=toy_prior`` (method ``text_to_image``: per-image captions, caption
    dropout 10%, EMA), resumable from its last checkpoint;
 5. the export copied to `out_dir` with ``ccp_toy_prior.json`` (settings and timings).
 
@@ -87,7 +87,7 @@ class ToyPriorSettings:
 
     def key(self, seed: int, recipe: str = "") -> str:
         """Names a trained prior: these settings, the seed and `recipe` (the stage-4 training
-        config, so an edited ccp/conf/experiment/toy/prior.yaml or override is a different prior)."""
+        config, so an edited ccp/conf/experiment/toy_prior.yaml or override is a different prior)."""
         text = json.dumps({**asdict(self), "seed": seed, "recipe": recipe}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -123,9 +123,9 @@ def write_initial_pipeline(out_dir: Path, vae: AutoencoderKL, seed: int, token_e
 
 
 def train_config(settings: ToyPriorSettings, work: Path, seed: int, overrides: list[str] = ()):
-    """The ccp-train config of stage 4 (``experiment=toy/prior``)."""
+    """The ccp-train config of stage 4 (``experiment=toy_prior``)."""
     return compose("train", overrides=[
-        "experiment=toy/prior",
+        "experiment=toy_prior",
         f"prior.path={work / 'init'}",
         f"data.path={work / 'data'}",
         f"data.resolution={settings.resolution}",
