@@ -50,7 +50,7 @@ def train_case(args, meter: PhaseMeter) -> dict:
 
     from ccp.methods import PromptTemplate, build_method
     from ccp.methods.params import memory_estimate
-    from ccp.training.module import PersonalizationModule
+    from ccp.training.module import PersonalizationModule, SpeedConfig, TrainingConfig
     from ccp.training.optim import build_optimizer
 
     name = args.case
@@ -64,7 +64,7 @@ def train_case(args, meter: PhaseMeter) -> dict:
     for p in method.trainable_parameters():  # fp32 master weights; frozen parts stay bf16
         p.data = p.data.float()
     module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae,
-                                   prior=prior, gradient_checkpointing=checkpointing)
+                                   prior=prior, config=TrainingConfig(speed=SpeedConfig(gradient_checkpointing=checkpointing)))
     module.train()
     module.on_fit_start()
     params = list(method.trainable_parameters())

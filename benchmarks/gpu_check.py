@@ -4,7 +4,7 @@ At SD v1.5 size with random weights (no download), 512 px, bfloat16, in one proc
 written to the JSON as soon as it ends (so a killed run keeps what finished). First the real entry
 points (benchmarks/real_path.py: ccp-train and ccp-eval themselves), then the isolated measurements:
 
-  train_ccp          ccp.training.run.run_training with experiment=table1/face_ours (Lightning Trainer,
+  train_ccp          ccp.training.run.run_training with experiment=table1 dataset=face method=ours (Trainer,
                      bf16-mixed, EMA, DataLoader workers, latent cache, one checkpoint) at Table 1's
                      per-GPU batch 4 on a random-weight SD v1.5 prior folder and random images:
                      steady images/s from the run's CSV log, checkpoint save time and size, host
@@ -15,7 +15,7 @@ points (benchmarks/real_path.py: ccp-train and ccp-eval themselves), then the is
   sampling           benchmarks/sampling.py's (a)-(d) at batch 1, 8, 16 (few steps and repeats);
   null_text_forward  one forward of the null-text concept UNet vs. the prior UNet: seconds and
                      FLOPs (benchmarks/null_text_init.py's time_and_count);
-  train_dreambooth   as train_ccp with experiment=table1/face_dreambooth;
+  train_dreambooth   as train_ccp with method=dreambooth;
   cost               benchmarks/cost.py's device-hours of the full recipe: training from train_ccp and
                      train_dreambooth (ccp-train at batch 4), sampling from the sampling section;
   train_ccp_largest  as train_ccp at the largest batch predicted to fit the device (from train_ccp's
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import importlib
@@ -231,11 +232,11 @@ def instrumented_training(training, channels_last: bool, compile_backend: str | 
     base = module_lib.PersonalizationModule
 
     class Instrumented(base):
-        def __init__(self, method, *args, **kwargs):
-            kwargs["channels_last"] = channels_last
+        def __init__(self, method, *args, config=module_lib.TrainingConfig(), **kwargs):
+            speed = dataclasses.replace(config.speed, channels_last=channels_last)
             if compile_backend:
-                kwargs.update(compile=True, compile_backend=compile_backend)
-            super().__init__(method, *args, **kwargs)
+                speed = dataclasses.replace(speed, compile=True, compile_backend=compile_backend)
+            super().__init__(method, *args, config=dataclasses.replace(config, speed=speed), **kwargs)
 
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)

@@ -104,7 +104,7 @@ def run_variant(variant: str, size: str, device_name: str, dtype_name: str, reso
     from diffusers import DDPMScheduler
 
     from ccp.methods import DreamBooth, PromptTemplate, build_method
-    from ccp.training.module import PersonalizationModule
+    from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 
     warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is a no-op
     device = torch.device(device_name)
@@ -128,7 +128,7 @@ def run_variant(variant: str, size: str, device_name: str, dtype_name: str, reso
     del prior  # the method holds its own UNet; keep only what this variant trains with
     gc.collect()
 
-    module = PersonalizationModule(method, scheduler, vae=vae, lr=LR)
+    module = PersonalizationModule(method, scheduler, vae=vae, config=TrainingConfig(optim=OptimConfig(lr=LR)))
     module.to(device)
     module.on_fit_start()  # frozen parts (VAE, text encoder) to the device, as under a Trainer
     if autocast_dtype is not None:

@@ -38,7 +38,7 @@ def run_variant(size: str, device_name: str, resolution: int, batch: int, steps:
     device = torch.device(device_name)
     prior = build_prior(size).to(torch.bfloat16)  # frozen parts in bf16, as prior.dtype=bfloat16
     method = build_method("ours", prior, PromptTemplate(), definition="value_mean")
-    module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), lr=1e-5, prior=prior)
+    module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), prior=prior)  # optim.lr's default, 1e-5
     latent_hw = resolution // prior.vae_scale_factor
 
     class Latents(Dataset):

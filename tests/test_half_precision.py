@@ -21,7 +21,7 @@ from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.pipelines.sampling import noise_generators
 from ccp.priors.loading import load_prior
 from ccp.training.callbacks import EMACallback
-from ccp.training.module import CheckpointMismatchError, PersonalizationModule
+from ccp.training.module import CheckpointMismatchError, OptimConfig, PersonalizationModule, TrainingConfig
 from ccp.training.run import TrainConfigError, check_config
 
 FAST = {"ours": {"definition": "value_mean"}}
@@ -50,7 +50,8 @@ def fp16_prior(tiny_prior_dir):
 
 def _module(prior, name):
     method = build_method(name, prior, PromptTemplate(), **FAST.get(name, {}))
-    return PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=1e-3)
+    return PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae,
+                                 config=TrainingConfig(optim=OptimConfig(lr=1e-3)))
 
 
 def _train(module, steps=2, **trainer_kwargs):

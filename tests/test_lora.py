@@ -24,7 +24,7 @@ from ccp.methods.params import report
 from ccp.models.denoisers import BatchedCondition
 from ccp.pipelines.gcfg import GCFGPipeline
 from ccp.priors.tiny import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG
-from ccp.training.module import PersonalizationModule
+from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 from ccp.training.run import run_training
 from pixels import PixelData
 
@@ -73,7 +73,7 @@ def trained(tiny_prior, tmp_path_factory):
     initial = state(method)
     unet_before = state(method.unet)
     module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
-                                   lr=1e-2, seed=7)
+                                   config=TrainingConfig(optim=OptimConfig(lr=1e-2), seed=7))
     ckpt_dir = tmp_path_factory.mktemp("lora-ckpt")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
@@ -207,7 +207,7 @@ def test_gcfg_with_one_text_term_equals_diffusers_pipeline_with_the_lora(trained
                                          ({"rank": True}, "rank"), ({"alpha": 0}, "alpha")])
 def test_bad_rank_or_alpha_is_refused(tiny_prior, kwargs, key):
     with pytest.raises(LoRAConfigError, match=rf"method\.module\.{key}=.*positive.*method\.module\.{key}=4") as err:
-        LoRA(tiny_prior, PromptTemplate(), **kwargs)
+        build_method("lora", tiny_prior, **kwargs)
     assert isinstance(err.value, ConfigError)
 
 

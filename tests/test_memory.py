@@ -104,7 +104,7 @@ def _fit_8bit(prior, ckpt_dir, max_steps, ckpt_path=None):
 
     from ccp.methods import PromptTemplate
     from ccp.methods.ours import NullTextConcept
-    from ccp.training.module import PersonalizationModule
+    from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 
     class Latents(torch.utils.data.Dataset):
         def __len__(self):
@@ -114,8 +114,8 @@ def _fit_8bit(prior, ckpt_dir, max_steps, ckpt_path=None):
             return {"latents": torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i))}
 
     method = NullTextConcept(prior, PromptTemplate(), definition="value_mean")
-    module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), lr=1e-3, seed=1,
-                                   optimizer="adamw8bit")
+    module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config),
+                                   config=TrainingConfig(optim=OptimConfig(lr=1e-3, name="adamw8bit"), seed=1))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0,
                         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)])

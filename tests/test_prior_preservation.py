@@ -17,7 +17,7 @@ from ccp.io import dir_complete
 from ccp.methods import CustomDiffusion, DreamBooth, PromptTemplate
 from ccp.training.class_images import ClassImagesConfig, generate_class_images, image_name
 from ccp.training.data import ConceptDataModule
-from ccp.training.module import PersonalizationModule
+from ccp.training.module import PersonalizationModule, TrainingConfig
 from ccp.training.run import check_config
 
 CLASS_PROMPT = "a photo of dog"
@@ -35,7 +35,8 @@ def test_loss_is_instance_mse_plus_weighted_class_mse(tiny_prior):
     torch.manual_seed(0)
     method = DreamBooth(tiny_prior, PromptTemplate())
     scheduler = DDPMScheduler.from_config(tiny_prior.scheduler.config)
-    module = PersonalizationModule(method, scheduler, class_prompt=CLASS_PROMPT, prior_loss_weight=0.5, seed=3)
+    preservation = ClassImagesConfig(enabled=True, class_prompt=CLASS_PROMPT, prior_loss_weight=0.5)
+    module = PersonalizationModule(method, scheduler, config=TrainingConfig(prior_preservation=preservation, seed=3))
     instance, klass = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     loss = module.training_step({"latents": instance, "class_latents": klass}, 0)
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import ccp
 from ccp.training.callbacks import EMACallback
-from ccp.training.module import PersonalizationModule
+from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 from test_science_training_step import ConstantPrediction, FixedData
 
 CONFIGURED = OmegaConf.load(Path(ccp.__file__).parent / "conf" / "train.yaml").ema
@@ -45,7 +45,8 @@ class RecordWeights(L.Callback):
 def fit(steps, tmp_path, resume_from=None, checkpoint_every=None, **ema_kwargs):
     torch.manual_seed(0)
     method = ConstantPrediction(3, init=0.0, record=False)
-    module = PersonalizationModule(method, DDPMScheduler(num_train_timesteps=50), lr=0.1, weight_decay=0.0, seed=0)
+    module = PersonalizationModule(method, DDPMScheduler(num_train_timesteps=50),
+                                   config=TrainingConfig(optim=OptimConfig(lr=0.1, weight_decay=0.0), seed=0))
     ema, record = EMACallback(**ema_kwargs), RecordWeights()
     callbacks = [record, ema]
     if checkpoint_every:

@@ -23,13 +23,17 @@ import torch
 from diffusers import DDPMScheduler
 
 import ccp.training.module as module_mod
-from ccp.config import ConfigError
 from ccp.methods.base import PromptTemplate
 from stand_ins import TrainingOnlyMethod
+from ccp.training.class_images import ClassImagesConfig
 from ccp.training.module import (
     CheckpointMismatchError,
+    LossConfig,
     NonFiniteLossError,
+    OptimConfig,
     PersonalizationModule,
+    SpeedConfig,
+    TrainingConfig,
     to_fp32_master_weights,
 )
 
@@ -141,7 +145,7 @@ def test_one_step_is_the_documented_draws_noising_target_and_loss(pred):
     seed, T, value = 3, 1000, 0.3
     mean, std, ids = posterior_batch(5)
     method = Recorder(3, init=value)
-    module = PersonalizationModule(method, scheduler(pred, T), vae=ScalingVAE(), seed=seed)
+    module = PersonalizationModule(method, scheduler(pred, T), vae=ScalingVAE(), config=TrainingConfig(seed=seed))
     logged = recording_log(module)
     loss = module.training_step({"latent_mean": mean, "latent_std": std, "ids": ids}, 0)
     ref = expected_step(seed, mean.shape, T, pred, value, posterior=(mean, std), inst_ids=ids)
@@ -161,7 +165,8 @@ def test_noise_offset_is_one_extra_draw_per_sample_and_channel_after_the_noise()
     seed, T, value = 3, 1000, -0.2
     mean, std, ids = posterior_batch(5, seed=1)
     method = Recorder(3, init=value)
-    module = PersonalizationModule(method, scheduler("epsilon", T), vae=ScalingVAE(), seed=seed, noise_offset=0.4)
+    module = PersonalizationModule(method, scheduler("epsilon", T), vae=ScalingVAE(),
+                                   config=TrainingConfig(loss=LossConfig(noise_offset=0.4), seed=seed))
     recording_log(module)
     loss = module.training_step({"latent_mean": mean, "latent_std": std, "ids": ids}, 0)
     ref = expected_step(seed, mean.shape, T, "epsilon", value, posterior=(mean, std), inst_ids=ids, noise_offset=0.4)
@@ -178,8 +183,9 @@ def test_prior_preservation_step_class_rows_after_instance_rows_and_their_weight
     mean, std, ids = posterior_batch(3, seed=2)
     cmean, cstd, cids = posterior_batch(2, seed=3, ids_from=10)
     method = ClassRecorder(3, init=value)
-    module = PersonalizationModule(method, scheduler("epsilon", T), vae=ScalingVAE(), seed=seed,
-                                   snr_gamma=snr_gamma, class_prompt="a photo of a face", prior_loss_weight=weight)
+    preservation = ClassImagesConfig(enabled=True, class_prompt="a photo of a face", prior_loss_weight=weight)
+    config = TrainingConfig(loss=LossConfig(snr_gamma=snr_gamma), prior_preservation=preservation, seed=seed)
+    module = PersonalizationModule(method, scheduler("epsilon", T), vae=ScalingVAE(), config=config)
     assert method.class_prompts == ["a photo of a face"]
     logged = recording_log(module)
     batch = {"latent_mean": mean, "latent_std": std, "ids": ids,
@@ -207,16 +213,6 @@ def test_prior_preservation_step_class_rows_after_instance_rows_and_their_weight
     assert float(logged[0][1]) == pytest.approx(prior, rel=1e-5) and not logged[0][1].requires_grad
 
 
-def test_prior_preservation_needs_a_method_that_supports_it():
-    with pytest.raises(ConfigError) as info:
-        PersonalizationModule(Recorder(3), scheduler(), class_prompt="a face")
-    assert str(info.value) == ("method 'recorder' does not support prior preservation; "
-                               "set prior_preservation.enabled=false")
-    method = ClassRecorder(3)
-    PersonalizationModule(method, scheduler())  # no class prompt: nothing asked of the method
-    assert method.class_prompts == []
-
-
 # --- the non-finite flag and the stop ------------------------------------------------------------
 class FakeStrategy:
     def __init__(self, ranks: float):
@@ -229,7 +225,7 @@ class FakeStrategy:
 
 def test_a_non_finite_loss_in_any_micro_step_is_kept_until_the_optimizer_step():
     method = Recorder(3, init=0.1)
-    module = PersonalizationModule(method, scheduler(), vae=ScalingVAE(), seed=1)
+    module = PersonalizationModule(method, scheduler(), vae=ScalingVAE(), config=TrainingConfig(seed=1))
     recording_log(module)
     assert module._nonfinite is None
     module.on_before_optimizer_step(None)  # nothing seen yet: no all-reduce, no stop
@@ -279,7 +275,7 @@ def test_the_stop_counts_ranks_and_names_the_step_and_the_fixes(ranks):
     (0, 0, 0, 1, 0), (5, 11, 2, 3, 5), (2**62 + 12345, 3, 1, 4, 6), (7, 2**40, 3, 2, 9),
     (30_000_000, 3, 1, 3, 2)])  # a key whose value mod 2**64 is >= 2**63: the modulus matters
 def test_the_generator_is_seeded_with_the_documented_key(seed, step, rank, accumulate, batch_idx):
-    module = PersonalizationModule(Recorder(1), scheduler(T=10), seed=seed)
+    module = PersonalizationModule(Recorder(1), scheduler(T=10), config=TrainingConfig(seed=seed))
     module._trainer = SimpleNamespace(global_step=step, global_rank=rank, accumulate_grad_batches=accumulate)
     g = module._generator(batch_idx)
     assert g.initial_seed() == stream_key(seed, step, batch_idx % accumulate, rank)
@@ -287,7 +283,7 @@ def test_the_generator_is_seeded_with_the_documented_key(seed, step, rank, accum
 
 
 def test_without_a_trainer_the_key_has_step_rank_and_micro_batch_zero():
-    module = PersonalizationModule(Recorder(1), scheduler(T=10), seed=9)
+    module = PersonalizationModule(Recorder(1), scheduler(T=10), config=TrainingConfig(seed=9))
     assert module._generator(5).initial_seed() == stream_key(9)
 
 
@@ -309,11 +305,13 @@ def test_the_defaults_are_the_papers_setting(monkeypatch):
     unet = RecordingUNet()
     method = Recorder(2, unet=unet)
     module = PersonalizationModule(method, scheduler())
-    assert (module.lr, module.betas, module.weight_decay, module.eps, module.warmup_steps) == (1e-5, (0.9, 0.999), 1e-2, 1e-8, 0)
-    assert (module.seed, module.optimizer_name, module.lr_scheduler, module.num_cycles, module.power) == (0, "adamw", "constant", 1, 1.0)
-    assert module.snr_gamma is None and module.noise_offset == 0.0 and type(module.noise_offset) is float
-    assert module.prior_loss_weight == 1.0 and type(module.prior_loss_weight) is float
-    assert module.allow_tf32 is None and module._tf32_before is None and module._nonfinite is None
+    assert module.config == TrainingConfig() == TrainingConfig(
+        optim=OptimConfig(name="adamw", lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                          lr_scheduler="constant", warmup_steps=0, num_cycles=1, power=1.0),
+        loss=LossConfig(snr_gamma=None, noise_offset=0.0), seed=0, allow_tf32=None,
+        speed=SpeedConfig(gradient_checkpointing=False, channels_last=False, compile=False, compile_backend="inductor"),
+        prior_preservation=ClassImagesConfig(enabled=False, class_prompt=None, prior_loss_weight=1.0))
+    assert module._tf32_before is None and module._nonfinite is None
     assert module.strict_loading is False and module._vae_fp32 is None and module._compiled_predict is None
     assert module.method is method and module.vae is None and unet.calls == []  # no checkpointing, no channels_last
     assert module.noise_scheduler.config.num_train_timesteps == 1000
@@ -335,10 +333,12 @@ def test_the_defaults_are_the_papers_setting(monkeypatch):
 
 def test_speed_options_reach_the_unet_and_compile_wraps_the_training_forward(monkeypatch):
     unet = RecordingUNet()
-    PersonalizationModule(Recorder(2, unet=unet), scheduler(), gradient_checkpointing=True, channels_last=True)
+    PersonalizationModule(Recorder(2, unet=unet), scheduler(),
+                          config=TrainingConfig(speed=SpeedConfig(gradient_checkpointing=True, channels_last=True)))
     assert unet.calls == ["checkpointing", ("to", (), {"memory_format": torch.channels_last})]
     unet = RecordingUNet()
-    PersonalizationModule(Recorder(2, unet=unet), scheduler(), channels_last=True)
+    PersonalizationModule(Recorder(2, unet=unet), scheduler(),
+                          config=TrainingConfig(speed=SpeedConfig(channels_last=True)))
     assert unet.calls == [("to", (), {"memory_format": torch.channels_last})]
 
     compiled = []
@@ -352,36 +352,15 @@ def test_speed_options_reach_the_unet_and_compile_wraps_the_training_forward(mon
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     method = Recorder(3)
-    module = PersonalizationModule(method, scheduler(), compile=True)
+    module = PersonalizationModule(method, scheduler(), config=TrainingConfig(speed=SpeedConfig(compile=True)))
     assert compiled == [(method.predict_noise, "inductor")]
     recording_log(module)
     module.training_step({"latents": torch.zeros(2, 3, 2, 2), "ids": torch.arange(2)}, 0)
     assert compiled[-1] == "called" and len(method.seen) == 1  # the training forward went through the compiled one
     compiled.clear()
-    PersonalizationModule(Recorder(3), scheduler(), compile=True, compile_backend="eager")
+    PersonalizationModule(Recorder(3), scheduler(),
+                          config=TrainingConfig(speed=SpeedConfig(compile=True, compile_backend="eager")))
     assert compiled[0][1] == "eager"
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr_scheduler="bogus"), "optim.lr_scheduler='bogus' is unknown"),
-    (dict(lr_scheduler="polynomial", lr=1e-9), "optim.lr=1e-09 must be above"),
-    (dict(lr_scheduler="polynomial", lr=1e-3, power=0.0), "optim.power=0.0 must be > 0"),
-    (dict(warmup_steps=-1), "optim.warmup_steps"),
-    (dict(lr_scheduler="cosine_with_restarts", num_cycles=0), "optim.num_cycles=0 must be a whole number >= 1"),
-    (dict(snr_gamma=0.0), "loss.snr_gamma=0.0 must be > 0"),
-    (dict(noise_offset=-0.1), "loss.noise_offset=-0.1 must be >= 0"),
-])
-def test_options_that_cannot_train_are_refused_when_the_module_is_built(kwargs, match):
-    with pytest.raises(Exception, match=match):
-        PersonalizationModule(Recorder(2), scheduler(), **kwargs)
-
-
-def test_snr_weights_are_refused_for_a_sample_predicting_prior_and_valid_options_pass():
-    with pytest.raises(Exception, match="prediction_type='sample'"):
-        PersonalizationModule(Recorder(2), scheduler("sample"), snr_gamma=5.0)
-    PersonalizationModule(Recorder(2), scheduler("sample"))  # no snr weights: fine
-    PersonalizationModule(Recorder(2), scheduler(), lr_scheduler="polynomial", lr=1e-3, power=2.0, warmup_steps=2)
-    PersonalizationModule(Recorder(2), scheduler(), lr_scheduler="cosine_with_restarts", num_cycles=2)
 
 
 # --- fp32 master weights --------------------------------------------------------------------------
@@ -437,7 +416,7 @@ def test_fit_start_moves_frozen_parts_and_freezes_the_vae_and_tf32_is_set_then_r
     method, vae = Recorder(2), RecordingVAE()
     sched = scheduler()
     before_ab = sched.alphas_cumprod.clone()
-    module = PersonalizationModule(method, sched, vae=vae, allow_tf32=True)
+    module = PersonalizationModule(method, sched, vae=vae, config=TrainingConfig(allow_tf32=True))
     vae.train()
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
@@ -454,7 +433,7 @@ def test_fit_start_moves_frozen_parts_and_freezes_the_vae_and_tf32_is_set_then_r
         assert module._tf32_before is None
         # allow_tf32=False turns them off, and the previous values come back
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
-        off = PersonalizationModule(Recorder(2), scheduler(), allow_tf32=False)
+        off = PersonalizationModule(Recorder(2), scheduler(), config=TrainingConfig(allow_tf32=False))
         off.on_fit_start()
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
         off.on_fit_end()
@@ -509,7 +488,8 @@ def lrs(config, n):
 
 def test_extra_groups_keep_their_own_lr_and_the_rest_train_at_optim_lr():
     method = Grouped()
-    config = PersonalizationModule(method, scheduler(), lr=0.1).configure_optimizers()
+    module = PersonalizationModule(method, scheduler(), config=TrainingConfig(optim=OptimConfig(lr=0.1)))
+    config = module.configure_optimizers()
     groups = config["optimizer"].param_groups
     assert [len(g["params"]) for g in groups] == [2, 1]
     assert groups[0]["params"] == [method.value, method.p0] and groups[1]["params"] == [method.p1]
@@ -519,8 +499,8 @@ def test_extra_groups_keep_their_own_lr_and_the_rest_train_at_optim_lr():
 
 def test_decaying_schedules_run_over_the_trainers_max_steps():
     lr, warmup, total, power, end = 0.1, 2, 6, 2.0, 1e-7
-    module = PersonalizationModule(Recorder(2), scheduler(), lr=lr, warmup_steps=warmup, lr_scheduler="polynomial",
-                                   power=power)
+    optim = OptimConfig(lr=lr, warmup_steps=warmup, lr_scheduler="polynomial", power=power)
+    module = PersonalizationModule(Recorder(2), scheduler(), config=TrainingConfig(optim=optim))
     module._trainer = SimpleNamespace(max_steps=total)
     seen = [g[0] for g in lrs(module.configure_optimizers(), 8)]
 
@@ -533,7 +513,8 @@ def test_decaying_schedules_run_over_the_trainers_max_steps():
 
     assert seen == pytest.approx([poly(s) for s in range(8)], rel=1e-6, abs=1e-12)
 
-    module = PersonalizationModule(Recorder(2), scheduler(), lr=lr, lr_scheduler="cosine_with_restarts", num_cycles=2)
+    optim = OptimConfig(lr=lr, lr_scheduler="cosine_with_restarts", num_cycles=2)
+    module = PersonalizationModule(Recorder(2), scheduler(), config=TrainingConfig(optim=optim))
     module._trainer = SimpleNamespace(max_steps=8)
     seen = [g[0] for g in lrs(module.configure_optimizers(), 8)]
     expected = [lr * 0.5 * (1 + math.cos(math.pi * ((2 * s / 8) % 1.0))) for s in range(8)]
@@ -545,7 +526,7 @@ def test_batch_end_logs_step_time_throughput_over_all_ranks_and_the_first_groups
     clock = [10.0]
     monkeypatch.setattr(module_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     method = Grouped()
-    module = PersonalizationModule(method, scheduler(), lr=0.1)
+    module = PersonalizationModule(method, scheduler(), config=TrainingConfig(optim=OptimConfig(lr=0.1)))
     optimizer = module.configure_optimizers()["optimizer"]
     module._trainer = SimpleNamespace(world_size=3, optimizers=[optimizer])
     logged = recording_log(module)

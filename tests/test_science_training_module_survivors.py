@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 import ccp.training.module as module_mod
 import ccp.training.optim as optim_mod
 from ccp.methods.base import PromptTemplate
-from ccp.training.module import PersonalizationModule, join_inputs
+from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig, join_inputs
 from stand_ins import TrainingOnlyMethod
 
 
@@ -115,7 +115,7 @@ def test_a_cuda_step_also_logs_its_peak_memory_in_gib_of_the_modules_device(monk
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", max_memory_allocated)
     method = Constant()
-    module = PersonalizationModule(method, scheduler(), lr=0.2)
+    module = PersonalizationModule(method, scheduler(), config=TrainingConfig(optim=OptimConfig(lr=0.2)))
     optimizer = torch.optim.SGD([method.value], lr=0.2)
     module._trainer = SimpleNamespace(world_size=2, optimizers=[optimizer])
     module._device = torch.device("cuda", 1)  # as Lightning sets it for the second GPU
@@ -212,7 +212,8 @@ def test_the_configured_optimizer_name_builds_that_optimizer(monkeypatch):
 
     monkeypatch.setattr(optim_mod, "_bitsandbytes", lambda: SimpleNamespace(optim=SimpleNamespace(AdamW8bit=AdamW8bit)))
     method = Constant()
-    config = PersonalizationModule(method, scheduler(), lr=0.3, optimizer="adamw8bit").configure_optimizers()
+    module = PersonalizationModule(method, scheduler(), config=TrainingConfig(optim=OptimConfig(lr=0.3, name="adamw8bit")))
+    config = module.configure_optimizers()
     optimizer = config["optimizer"]
     assert type(optimizer) is AdamW8bit
     assert optimizer.param_groups[0]["params"] == [method.value] and optimizer.param_groups[0]["lr"] == 0.3

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ccp.methods.base import PromptTemplate
 from stand_ins import TrainingOnlyMethod
-from ccp.training.module import PersonalizationModule
+from ccp.training.module import LossConfig, OptimConfig, PersonalizationModule, TrainingConfig
 from ccp.training.sampler import resumable_loader
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -64,7 +64,7 @@ def one_step(prediction_type: str, latents: torch.Tensor, num_train_timesteps: i
              schedule: dict = SD_BETAS, seed: int = 0):
     method = ConstantPrediction(latents.shape[1], init=value)
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, **schedule)
-    module = PersonalizationModule(method, scheduler, seed=seed)
+    module = PersonalizationModule(method, scheduler, config=TrainingConfig(seed=seed))
     with pytest.warns(UserWarning, match="self.log"):  # no trainer attached: nothing to log to
         loss = module.training_step({"latents": latents}, 0)
     (noisy, timesteps), = method.seen
@@ -144,7 +144,7 @@ def test_constant_prediction_converges_to_the_mean_v_target(tmp_path):
     latents = m.view(1, 2, 1, 1).expand(256, 2, 2, 2).clone()
     method = ConstantPrediction(2, init=0.0, record=False)
     module = PersonalizationModule(method, DDPMScheduler(num_train_timesteps=T, prediction_type="v_prediction", **schedule),
-                                   lr=0.02, weight_decay=0.0, seed=0)
+                                   config=TrainingConfig(optim=OptimConfig(lr=0.02, weight_decay=0.0), seed=0))
     logger = CSVLogger(tmp_path, name="run", version=0)
     trainer = L.Trainer(max_steps=300, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -177,7 +177,8 @@ def test_constant_prediction_converges_to_the_mean_v_target(tmp_path):
 
 def test_learning_rate_warmup_is_linear_then_flat():
     method = ConstantPrediction(1)
-    module = PersonalizationModule(method, DDPMScheduler(num_train_timesteps=10), lr=0.5, warmup_steps=4)
+    module = PersonalizationModule(method, DDPMScheduler(num_train_timesteps=10),
+                                   config=TrainingConfig(optim=OptimConfig(lr=0.5, warmup_steps=4)))
     config = module.configure_optimizers()
     optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
     seen = []
@@ -197,7 +198,7 @@ def test_min_snr_loss_weights_each_sample_by_hand(prediction_type):
     gamma, value = 5.0, 0.2
     method = ConstantPrediction(4, init=value)
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, **SD_BETAS)
-    module = PersonalizationModule(method, scheduler, seed=0, snr_gamma=gamma)
+    module = PersonalizationModule(method, scheduler, config=TrainingConfig(loss=LossConfig(snr_gamma=gamma), seed=0))
     with pytest.warns(UserWarning, match="self.log"):
         loss = module.training_step({"latents": x0}, 0)
     (noisy, timesteps), = method.seen
@@ -220,7 +221,8 @@ def test_noise_offset_adds_one_shared_shift_per_sample_and_channel():
     for noise_offset, expected in ((0.0, 1 / 256), (offset, 1 / 256 + offset**2)):
         method = ConstantPrediction(4)
         scheduler = DDPMScheduler(num_train_timesteps=1000, **SD_BETAS)
-        module = PersonalizationModule(method, scheduler, seed=0, noise_offset=noise_offset)
+        module = PersonalizationModule(method, scheduler,
+                                       config=TrainingConfig(loss=LossConfig(noise_offset=noise_offset), seed=0))
         with pytest.warns(UserWarning, match="self.log"):
             module.training_step({"latents": x0}, 0)
         (noisy, timesteps), = method.seen
@@ -276,8 +278,9 @@ def test_a_checkpoint_of_other_trainable_tensors_is_refused_with_their_names():
 
 def test_optimizer_is_adamw_with_the_configured_hyperparameters_stepped_per_step():
     method = ConstantPrediction(2)
-    module = PersonalizationModule(method, DDPMScheduler(num_train_timesteps=10), lr=3e-4, betas=(0.8, 0.95),
-                                   weight_decay=0.05, eps=1e-6)
+    module = PersonalizationModule(method, DDPMScheduler(num_train_timesteps=10),
+                                   config=TrainingConfig(optim=OptimConfig(lr=3e-4, betas=(0.8, 0.95), weight_decay=0.05,
+                                                                           eps=1e-6)))
     config = module.configure_optimizers()
     optimizer = config["optimizer"]
     assert type(optimizer) is torch.optim.AdamW and config["lr_scheduler"]["interval"] == "step"
@@ -292,7 +295,8 @@ def test_optimizer_is_adamw_with_the_configured_hyperparameters_stepped_per_step
 
 def test_each_step_micro_batch_and_rank_draws_its_own_noise():
     def first_draw(step, rank, batch_idx, accumulate=2, seed=0):
-        module = PersonalizationModule(ConstantPrediction(1), DDPMScheduler(num_train_timesteps=10), seed=seed)
+        module = PersonalizationModule(ConstantPrediction(1), DDPMScheduler(num_train_timesteps=10),
+                                       config=TrainingConfig(seed=seed))
         module._trainer = SimpleNamespace(global_step=step, global_rank=rank, accumulate_grad_batches=accumulate)
         return float(torch.randn((), generator=module._generator(batch_idx)))
 

@@ -24,7 +24,7 @@ from ccp.priors.loading import load_prior
 from ccp.priors.tiny import save_tiny_prior
 from ccp.training.data import ConceptDataModule, ImageFolderDataset
 from ccp.training.latent_cache import CachedLatentDataset, LatentCache, build_latent_cache
-from ccp.training.module import PersonalizationModule
+from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 from ccp.training.run import check_config, run_training
 
 METHODS = ["ours", "dreambooth", "textual_inversion", "custom_diffusion", "oft", "lora"]
@@ -80,8 +80,8 @@ def trained(request, sdxl, images, tmp_path_factory):
     name = request.param
     method = build_method(name, sdxl, **SETTINGS.get(name, {}))
     before = {k: v.detach().clone() for k, v in method.trainable_state_dict().items()}
-    module = PersonalizationModule(method, DDPMScheduler.from_config(sdxl.scheduler.config), vae=sdxl.vae,
-                                   lr=LR[name], seed=0, prior=sdxl)
+    module = PersonalizationModule(method, DDPMScheduler.from_config(sdxl.scheduler.config), vae=sdxl.vae, prior=sdxl,
+                                   config=TrainingConfig(optim=OptimConfig(lr=LR[name]), seed=0))
     cache = tmp_path_factory.mktemp(f"cache-{name}")
     data = ConceptDataModule(images, resolution=RES, batch_size=2, num_workers=0, persistent_workers=False,
                              latent_cache={"enabled": True, "dtype": "float32", "output": "posterior"},
@@ -175,7 +175,8 @@ def test_training_condition_equals_what_gcfg_feeds_the_denoiser(trained, sdxl):
 def test_prior_preservation_class_rows_get_their_prompt_and_their_sizes(sdxl):
     method = build_method("dreambooth", sdxl)
     method.use_class_prompt("a photo of a person")
-    module = PersonalizationModule(method, DDPMScheduler.from_config(sdxl.scheduler.config), vae=sdxl.vae, seed=0)
+    module = PersonalizationModule(method, DDPMScheduler.from_config(sdxl.scheduler.config), vae=sdxl.vae,
+                                   config=TrainingConfig(seed=0))
     batch = {"pixel_values": torch.rand(1, 3, RES, RES) * 2 - 1, "original_size": torch.tensor([[40, 48]]),
              "crop_top_left": torch.tensor([[0, 0]]), "class_pixel_values": torch.rand(1, 3, RES, RES) * 2 - 1,
              "class_original_size": torch.tensor([[64, 48]]), "class_crop_top_left": torch.tensor([[8, 0]])}
@@ -238,7 +239,8 @@ def test_fp16_sdxl_vae_caches_fp32_latents(images, sdxl_dir, tmp_path):
 # --- SD v1.5 is unchanged --------------------------------------------------------------------------
 def test_sd15_loss_is_bit_identical_with_the_new_batch_keys(tiny_prior):
     method = build_method("dreambooth", tiny_prior)
-    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae, seed=3)
+    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
+                                   config=TrainingConfig(seed=3))
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     plain = module.training_step({"pixel_values": pixels}, 0)
     extra = module.training_step({"pixel_values": pixels, "original_size": torch.tensor([[40, 48], [64, 64]]),

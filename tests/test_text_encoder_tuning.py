@@ -16,7 +16,8 @@ from ccp.guidance import Condition, GuidancePlan, GuidanceSpec, GuidanceTerm, So
 from ccp.io import dir_complete
 from ccp.methods import DreamBooth, PromptTemplate
 from ccp.methods.export import load_trained
-from ccp.training.module import PersonalizationModule
+from ccp.training.class_images import ClassImagesConfig
+from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 from ccp.training.run import check_config, run_training
 
 PROMPT = "a photo of face"
@@ -40,8 +41,9 @@ def tuned(tiny_prior):
     prior_unet, prior_encoder = _state(tiny_prior.unet), _state(tiny_prior.text_encoder)
     torch.manual_seed(0)
     method = DreamBooth(tiny_prior, PromptTemplate(), train_text_encoder=True, text_encoder_lr=1e-2)
-    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), lr=1e-3,
-                                   class_prompt="a photo of dog")
+    config = TrainingConfig(optim=OptimConfig(lr=1e-3),
+                            prior_preservation=ClassImagesConfig(enabled=True, class_prompt="a photo of dog"))
+    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), config=config)
     optimizer = module.configure_optimizers()["optimizer"]
     loss = module.training_step({"latents": torch.randn(2, 4, 8, 8), "class_latents": torch.randn(2, 4, 8, 8)}, 0)
     loss.backward()

@@ -86,7 +86,7 @@ def test_caption_dropout_rate_and_reproducibility():
     dropped = sum(torch.equal(e, empty) for e in first) / len(first)
     assert 0.25 < dropped < 0.35  # 1000 draws at p=0.3: sd 0.0145
     with pytest.raises(ValueError, match="caption_dropout"):
-        TextToImage(prior, PromptTemplate(), caption_dropout=1.0)
+        TextToImage.check_settings(caption_dropout=1.0)
     with pytest.raises(ValueError, match="data.captions"):
         method.batch_inputs({"latents": torch.zeros(1)}, torch.Generator())
 
@@ -194,4 +194,4 @@ def test_caption_templates_place_each_caption_in_a_drawn_template():
     which = [next(i for i, f in enumerate(forms) if torch.equal(e, f)) for e in embeds]  # each is one of the two
     assert set(which) == {0, 1}
     with pytest.raises(ValueError, match="caption_templates"):
-        TextToImage(prior, PromptTemplate(), caption_templates=["no placeholder"])
+        TextToImage.check_settings(caption_templates=["no placeholder"])

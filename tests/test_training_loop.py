@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from ccp.methods.base import PromptTemplate
 from ccp.methods.ours import NullTextConcept
 from ccp.training.callbacks import EMACallback, SaveLastOnInterrupt
-from ccp.training.module import NonFiniteLossError, PersonalizationModule, accumulation_steps
+from ccp.training.module import (NonFiniteLossError, OptimConfig, PersonalizationModule, SpeedConfig, TrainingConfig,
+                                 accumulation_steps)
 from ccp.training.sampler import ResumableSampler
 from pixels import PixelData, Pixels
 
@@ -48,7 +49,8 @@ def prior(tiny_prior):
 
 def _module(prior):
     method = NullTextConcept(prior, PromptTemplate(), definition="value_mean")
-    return PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=1e-3, seed=7)
+    return PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae,
+                                 config=TrainingConfig(optim=OptimConfig(lr=1e-3), seed=7))
 
 
 def _fit(prior, ckpt_dir, max_steps, extra=(), ckpt_path=None):
@@ -183,8 +185,9 @@ def test_validation_does_not_recompile_the_compiled_training_forward(prior, tmp_
         torch._dynamo.reset()
         graphs.clear()
         method = NullTextConcept(prior, PromptTemplate(), definition="value_mean")
-        module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=1e-3,
-                                       prior=prior, compile=True, compile_backend=counting_backend)
+        speed = SpeedConfig(compile=True, compile_backend=counting_backend)
+        module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, prior=prior,
+                                       config=TrainingConfig(optim=OptimConfig(lr=1e-3), speed=speed))
         grid = ValidationGrid(tmp_path / f"grid{validation_every}", every_n_steps=validation_every, num_images=1,
                               steps=2, control_prompt="smiling")
         trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,

@@ -22,7 +22,7 @@ from ccp.config import ConfigError, compose
 from ccp.methods.base import PromptTemplate
 from ccp.methods.ours import NullTextConcept
 from ccp.training import run as run_module
-from ccp.training.module import PersonalizationModule
+from ccp.training.module import LossConfig, OptimConfig, PersonalizationModule, TrainingConfig
 from ccp.training.run import TrainConfigError, run_training
 from ccp.training.schedules import TrainingOptionsError, min_snr_weights
 
@@ -47,10 +47,10 @@ def prior(tiny_prior):
     return tiny_prior
 
 
-def _module(prior, prediction_type="epsilon", **options) -> PersonalizationModule:
+def _module(prior, prediction_type="epsilon", **sections) -> PersonalizationModule:
     method = NullTextConcept(prior, PromptTemplate(), definition="value_mean")
     scheduler = DDPMScheduler(num_train_timesteps=T, prediction_type=prediction_type, **SD_BETAS)
-    return PersonalizationModule(method, scheduler, vae=prior.vae, seed=5, **options)
+    return PersonalizationModule(method, scheduler, vae=prior.vae, config=TrainingConfig(seed=5, **sections))
 
 
 def _one_step(module: PersonalizationModule, latents: torch.Tensor, prediction: torch.Tensor):
@@ -93,7 +93,7 @@ def test_min_snr_loss_is_the_weighted_mean_of_per_sample_mse(prior, prediction_t
     snr = ab / (1 - ab)
     gamma = float(np.sqrt(snr.min() * snr.max()))  # between the batch's extremes: some clipped, some not
 
-    module = _module(prior, prediction_type, snr_gamma=gamma)
+    module = _module(prior, prediction_type, loss=LossConfig(snr_gamma=gamma))
     loss, noisy, timesteps = _one_step(module, latents, prediction)
     assert torch.equal(timesteps, drawn)  # the option draws nothing
     # the noise and target by hand, from the captured noisy input
@@ -112,7 +112,7 @@ def test_min_snr_loss_is_the_weighted_mean_of_per_sample_mse(prior, prediction_t
 def test_noise_offset_adds_a_per_channel_constant_from_the_step_generator(prior):
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     prediction = torch.zeros_like(latents)
-    module = _module(prior, noise_offset=0.1)
+    module = _module(prior, loss=LossConfig(noise_offset=0.1))
     _, noisy, timesteps = _one_step(module, latents, prediction)
     # the same draws by hand, in the diffusers scripts' order: noise, offset (B, C, 1, 1), timesteps
     g = module._generator(0)
@@ -194,7 +194,7 @@ def _trainer(max_steps, callbacks=(), accumulate=2):
     ("cosine", WARMUP), ("cosine_with_restarts", WARMUP), ("polynomial", WARMUP),
 ])
 def test_lr_of_each_optimizer_step_follows_the_schedule_formula(prior, name, warmup):
-    module = _module(prior, lr=LR, lr_scheduler=name, warmup_steps=warmup, num_cycles=2, power=2.0)
+    module = _module(prior, optim=OptimConfig(lr=LR, lr_scheduler=name, warmup_steps=warmup, num_cycles=2, power=2.0))
     record = RecordLr()
     # 2 micro-batches per optimizer step: the schedule moves once per optimizer step
     _trainer(STEPS, [record]).fit(module, DataLoader(Latents(), batch_size=2))
@@ -204,9 +204,10 @@ def test_lr_of_each_optimizer_step_follows_the_schedule_formula(prior, name, war
 
 
 def _fit_scheduled(prior, ckpt_dir, extra=(), ckpt_path=None):
+    optim = OptimConfig(lr=1e-3, lr_scheduler="cosine_with_restarts", warmup_steps=1, num_cycles=2)
     module = PersonalizationModule(NullTextConcept(prior, PromptTemplate(), definition="value_mean"),
-                                   DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=1e-3, seed=7,
-                                   lr_scheduler="cosine_with_restarts", warmup_steps=1, num_cycles=2)
+                                   DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae,
+                                   config=TrainingConfig(optim=optim, seed=7))
     record = RecordLr()
     trainer = _trainer(5, [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True, save_top_k=-1),
                            record, *extra])
@@ -291,9 +292,7 @@ def test_bad_options_are_refused_before_any_model_loads(tmp_path, monkeypatch, o
     assert isinstance(err.value, ConfigError)
 
 
-def test_the_module_refuses_what_the_config_check_cannot_see(prior):
-    with pytest.raises(TrainingOptionsError, match="not the prior's prediction_type='sample'; set loss.snr_gamma=null"):
-        _module(prior, "sample", snr_gamma=5.0)
-    module = _module(prior, lr_scheduler="linear")
+def test_a_decaying_schedule_without_a_trainer_says_it_needs_the_total_steps(prior):
+    module = _module(prior, optim=OptimConfig(lr_scheduler="linear"))
     with pytest.raises(TrainingOptionsError, match="needs the run's total steps"):
         module.configure_optimizers()  # no Trainer: no trainer.max_steps to decay over

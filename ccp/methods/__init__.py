@@ -8,6 +8,7 @@ from __future__ import annotations
 from diffusers import StableDiffusionPipeline
 
 from ccp.methods.base import Method, PromptTemplate
+from ccp.methods.conditioning import is_sdxl
 from ccp.methods.custom_diffusion import CustomDiffusion
 from ccp.methods.dreambooth import DreamBooth
 from ccp.methods.lora import LoRA
@@ -38,8 +39,13 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(name: str, prior: StableDiffusionPipeline, template: PromptTemplate | None = None, **kwargs) -> Method:
-    """The method `name` on `prior` (not modified: methods copy what they change or train)."""
-    return method_class(name)(prior, template or PromptTemplate(), **kwargs)
+    """The method `name` on `prior` (not modified: methods copy what they change or train), its
+    settings and the prior's family checked first, as ccp-train checks them before loading."""
+    cls = method_class(name)
+    cls.check_settings(**kwargs)
+    if is_sdxl(prior):
+        cls.check_prior("sdxl", **kwargs)
+    return cls(prior, template or PromptTemplate(), **kwargs)
 
 
 __all__ = [

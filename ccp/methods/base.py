@@ -53,8 +53,6 @@ class Method(nn.Module, ABC):
         # SDXL: every prediction also takes the pooled text and the size/crop time ids
         self.sdxl = is_sdxl(prior)
         self.vae_scale = vae_scale_factor(prior) if prior is not None else 8
-        if self.sdxl:
-            type(self).check_prior("sdxl")
 
     @property
     def training_prompt(self) -> str | None:
@@ -81,7 +79,8 @@ class Method(nn.Module, ABC):
     @classmethod
     def check_settings(cls, **settings) -> None:
         """Refuse settings (``method.module``'s keys) that cannot build the method, before any
-        model loads; the message names the key and a valid value."""
+        model loads; the message names the key and a valid value. Called once, before building
+        (ccp-train's check_config, or `build_method`); the constructor does not repeat it."""
 
     @classmethod
     def takes_time_ids(cls) -> bool:
@@ -89,7 +88,8 @@ class Method(nn.Module, ABC):
 
     @classmethod
     def check_prior(cls, family: str, **settings) -> None:
-        """Refuse a prior family (sd1, sd2, sdxl) the method cannot train on, before any model loads."""
+        """Refuse a prior family (sd1, sd2, sdxl) the method cannot train on, before any model loads
+        (called as `check_settings` is; the constructor does not repeat it)."""
         if family == "sdxl" and not cls.takes_time_ids():
             raise ConfigError(f"method {cls.name!r} does not train on SDXL priors yet (its prediction takes no "
                               "size/crop time ids); use an SD v1.x/2.x prior, or ours, dreambooth, "

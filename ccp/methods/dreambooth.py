@@ -31,7 +31,7 @@ from torch import nn
 from ccp.config import ConfigError
 from ccp.guidance import Condition, GuidanceSpec, GuidanceTerm, Source
 from ccp.methods.base import Method, PromptTemplate
-from ccp.methods.conditioning import SDXLText, is_sdxl
+from ccp.methods.conditioning import SDXLText
 from ccp.models.denoisers import TextUNetDenoiser
 from ccp.pipelines.gcfg import GCFGPipeline
 
@@ -246,9 +246,6 @@ class DreamBooth(FixedPromptMixin, Method):
 
     def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate, encode_prompt_every_step: bool = False,
                  train_text_encoder: bool = False, text_encoder_lr: float | None = None):
-        check_text_encoder_options(train_text_encoder, text_encoder_lr)
-        if is_sdxl(prior):
-            type(self).check_prior("sdxl", train_text_encoder=train_text_encoder)
         super().__init__(prior, template)
         self.unet = copy.deepcopy(prior.unet).requires_grad_(True).train()
         self.train_text_encoder, self.text_encoder_lr = train_text_encoder, text_encoder_lr

@@ -55,9 +55,6 @@ def _positive(value, key: str, integer: bool) -> None:
 
 def lora_config(rank: int = 4, alpha: float | None = None) -> LoraConfig:
     """train_dreambooth_lora.py's config; ``alpha=None`` means alpha = rank (update scale 1)."""
-    _positive(rank, "rank", integer=True)
-    if alpha is not None:
-        _positive(alpha, "alpha", integer=False)
     return LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
@@ -72,7 +69,9 @@ class LoRA(FixedPromptMixin, Method):
 
     @classmethod
     def check_settings(cls, rank: int = 4, alpha: float | None = None, **_) -> None:
-        lora_config(rank, alpha)
+        _positive(rank, "rank", integer=True)
+        if alpha is not None:
+            _positive(alpha, "alpha", integer=False)
 
     def __init__(
         self,

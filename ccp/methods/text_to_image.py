@@ -20,9 +20,14 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from ccp.config import ConfigError
 from ccp.guidance import GuidanceSpec
 from ccp.methods.base import Method, PromptTemplate
 from ccp.methods.dreambooth import encode_tokens, frozen_copy, tokenize
+
+
+class TextToImageConfigError(ConfigError, ValueError):
+    """Text-to-image settings that cannot train; the message names the key."""
 
 
 class TextToImage(Method):
@@ -32,11 +37,6 @@ class TextToImage(Method):
     def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate, caption_dropout: float = 0.1,
                  caption_templates: list[str] | tuple[str, ...] = ("{caption}",), max_memoised_captions: int = 4096):
         super().__init__(prior, template)
-        if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"method.module.caption_dropout={caption_dropout}: must be in [0, 1)")
-        bad = [t for t in caption_templates if "{caption}" not in t]
-        if not caption_templates or bad:
-            raise ValueError(f"method.module.caption_templates: every template needs '{{caption}}', got {bad or 'none'}")
         self.caption_dropout = float(caption_dropout)
         self.caption_templates = tuple(caption_templates)
         self.max_memoised = int(max_memoised_captions)
@@ -46,6 +46,16 @@ class TextToImage(Method):
         # Everything of the prior except the UNet, for the export (outside the module tree).
         self._parts = {k: v for k, v in prior.components.items() if k != "unet"}
         self._memo: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def check_settings(cls, caption_dropout: float = 0.1, caption_templates: list[str] | tuple[str, ...] = ("{caption}",),
+                       **_) -> None:
+        if not 0.0 <= caption_dropout < 1.0:
+            raise TextToImageConfigError(f"method.module.caption_dropout={caption_dropout}: must be in [0, 1)")
+        bad = [t for t in caption_templates if "{caption}" not in t]
+        if not caption_templates or bad:
+            raise TextToImageConfigError(
+                f"method.module.caption_templates: every template needs '{{caption}}', got {bad or 'none'}")
 
     @property
     def training_prompt(self) -> str | None:

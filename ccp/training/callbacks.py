@@ -231,7 +231,7 @@ def predicted_checkpoint_bytes(module, ema: bool) -> int:
 
     state = module.method.trainable_state_dict()
     trainable = list(module.method.trainable_parameters())
-    total = tensor_bytes(state) + optimizer_state_bytes([p.shape for p in trainable], module.optimizer_name)
+    total = tensor_bytes(state) + optimizer_state_bytes([p.shape for p in trainable], module.config.optim.name)
     tensors = len(state) + 3 * len(trainable)  # state_dict entries, two moments and a step counter per parameter
     if ema:
         total += sum(p.numel() * p.element_size() for p in trainable)
@@ -277,7 +277,9 @@ def resume_command() -> str | None:
         program = [Path(sys.executable).name, "-m", spec.name.removesuffix(".__main__")]
     else:  # the console script
         program = [Path(sys.argv[0]).name]
-    return shlex.join([*program, *sys.argv[1:]])
+    from ccp.config import TYPED_ARGV
+
+    return shlex.join([*program, *(TYPED_ARGV or sys.argv)[1:]])
 
 
 class SaveLastOnInterrupt(Checkpoint):

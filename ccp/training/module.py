@@ -6,6 +6,10 @@ method's prediction under its own condition, MSE to the scheduler's target, Adam
 by default (the paper's setting): Min-SNR-gamma loss weights, a noise offset, a learning-rate
 schedule (`ccp.training.schedules`) and TF32 matmuls (docs/training.md).
 
+Options reach the module as one `TrainingConfig`: a typed dataclass per section of the training
+config (``optim``, ``loss``, ``speed``, ``prior_preservation``), filled by field name, so a new option
+is its yaml key plus the field its user reads. ccp-train checks them once, before the prior loads.
+
 Precision: trainable weights are fp32 master weights whatever dtype the prior was loaded in (frozen
 parts may stay bf16/fp16); the compute dtype comes from the trainer's mixed precision.
 Many processes: a non-finite loss on any rank stops every rank at the same optimizer step, before
@@ -15,22 +19,27 @@ the update, through one all-reduce per optimizer step (none per micro-step).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from omegaconf import DictConfig, OmegaConf
 
 from ccp.config import ConfigError
 from ccp.methods.base import Method
 from ccp.methods.export import TrainedModel, in_memory
+from ccp.training.class_images import ClassImagesConfig, class_images_config
 from ccp.training.data import split_class_batch
 from ccp.training.latent_cache import needs_upcast
 from ccp.training.optim import build_optimizer
-from ccp.training.schedules import build_lr_scheduler, check_loss_options, check_lr_schedule, min_snr_weights
+from ccp.training.schedules import build_lr_scheduler, min_snr_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,43 +68,101 @@ def to_fp32_master_weights(method: Method) -> int:
     return cast
 
 
+class UnknownOptionError(ConfigError, ValueError):
+    """A key of a training-config section that no option takes (a misspelling, most often)."""
+
+
+def section_from_cfg(cls, node, section: str):
+    """The dataclass `cls` filled from the config section `node` by field name (an absent key keeps
+    its default); a key that no field takes is refused, since nothing would ever read it."""
+    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"{section} takes: {', '.join(names)}"
+            raise UnknownOptionError(f"{section}.{key}: no training option reads it; {hint}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """``optim.*``: the optimiser (`ccp.training.optim`) and its learning-rate schedule (`ccp.training.schedules`)."""
+
+    name: str = "adamw"
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    num_cycles: int = 1
+    power: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``loss.*``: options of the MSE to the scheduler's target, off by default (the paper's loss)."""
+
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """``speed.*``: memory and speed switches; none changes what a step computes."""
+
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str | Callable = "inductor"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What `PersonalizationModule` is configured with: one typed object per section of the
+    training config, built once (and checked) before the prior loads."""
+
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    speed: SpeedConfig = SpeedConfig()
+    prior_preservation: ClassImagesConfig = ClassImagesConfig()
+    seed: int = 0
+    allow_tf32: bool | None = None  # trainer.allow_tf32; None leaves torch's process-wide setting
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> TrainingConfig:
+        """From the composed ccp-train config (`ccp.training.run.check_config` checks the values)."""
+        node = cfg.get("prior_preservation")
+        return cls(
+            optim=section_from_cfg(OptimConfig, cfg.optim, "optim"),
+            loss=section_from_cfg(LossConfig, cfg.get("loss"), "loss"),
+            speed=section_from_cfg(SpeedConfig, cfg.speed, "speed"),
+            prior_preservation=class_images_config(OmegaConf.to_container(node, resolve=True) if node is not None else None),
+            seed=cfg.seed,
+            allow_tf32=cfg.trainer.get("allow_tf32"),
+        )
+
+
 class PersonalizationModule(L.LightningModule):
+    """The training loop of every method. `config`'s values are not checked here: ccp-train checks
+    them once, before the prior loads (`ccp.training.run.check_config`)."""
+
     def __init__(
         self,
         method: Method,
         noise_scheduler: DDPMScheduler,
         vae: AutoencoderKL | None = None,
-        lr: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 1e-2,
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-        seed: int = 0,
-        gradient_checkpointing: bool = False,
-        channels_last: bool = False,
         prior: StableDiffusionPipeline | None = None,
-        optimizer: str = "adamw",
-        compile: bool = False,
-        compile_backend: str | Callable = "inductor",
-        lr_scheduler: str = "constant",
-        num_cycles: int = 1,
-        power: float = 1.0,
-        snr_gamma: float | None = None,
-        noise_offset: float = 0.0,
-        allow_tf32: bool | None = None,
-        class_prompt: str | None = None,
-        prior_loss_weight: float = 1.0,
+        config: TrainingConfig = TrainingConfig(),
     ):
         super().__init__()
+        self.config = config
         # Prior preservation (batches with class images): the method conditions the class rows on
-        # `class_prompt` (set before the fp32 cast, which then covers its cached embedding);
+        # the class prompt (set before the fp32 cast, which then covers its cached embedding);
         # loss = mse(instance) + prior_loss_weight * mse(class).
-        self.prior_loss_weight = float(prior_loss_weight)
-        if class_prompt is not None:
-            if not hasattr(method, "use_class_prompt"):
-                raise ConfigError(f"method {method.name!r} does not support prior preservation; "
-                                  "set prior_preservation.enabled=false")
-            method.use_class_prompt(class_prompt)
+        if config.prior_preservation.enabled:
+            method.use_class_prompt(config.prior_preservation.class_prompt)
         cast = to_fp32_master_weights(method)
         if cast:
             log.info("%s: %d trainable tensor(s) cast to fp32 master weights (frozen parts keep their dtype)",
@@ -105,22 +172,15 @@ class PersonalizationModule(L.LightningModule):
         self._vae = [vae]  # frozen; a list keeps it out of the module tree and the checkpoints
         self._vae_fp32 = None  # [fp32 copy] when an fp16 SDXL VAE encodes pixels
         self._prior = [prior]  # what validation and metric callbacks sample the method on
-        self.lr, self.betas, self.weight_decay, self.eps, self.warmup_steps = lr, tuple(betas), weight_decay, eps, warmup_steps
-        self.optimizer_name = optimizer
-        check_lr_schedule(lr_scheduler, lr, warmup_steps, None, num_cycles, power)  # total steps: checked at fit
-        check_loss_options(snr_gamma, noise_offset, noise_scheduler.config.prediction_type)
-        self.lr_scheduler, self.num_cycles, self.power = lr_scheduler, num_cycles, power
-        self.snr_gamma, self.noise_offset = snr_gamma, float(noise_offset)
-        self.allow_tf32 = allow_tf32
         self._tf32_before: tuple[bool, bool] | None = None
-        self.seed = seed
         self.strict_loading = False  # checkpoints hold only the trainable state; on_load_checkpoint checks it
         self._step_started = None
         self._nonfinite: torch.Tensor | None = None  # on the device: set by any micro-step since the last update
-        self._apply_speedups(gradient_checkpointing, channels_last)
+        self._apply_speedups(config.speed)
         # The training forward is compiled as a function; validation calls the plain modules, so
         # its other shapes and eval mode never recompile (or invalidate) the training graph.
-        self._compiled_predict = torch.compile(method.predict_noise, backend=compile_backend) if compile else None
+        self._compiled_predict = (torch.compile(method.predict_noise, backend=config.speed.compile_backend)
+                                  if config.speed.compile else None)
 
     @property
     def vae(self) -> AutoencoderKL | None:
@@ -134,19 +194,19 @@ class PersonalizationModule(L.LightningModule):
             raise RuntimeError("this PersonalizationModule was built without prior=; sampling callbacks need it")
         return in_memory(self.method, prior)
 
-    def _apply_speedups(self, gradient_checkpointing: bool, channels_last: bool) -> None:
+    def _apply_speedups(self, speed: SpeedConfig) -> None:
         # A text encoder the method trains (DreamBooth's train_text_encoder) recomputes its
         # activations too, as diffusers' train_dreambooth.py does with --gradient_checkpointing.
         encoder = getattr(self.method, "text_encoder", None)
         trained = isinstance(encoder, torch.nn.Module) and any(p.requires_grad for p in encoder.parameters())
-        if gradient_checkpointing and trained and hasattr(encoder, "gradient_checkpointing_enable"):
+        if speed.gradient_checkpointing and trained and hasattr(encoder, "gradient_checkpointing_enable"):
             encoder.gradient_checkpointing_enable()
         unet = getattr(self.method, "unet", None)
         if unet is None:
             return
-        if gradient_checkpointing:
+        if speed.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        if channels_last:
+        if speed.channels_last:
             unet.to(memory_format=torch.channels_last)
 
     # --- devices ---------------------------------------------------------------------------
@@ -159,9 +219,9 @@ class PersonalizationModule(L.LightningModule):
         if self.vae is not None:
             self.vae.to(self.device).requires_grad_(False).eval()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
-        if self.allow_tf32 is not None:  # process-wide flags: restored when the fit ends
+        if self.config.allow_tf32 is not None:  # process-wide flags: restored when the fit ends
             self._tf32_before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.config.allow_tf32)
 
     def on_fit_end(self) -> None:
         if self._tf32_before is not None:
@@ -195,7 +255,7 @@ class PersonalizationModule(L.LightningModule):
         # One stream per (seed, optimizer step, micro-batch, rank): independent of restarts, since
         # checkpoints fall on optimizer-step boundaries.
         micro = batch_idx % (self.trainer.accumulate_grad_batches if self._trainer else 1)
-        key = (self.seed * 1_000_003 + self.global_step) * 1_000_003 + micro * 1009 + self.global_rank
+        key = (self.config.seed * 1_000_003 + self.global_step) * 1_000_003 + micro * 1009 + self.global_rank
         return torch.Generator(device=self.device).manual_seed(key % (2**63))
 
     @torch.no_grad()
@@ -237,9 +297,10 @@ class PersonalizationModule(L.LightningModule):
             num_class = class_latents.shape[0]
             latents = torch.cat([latents, class_latents])
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        if self.noise_offset:  # drawn only when on, so runs without it keep their random streams
+        loss_options = self.config.loss
+        if loss_options.noise_offset:  # drawn only when on, so runs without it keep their random streams
             offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=self.device)
-            noise = noise + self.noise_offset * offset
+            noise = noise + float(loss_options.noise_offset) * offset
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=self.device
         )
@@ -259,15 +320,15 @@ class PersonalizationModule(L.LightningModule):
             n = latents.shape[0] - num_class
             prior_loss = F.mse_loss(prediction[n:].float(), target[n:].float())
             prediction, target, timesteps = prediction[:n], target[:n], timesteps[:n]
-        if self.snr_gamma is None:
+        if loss_options.snr_gamma is None:
             loss = F.mse_loss(prediction.float(), target.float())
         else:
             squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
             per_sample = squared.mean(dim=tuple(range(1, squared.ndim)))
-            loss = (per_sample * min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)).mean()
+            loss = (per_sample * min_snr_weights(self.noise_scheduler, timesteps, loss_options.snr_gamma)).mean()
         if prior_loss is not None:  # Min-SNR weights (if on) apply to the instance part only
             self.log("train/prior_loss", prior_loss.detach(), on_step=True, batch_size=num_class)
-            loss = loss + self.prior_loss_weight * prior_loss
+            loss = loss + float(self.config.prior_preservation.prior_loss_weight) * prior_loss
         bad = ~torch.isfinite(loss.detach())  # stays on the device: checked once per optimizer step
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
@@ -314,13 +375,14 @@ class PersonalizationModule(L.LightningModule):
         params = [p for p in self.method.trainable_parameters() if id(p) not in grouped]
         if not params:
             raise ValueError(f"method {self.method.name!r} has no trainable parameters")
-        optimizer = build_optimizer(params, self.optimizer_name, lr=self.lr, betas=self.betas,
-                                    weight_decay=self.weight_decay, eps=self.eps)
+        optim = self.config.optim
+        optimizer = build_optimizer(params, optim.name, lr=optim.lr, betas=optim.betas,
+                                    weight_decay=optim.weight_decay, eps=optim.eps)
         for group in extra:
             optimizer.add_param_group(dict(group))
         max_steps = self.trainer.max_steps if self._trainer is not None else None
-        schedule = build_lr_scheduler(optimizer, self.lr_scheduler, int(self.warmup_steps), max_steps,
-                                      self.num_cycles, self.power)
+        schedule = build_lr_scheduler(optimizer, optim.lr_scheduler, int(optim.warmup_steps), max_steps,
+                                      optim.num_cycles, optim.power)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

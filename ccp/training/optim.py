@@ -31,10 +31,14 @@ def check_optimizer_name(name: str) -> str:
     """`name` if it is a known optimiser, else `OptimizerConfigError` listing the choices. For
     ``adamw8bit`` also checks that bitsandbytes can be imported (before any weights load)."""
     if name not in OPTIMIZERS:
-        raise OptimizerConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        raise unknown_optimizer(name)
     if name == "adamw8bit":
         _bitsandbytes()
     return name
+
+
+def unknown_optimizer(name: str) -> OptimizerConfigError:
+    return OptimizerConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def _bitsandbytes():
@@ -56,19 +60,19 @@ def _bitsandbytes():
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-5,
                     betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 1e-2,
                     eps: float = 1e-8) -> torch.optim.Optimizer:
-    """The optimiser ``optim.name`` over `params` (see the module docstring)."""
-    check_optimizer_name(name)
+    """The optimiser ``optim.name`` over `params` (see the module docstring); ccp-train has checked
+    the name before any weights loaded (`check_optimizer_name`)."""
     params = list(params)
-    if not params:
-        raise ValueError("no parameters to optimise")
     betas = tuple(float(b) for b in betas)
     if name == "adamw8bit":
         devices = {p.device.type for p in params}
-        if not devices <= {"cpu", "cuda"}:
+        if not devices <= {"cpu", "cuda"}:  # where the parameters live is known only now
             raise OptimizerConfigError(f"optim.name=adamw8bit runs on CPU and CUDA tensors, not on {sorted(devices)}; "
                                        "set optim.name=adamw")
         bnb = _bitsandbytes()
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name != "adamw":
+        raise unknown_optimizer(name)
     fused = all(p.device.type == "cuda" and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
                              **({"fused": True} if fused else {}))
@@ -78,7 +82,7 @@ def optimizer_state_bytes_per_param(name: str) -> float:
     """Bytes of optimiser state per parameter of a large tensor: 8 for ``adamw``, 2.03 for
     ``adamw8bit`` (`ccp.methods.params.optimizer_state_bytes` counts tensor by tensor)."""
     if name not in OPTIMIZERS:  # estimates need no bitsandbytes
-        raise OptimizerConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        raise unknown_optimizer(name)
     return estimates.optimizer_state_bytes_per_param(name)
 
 

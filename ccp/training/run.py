@@ -1,8 +1,9 @@
 """The ccp-train job: train one method as configured (resuming when possible) and export it.
 
-Checks that need no weights (data folder, method, batch arithmetic, prior folder, every callback's
-settings) run before anything is loaded. The method and the callbacks are built from the config
-with `hydra.utils.instantiate` (``method.module``, ``callbacks.*``); the run folder holds
+Checks that need no weights (data folder, method, batch arithmetic, prior folder, the module's
+options, every callback's settings) run once, before anything is loaded; nothing after repeats
+them. The method and the callbacks are built from the config with `hydra.utils.instantiate`
+(``method.module``, ``callbacks.*``), the module from its checked `TrainingConfig`; the run folder holds
 ``config.yaml``, checkpoints (``checkpoints/last.ckpt``: the same call resumes), logs, validation
 grids and, at the end, the (EMA) weights in ``export/`` with `EXPORT_INFO`.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ccp.config import ConfigError, cuda_device_count
+from ccp.distributed import local_rank
 from ccp.methods import TRAINABLE
 from ccp.methods.base import Method, PromptTemplate
 from ccp.io import remove_stale_temporaries
@@ -31,9 +32,9 @@ from ccp.methods.export import EXPORT_INFO, export_is_current, write_export_info
 from ccp.priors.families import FAMILIES, detect_family
 from ccp.priors.loading import check_prior_folder, load_prior, looks_like_path, resolve_dtype
 from ccp.training.callbacks import EMACallback, FileCheckpointIO
-from ccp.training.module import PersonalizationModule, accumulation_steps
-from ccp.training.class_images import class_images_config
+from ccp.training.module import PersonalizationModule, TrainingConfig, accumulation_steps
 from ccp.training.optim import check_optimizer_name
+from ccp.training.schedules import check_loss_options, check_lr_schedule
 from ccp.training.runs import run_config, write_run_stamps
 
 log = logging.getLogger(__name__)
@@ -124,28 +125,33 @@ def check_precision(cfg: DictConfig) -> None:
                                "use bf16-mixed, or prior.dtype=float16")
 
 
-def check_training_options(cfg: DictConfig) -> None:
-    """``optim.lr_scheduler`` and its settings against ``trainer.max_steps``, ``loss.*`` and
-    ``trainer.allow_tf32`` (docs/training.md)."""
-    from ccp.training.schedules import check_loss_options, check_lr_schedule
-
-    optim, loss = cfg.optim, cfg.get("loss") or {}
+def prior_prediction_type(cfg: DictConfig) -> str | None:
+    """The prior's ``prediction_type``, read from its scheduler config alone (None when that cannot be
+    read here: `load_prior` then says why the prior cannot load)."""
     try:
-        check_lr_schedule(str(optim.get("lr_scheduler", "constant")), optim.lr, optim.get("warmup_steps", 0),
-                          cfg.trainer.get("max_steps", -1), optim.get("num_cycles", 1), optim.get("power", 1.0))
-        check_loss_options(loss.get("snr_gamma"), loss.get("noise_offset", 0.0))
+        scheduler = DDPMScheduler.load_config(str(cfg.prior.path), subfolder="scheduler",
+                                              local_files_only=not bool(cfg.prior.get("allow_download", False)))
+    except (OSError, ValueError):
+        return None
+    return scheduler.get("prediction_type", DDPMScheduler().config.prediction_type)
+
+
+def check_training_options(cfg: DictConfig, training: TrainingConfig, method_cls: type[Method]) -> None:
+    """The module's options against ``trainer.max_steps``, the prior's prediction type and the method
+    (docs/training.md); the one check of them, before any weights load."""
+    optim, loss = training.optim, training.loss
+    try:
+        check_optimizer_name(str(optim.name))
+        check_lr_schedule(str(optim.lr_scheduler), optim.lr, optim.warmup_steps, cfg.trainer.get("max_steps", -1),
+                          optim.num_cycles, optim.power)
+        prediction_type = prior_prediction_type(cfg) if loss.snr_gamma is not None else None
+        check_loss_options(loss.snr_gamma, loss.noise_offset, prediction_type)
     except ConfigError as err:
         raise TrainConfigError(str(err)) from None
-    tf32 = cfg.trainer.get("allow_tf32")
+    tf32 = training.allow_tf32
     if tf32 is not None and not isinstance(tf32, bool):
         raise TrainConfigError(f"trainer.allow_tf32={tf32!r} must be true, false or null (null: leave torch's setting)")
-    try:  # prior_preservation.*, and whether the method supports it
-        node = cfg.get("prior_preservation")
-        prior_preservation = class_images_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)
-    except ConfigError as err:
-        raise TrainConfigError(str(err)) from None
-    cls = TRAINABLE.get(cfg.method.name)
-    if prior_preservation.enabled and cls is not None and not hasattr(cls, "use_class_prompt"):
+    if training.prior_preservation.enabled and not hasattr(method_cls, "use_class_prompt"):
         supported = sorted(name for name, c in TRAINABLE.items() if hasattr(c, "use_class_prompt"))
         raise TrainConfigError(f"prior_preservation.enabled=true: method {cfg.method.name!r} does not support prior "
                                f"preservation (supported: {', '.join(supported)}); set prior_preservation.enabled=false")
@@ -167,7 +173,7 @@ def rank_device(trainer_cfg: DictConfig) -> torch.device:
     LOCAL_RANK, SLURM sets SLURM_LOCALID): the null-text calibration runs there, not on the CPU."""
     if trainer_cfg.accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    local = local_rank()
     devices = trainer_cfg.devices
     index = devices[local] if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else local
     return torch.device("cuda", int(index))
@@ -206,12 +212,13 @@ def build_strategy(trainer_cfg: DictConfig):
 
 @dataclass
 class TrainingPlan:
-    """What the checks found: the accumulation the global batch needs, the built callbacks, and the
-    data module with its folder already scanned."""
+    """What the checks found: the accumulation the global batch needs, the built callbacks, the
+    data module with its folder already scanned, and the checked options of the module."""
 
     accumulate: int
     callbacks: list[L.Callback]
     datamodule: L.LightningDataModule | None = None
+    training: TrainingConfig = TrainingConfig()
 
 
 class SmallDatasetWarning(UserWarning):
@@ -276,19 +283,20 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     if missing:
         raise TrainConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. data.path=/path/to/images)")
     check_hardware(cfg.trainer)
+    method_cls = method_class_of(cfg)
     settings = {k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items() if not k.startswith("_")}
-    check_method_keys(method_class_of(cfg), settings)
-    method_class_of(cfg).check_settings(**settings)
+    check_method_keys(method_cls, settings)
+    method_cls.check_settings(**settings)
     check_precision(cfg)
     from ccp.tracking import wandb_config
 
     wandb_config(cfg)  # bad logger.wandb settings fail here, not after the prior has loaded
-    check_training_options(cfg)
-    collective_timeout(cfg.trainer)
     try:
-        check_optimizer_name(str(cfg.optim.get("name", "adamw")))
+        training = TrainingConfig.from_cfg(cfg)
     except ConfigError as err:
         raise TrainConfigError(str(err)) from None
+    check_training_options(cfg, training, method_cls)
+    collective_timeout(cfg.trainer)
     data_path = Path(str(cfg.data.path)).expanduser()
     if not data_path.is_dir():
         raise TrainConfigError(f"data.path {data_path} is not a folder; point data.path at a folder of images")
@@ -302,14 +310,13 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     elif family is None and "xl" in prior.lower():  # a hub id: load_prior's own guess
         family = "sdxl"
     if family in FAMILIES:  # e.g. a method (setting) that does not train on SDXL, before any weights load
-        settings = {k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items() if not k.startswith("_")}
-        method_class_of(cfg).check_prior(family, **settings)
+        method_cls.check_prior(family, **settings)
     try:
         accumulate = accumulation_steps(global_batch, batch_size, devices_count(cfg.trainer))
     except ValueError as err:
         raise TrainConfigError(str(err)) from None
     callbacks = build_callbacks(cfg)
-    return TrainingPlan(accumulate, callbacks, check_data(cfg, global_batch))
+    return TrainingPlan(accumulate, callbacks, check_data(cfg, global_batch), training)
 
 
 def prior_family(cfg: DictConfig) -> str | None:
@@ -415,27 +422,15 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> Path:
     prior = load_prior(cfg.prior.path, dtype=resolve_dtype(cfg.prior.dtype), family=prior_family(cfg),
                        allow_download=bool(cfg.prior.get("allow_download", False)))
     template = template_from(cfg)
-    node = cfg.get("prior_preservation")
-    prior_preservation = class_images_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)
     method = build_method_on(rank_device(cfg.trainer), cfg, prior, template)
-    module = PersonalizationModule(
-        method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae, lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
-        warmup_steps=cfg.optim.warmup_steps, seed=cfg.seed, gradient_checkpointing=cfg.speed.gradient_checkpointing,
-        channels_last=cfg.speed.channels_last, prior=prior, optimizer=str(cfg.optim.get("name", "adamw")),
-        compile=bool(cfg.speed.compile), compile_backend=str(cfg.speed.get("compile_backend", "inductor")),
-        lr_scheduler=str(cfg.optim.get("lr_scheduler", "constant")), num_cycles=cfg.optim.get("num_cycles", 1),
-        power=cfg.optim.get("power", 1.0), snr_gamma=OmegaConf.select(cfg, "loss.snr_gamma"),
-        noise_offset=OmegaConf.select(cfg, "loss.noise_offset", default=0.0), allow_tf32=cfg.trainer.get("allow_tf32"),
-        class_prompt=prior_preservation.class_prompt if prior_preservation.enabled else None,
-        prior_loss_weight=prior_preservation.prior_loss_weight,
-    )
+    module = PersonalizationModule(method, DDPMScheduler.from_config(prior.scheduler.config), vae=prior.vae,
+                                   prior=prior, config=plan.training)
     from ccp.training.callbacks import check_checkpoint_space
 
     check_checkpoint_space(module, run_dir / "checkpoints", callbacks)  # before any step: no room, no training
     datamodule = plan.datamodule.attach_vae(prior.vae, upcast=module.upcast_vae)
-    if prior_preservation.enabled:
-        datamodule.attach_prior(prior, prior_preservation)
+    if plan.training.prior_preservation.enabled:
+        datamodule.attach_prior(prior, plan.training.prior_preservation)
     t = cfg.trainer
     log_trainer_choice(t)
     precision, plugins = precision_plugins(t)

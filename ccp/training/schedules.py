@@ -76,11 +76,11 @@ def check_lr_schedule(name: str, lr: float, warmup_steps: int = 0, max_steps: in
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, name: str = "constant", warmup_steps: int = 0,
                        max_steps: int | None = None, num_cycles: int = 1,
                        power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule ``optim.lr_scheduler`` over `optimizer`, to be stepped after every optimizer step."""
-    if name in DECAYING_SCHEDULES and max_steps is None:
+    """The schedule ``optim.lr_scheduler`` over `optimizer`, to be stepped after every optimizer step
+    (ccp-train has checked the settings against trainer.max_steps before any weights loaded)."""
+    if name in DECAYING_SCHEDULES and max_steps is None:  # a module trained without a Trainer
         raise TrainingOptionsError(f"optim.lr_scheduler={name} needs the run's total steps (trainer.max_steps); "
                                    "train it with a Trainer that has max_steps set")
-    check_lr_schedule(name, optimizer.defaults["lr"], warmup_steps, max_steps, num_cycles, power)
     if name == "constant" and warmup_steps:
         # Step k runs at lr * (k + 1) / warmup: the first step already learns (diffusers' ramps start at 0).
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
@@ -104,9 +104,9 @@ def check_loss_options(snr_gamma: float | None = None, noise_offset: float = 0.0
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
     """Per-sample Min-SNR-gamma weights (Hang et al. 2023), as diffusers' train_text_to_image.py:
-    min(snr, gamma) / snr for epsilon prediction, min(snr, gamma) / (snr + 1) for v-prediction."""
+    min(snr, gamma) / snr for epsilon prediction, min(snr, gamma) / (snr + 1) for v-prediction
+    (ccp-train refuses any other prediction type before the prior loads: `check_loss_options`)."""
     prediction_type = noise_scheduler.config.prediction_type
-    check_loss_options(snr_gamma, 0.0, prediction_type)
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = snr.clamp(max=snr_gamma)
     return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
