@@ -111,7 +111,11 @@ def test_votes_survive_a_server_kill(study_dirs):
                    for t in tokens.values()]
         for t in threads:
             t.start()
-        time.sleep(1.5)
+        # kill once votes are flowing, not after a fixed 1.5 s: a loaded (3x slower) machine may not have
+        # acknowledged the 6 votes asserted below by then; 12 = two rounds of six raters, well inside 10**3 pairs each
+        deadline = time.monotonic() + 45
+        while len(acknowledged) < 12 and not errors and time.monotonic() < deadline:
+            time.sleep(0.05)
         server.kill()  # kill -9 while six raters are voting
         for t in threads:
             t.join(timeout=20)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 
 import lightning as L
 import pytest
@@ -14,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ccp.methods.base import PromptTemplate
 from ccp.methods.ours import NullTextConcept
-from ccp.training.module import PersonalizationModule
+from ccp.training.module import OptimConfig, PersonalizationModule, TrainingConfig
 from ccp.training.sampler import resumable_loader
 
 
@@ -54,7 +53,8 @@ class Record(L.Callback):
 def test_two_process_ddp_shards_data_and_keeps_ranks_in_sync(tiny_prior, tmp_path):
     method = NullTextConcept(tiny_prior, PromptTemplate(), definition="value_mean")
     initial = {k: float(v.double().sum()) for k, v in method.trainable_state_dict().items()}
-    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae, lr=1e-3)
+    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
+                                   config=TrainingConfig(optim=OptimConfig(lr=1e-3)))
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -102,7 +102,8 @@ def test_ddp_ranks_build_the_latent_cache_in_parallel_then_train_on_it(tiny_prio
     vae = copy.deepcopy(tiny_prior.vae)  # the hook must not reach the shared fixture
     vae.encoder.register_forward_hook(CountEncodes(tmp_path))
     method = NullTextConcept(tiny_prior, PromptTemplate(), definition="value_mean")
-    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=vae, lr=1e-3)
+    module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=vae,
+                                   config=TrainingConfig(optim=OptimConfig(lr=1e-3)))
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -147,29 +148,30 @@ class RecordingModule(PersonalizationModule):
             raise
 
 
+# The hang this test guards against (rank 0 waiting in a collective for the NaN rank that stopped) would last the
+# collective timeout, 30 minutes by default; timeout(600) fails it long before that. An elapsed-time assertion
+# would add nothing (a rank that timed out in a collective records no NonFiniteLossError at step 2, asserted
+# below), and the old `elapsed < 120` failed at 139 s on a loaded 2-core machine: 600 s is >4x that.
 @pytest.mark.timeout(600)
 def test_nan_on_one_rank_stops_every_rank_before_the_update(tiny_prior, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     method = NaNOnRankOne(tiny_prior, PromptTemplate(), definition="value_mean")
     module = RecordingModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
-                             lr=1e-3, out_dir=tmp_path)
+                             config=TrainingConfig(optim=OptimConfig(lr=1e-3)), out_dir=tmp_path)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False,
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)],
     )
-    start = time.monotonic()
     with pytest.raises(Exception, match="NonFiniteLossError|non-finite"):
         trainer.fit(module, datamodule=Data())
-    elapsed = time.monotonic() - start
     errors = [json.loads((tmp_path / f"error{r}.json").read_text()) for r in (0, 1)]
     # both ranks stopped by themselves (rank 0 saw a finite loss), at the same step, before its update
     assert [e["type"] for e in errors] == ["NonFiniteLossError"] * 2
     assert [e["step"] for e in errors] == [2, 2]
     assert [e["finite"] for e in errors] == [True, True]  # NaN gradients never reached the weights
     assert "non-finite loss on 1 of 2 rank(s) before optimizer step 3" in errors[0]["message"]
-    assert elapsed < 120  # seconds, not a collective timeout (30 minutes by default)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
@@ -203,7 +205,7 @@ def test_sample_fid_is_shared_over_ranks_and_equals_one_process(tiny_prior, tmp_
     sample_metrics = metrics()
     method = NullTextConcept(tiny_prior, PromptTemplate(), definition="value_mean")
     module = PersonalizationModule(method, DDPMScheduler.from_config(tiny_prior.scheduler.config), vae=tiny_prior.vae,
-                                   lr=1e-3, prior=tiny_prior)
+                                   prior=tiny_prior, config=TrainingConfig(optim=OptimConfig(lr=1e-3)))
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,

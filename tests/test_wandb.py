@@ -70,6 +70,14 @@ def _key(item) -> str:
 
 def read_offline_run(run_dir: Path) -> dict:
     """{id, group, job_type, name, config, history (list of dicts), summary (flat dict), dir}."""
+    import wandb
+
+    # The log is written by the wandb-core service process, not by us: run.finish() returns once the exit
+    # record is handled, but the stream that buffers and closes the file is shut down asynchronously
+    # (inform_finish is fire-and-forget). On a loaded 2-core machine 1 finish in 12 left the file at its 7-byte
+    # header. teardown() joins the service process, so its writer has closed the file; the next wandb.init
+    # starts a new service.
+    wandb.teardown()
     (log,) = run_dir.glob("*.wandb")
     out = {"history": [], "summary": {}, "dir": run_dir}
     for record in _records(log):
