@@ -28,7 +28,7 @@ def test_every_shell_block_runs_or_says_why_it_cannot():
     run = [b for b in BLOCKS if b.skip is None or b.skip_prefix]
     # the README's own first block (setup, the main job) and its real-model path are among those run
     assert any(b.path == "README.md" and "make demo" in b.body for b in run)
-    assert any(b.path == "README.md" and "ccp-train experiment=table1/face_ours" in b.body for b in run)
+    assert any(b.path == "README.md" and "ccp-train experiment=table1 dataset=face method=ours" in b.body for b in run)
 
 
 def test_a_new_unmarked_block_is_run_and_a_marker_needs_a_reason(tmp_path):
