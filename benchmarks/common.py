@@ -3,6 +3,7 @@ result JSON records (`ccp.hardware`: CPU model and bf16 flags, or the GPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,17 @@ from ccp.hardware import cpu_info, device_info, machine  # noqa: F401  (the scri
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    """`obj.name` set to `value` for the block (the original yielded), then put back."""
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield original
+    finally:
+        setattr(obj, name, original)
 
 
 def step_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:

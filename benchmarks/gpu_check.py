@@ -170,7 +170,7 @@ if __name__ == "__main__" and "--preflight-only" in sys.argv[1:]:
 
 import torch  # noqa: E402
 
-from common import device_slug, machine, step_times, sync, write_json  # noqa: E402
+from common import device_slug, machine, patched, step_times, sync, write_json  # noqa: E402
 
 # --- budget --------------------------------------------------------------------------------------
 class DeadlineExceeded(BaseException):
@@ -205,16 +205,6 @@ class Budget:
 
 
 # --- hooks into training.run_variant -------------------------------------------------------------
-@contextlib.contextmanager
-def patched(obj, name: str, value):
-    original = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield original
-    finally:
-        setattr(obj, name, original)
-
-
 @contextlib.contextmanager
 def instrumented_training(training, channels_last: bool, compile_backend: str | None, losses: list, times: list,
                           frames: list):

@@ -29,17 +29,14 @@ from pathlib import Path
 
 import torch
 
+from common import patched, sync
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STEADY_SKIP = 0.2  # the first fifth of the steps (at least 2) is warm-up; the last step holds the checkpoint save
 SYNC_COUNTED_STEPS = 3  # steps right after the warm-up run under torch.cuda.set_sync_debug_mode("warn"), left out of the rates
 SYNC_WARNING = "synchroniz"  # torch's "called a synchronizing CUDA operation"
 BATCH_HEADROOM = 0.92  # the largest batch is sized to this fraction of the device's memory (allocator slack, fragmentation)
 PROJECTED_FID = {"num_samples": 50_000, "steps": 100}  # Table 1's FID (App. D.2)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -59,11 +56,8 @@ def timed(owner, name: str, device: torch.device, record: list, starts: list | N
             sync(device)
             record.append(time.perf_counter() - start)
 
-    setattr(owner, name, wrapper)
-    try:
+    with patched(owner, name, wrapper):
         yield record
-    finally:
-        setattr(owner, name, original)
 
 
 @contextlib.contextmanager
