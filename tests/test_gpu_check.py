@@ -196,11 +196,18 @@ def test_the_hard_stop_keeps_what_finished(tmp_path, monkeypatch):
 def test_tokenizer_needs_neither_torchvision_nor_pkg_resources(monkeypatch):
     """`import clip` pulls in torchvision and pkg_resources; the GPU machine may have neither."""
     gpu_check = load_gpu_check()
-    for name in [m for m in sys.modules if m == "clip" or m.startswith("clip.")]:
-        monkeypatch.delitem(sys.modules, name)
+    is_clip = lambda name: name == "clip" or name.startswith("clip.")  # noqa: E731
+    before = {name: module for name, module in sys.modules.items() if is_clip(name)}
+    for name in before:
+        del sys.modules[name]
     monkeypatch.setitem(sys.modules, "pkg_resources", None)  # import pkg_resources -> ImportError
     monkeypatch.setitem(sys.modules, "torchvision", None)
-    how = gpu_check.ensure_clip_tokenizer()
+    try:
+        how = gpu_check.ensure_clip_tokenizer()
+    finally:  # the stub package must not stay for a later `import clip` in this worker: it has no clip.load
+        for name in [name for name in sys.modules if is_clip(name)]:
+            del sys.modules[name]
+        sys.modules.update(before)
     assert how.startswith("clip.simple_tokenizer only"), how
     from ccp.priors.tokenizer import _bpe_file
 
