@@ -165,7 +165,8 @@ def experiment_overrides(name: str) -> list[str] | None:
 
 def old_experiment_names() -> list[str]:
     """Every earlier experiment name that still resolves (for suggestions and tests)."""
-    methods = [m for m in group_options("method") if m != "text_to_image"]
+    # text_to_image and controlnet train a prior's parts; the one-file-per-row layout never had them
+    methods = [m for m in group_options("method") if m not in ("text_to_image", "controlnet")]
     names = [f"{folder}/{d}_{m}" for folder in ("table1", "table1_sdxl") for d in OLD_EXPERIMENT_DATASETS for m in methods]
     names += [f"{folder}/{m}" for folder in ("tiny", "toy") for m in methods]
     return sorted([*names, *OLD_EXPERIMENT_FILES])

@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ccp.config import CONF_DIR, by_gpus, compose, with_output_dir
+from ccp.methods import method_class
 
 # --- walking the configs -----------------------------------------------------------------------
 TRAIN_GROUPS = ("paths", "prior", "data", "method", "trainer", "callbacks", "logger", "preset")
@@ -183,7 +184,8 @@ def lr_factor(step):
 
 
 def channels_last(w):
-    return w.method.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    nets = [w.method.unet, *([w.method.controlnet] if hasattr(w.method, "controlnet") else [])]
+    return all(net.conv_in.weight.is_contiguous(memory_format=torch.channels_last) for net in nets)
 
 
 def checkpointed(w):
@@ -193,6 +195,8 @@ def checkpointed(w):
     encoder = getattr(w.method, "text_encoder", None)
     if isinstance(encoder, torch.nn.Module) and any(p.requires_grad for p in encoder.parameters()):
         nets["text_encoder"] = encoder
+    if isinstance(getattr(w.method, "controlnet", None), torch.nn.Module):  # method=controlnet trains one
+        nets["controlnet"] = w.method.controlnet
     return {name: bool(net.is_gradient_checkpointing) for name, net in nets.items()}
 
 
@@ -205,8 +209,11 @@ EMA_ON = {"ema.enabled": True}  # the EMA callback is built only then
 RANDOM_CONV = {"eval.feature_extractor": "random_conv"}
 METRICS_ON = {"callbacks.sample_metrics.every_n_steps": 5, "callbacks.sample_metrics.feature_extractor": "random_conv"}
 DREAMBOOTH = ("method=dreambooth",)
+TEXT_TO_IMAGE = ("method=text_to_image", "data.captions=captions.jsonl")
 # ours: the default; dreambooth_prior: DreamBooth's module (its class images are prior_preservation's keys)
-METHODS = [() if m == "ours" else (f"method={m}",) for m in group_options("method") if m != "dreambooth_prior"]
+# A method's scenario sets the data keys it needs (text_to_image: captions; controlnet: captions and conditions).
+METHODS = [() if m == "ours" else (f"method={m}", *(f"data.{key}={value}" for key, value in method_class(m).needs_data.items()))
+           for m in group_options("method") if m != "dreambooth_prior"]
 ZERO_STEPS = {"trainer.max_steps": 0, "logger.wandb.enabled": False, "data.latent_cache.enabled": False, "data.num_workers": 0,
               "data.persistent_workers": False, "data.resolution": 64, "data.batch_size": 2, "trainer.global_batch_size": 2}
 PRESERVE = {"prior_preservation.enabled": True, "prior_preservation.class_prompt": "a photo of a dog"}
@@ -242,6 +249,7 @@ TRAIN: dict[str, Reach | list[Reach]] = {
     "data.latent_cache.batch_size": Reach(3, lambda w: w.datamodule.latent_cache.batch_size),
     "data.latent_cache.output": both("latents", "posterior", lambda w: w.datamodule.latent_cache.output),
     "data.captions": Reach("captions.jsonl", lambda w: w.datamodule.captions),
+    "data.condition": Reach("canny", lambda w: w.datamodule.condition),
     "method.name": refusal("lora", "does not build method 'lora'", level="check"),
     "method.ema": Reach(False, has_ema, want=(False, True), level="check"),
     "method.module.definition": Reach("value_mean", lambda w: w.method.unet.config.null_text_definition),
@@ -256,9 +264,9 @@ TRAIN: dict[str, Reach | list[Reach]] = {
     "method.module.alpha": Reach(8.0, lambda w: w.method.alpha, scenario=("method=lora",)),
     "method.module.r": Reach(2, lambda w: w.method.peft_unet.peft_config["default"].r, scenario=("method=oft",)),
     "method.module.coft": Reach(True, lambda w: w.method.peft_unet.peft_config["default"].coft, scenario=("method=oft",)),
-    "method.module.caption_dropout": Reach(0.3, lambda w: w.method.caption_dropout, scenario=("method=text_to_image",)),
+    "method.module.caption_dropout": Reach(0.3, lambda w: w.method.caption_dropout, scenario=TEXT_TO_IMAGE),
     "method.module.caption_templates": Reach(["a {caption}", "{caption}!"], lambda w: list(w.method.caption_templates),
-                                             scenario=("method=text_to_image",)),
+                                             scenario=TEXT_TO_IMAGE),
     "trainer.accelerator": Reach("auto", lambda w: w.trainer_kwargs["accelerator"]),
     "trainer.devices": Reach(2, lambda w: w.trainer.num_devices,
                              needs={**BATCH, "trainer.accelerator": "cpu", "trainer.num_nodes": 1}),
@@ -363,7 +371,9 @@ TRAIN: dict[str, Reach | list[Reach]] = {
     "ema.power": Reach(0.5, lambda w: ema_cb(w).kwargs["power"], level="check", needs=EMA_ON),
     "ema.device": Reach("cpu", lambda w: ema_cb(w).device, level="check", needs=EMA_ON),
     # what the speed options reach depends on the method: one check per method file
-    "speed.gradient_checkpointing": [Reach(True, checkpointed, want={"unet": True}, scenario=sc) for sc in METHODS] + [
+    "speed.gradient_checkpointing": [Reach(True, checkpointed, scenario=sc,
+                                           want={"unet": True, **({"controlnet": True} if "method=controlnet" in sc else {})})
+                                     for sc in METHODS] + [
         Reach(True, checkpointed, want={"unet": True, "text_encoder": True}, scenario=DREAMBOOTH,
               needs={"method.module.train_text_encoder": True})],
     "speed.channels_last": [Reach(True, channels_last, scenario=sc) for sc in METHODS],

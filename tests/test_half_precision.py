@@ -35,7 +35,7 @@ class Captioned(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return {"pixel_values": self.images[i], "caption": "a photo of a face"}
+        return {"pixel_values": self.images[i], "caption": "a photo of a face", "condition": (self.images[i] + 1) / 2}
 
 
 @pytest.fixture(scope="module")

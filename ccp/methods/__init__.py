@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 
 from ccp.methods.base import Method, PromptTemplate
 from ccp.methods.conditioning import is_sdxl
+from ccp.methods.controlnet import ControlNetTraining
 from ccp.methods.custom_diffusion import CustomDiffusion
 from ccp.methods.dreambooth import DreamBooth
 from ccp.methods.lora import LoRA
@@ -27,8 +28,9 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-# What ccp-train can train: the methods, plus text-to-image training of a prior from captions (toy prior).
-TRAINABLE: dict[str, type[Method]] = {**METHODS, "text_to_image": TextToImage}
+# What ccp-train can train: the methods, plus text-to-image training of a prior from captions (toy prior)
+# and a ControlNet for a prior (from captions and conditioning images).
+TRAINABLE: dict[str, type[Method]] = {**METHODS, "text_to_image": TextToImage, "controlnet": ControlNetTraining}
 
 
 def method_class(name: str) -> type[Method]:
@@ -50,6 +52,7 @@ def build_method(name: str, prior: StableDiffusionPipeline, template: PromptTemp
 
 __all__ = [
     "METHODS",
+    "ControlNetTraining",
     "CustomDiffusion",
     "DreamBooth",
     "LoRA",

@@ -43,6 +43,8 @@ class Method(nn.Module, ABC):
 
     name: ClassVar[str]
     trains_token: ClassVar[bool] = False  # uses the placeholder token in its prompt
+    # data.<key> the method's items need, with an example value: ccp-train refuses the run before loading
+    needs_data: ClassVar[dict[str, str]] = {}
 
     def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate):
         super().__init__()

@@ -33,6 +33,7 @@ class TextToImageConfigError(ConfigError, ValueError):
 class TextToImage(Method):
     name = "text_to_image"
     trains_token = False
+    needs_data = {"captions": "captions.jsonl"}
 
     def __init__(self, prior: StableDiffusionPipeline, template: PromptTemplate, caption_dropout: float = 0.1,
                  caption_templates: list[str] | tuple[str, ...] = ("{caption}",), max_memoised_captions: int = 4096):

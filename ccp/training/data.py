@@ -21,6 +21,8 @@ With prior preservation (`ccp.training.class_images`) every item also carries a 
 under ``class_``-prefixed keys (``class_pixel_values``, ``class_latent_mean``, ...).
 Concept data has no captions; a prior trained from scratch (the toy prior) reads them from a
 ``captions.jsonl`` beside the images (`read_captions`), and its items then carry ``caption``.
+With ``condition="canny"`` (a ControlNet's training data) every item also carries ``condition``:
+the Canny edges of the image as it is trained (`WithConditions`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from tqdm.auto import tqdm
 from ccp.config import ConfigError
 from ccp.training.sampler import resumable_loader
 from ccp.io import BadImageWarning, default_cache_root, list_image_files, load_rgb8, resize_to_square, to_rgb8, write_json_atomic
+from ccp.io.edges import canny_edges
 from ccp.distributed import rank_world
 from ccp.training.class_images import ClassImagesConfig, class_images_config, generate_class_images
 from ccp.training.latent_cache import CachedLatentDataset, LatentCache, LatentCacheConfig, build_latent_cache
@@ -57,6 +60,7 @@ from ccp.training.latent_cache import CachedLatentDataset, LatentCache, LatentCa
 log = logging.getLogger(__name__)
 
 ON_BAD_IMAGE = ("skip", "fail")
+CONDITIONS = (None, "canny")  # data.condition: what a ControlNet's items are conditioned on
 SCAN_VERSION = 2  # 2: header checks (check_image) and the per-chunk parts of `_ScanParts`
 SCAN_CHUNK = 512  # files per part of the scan cache: a killed scan loses at most its chunks in flight
 
@@ -67,6 +71,10 @@ class BadImageError(ConfigError, ValueError):
 
 class NoImagesError(ConfigError, FileNotFoundError):
     """A data folder that is missing, holds no image files, or only unreadable ones."""
+
+
+class DataConfigError(ConfigError, ValueError):
+    """A data setting that cannot be used; the message names the key and its valid values."""
 
 
 # --- files and pixels ------------------------------------------------------------------------
@@ -398,6 +406,45 @@ class WithCaptions(Dataset):
         return self.item(index, self.dataset.random_flip and bool(torch.rand(()) < 0.5))
 
 
+def check_condition(condition: str | None) -> str | None:
+    """``data.condition`` as given, or `DataConfigError` naming the key and the valid values."""
+    if condition not in CONDITIONS:
+        valid = ", ".join("null" if c is None else c for c in CONDITIONS)
+        raise DataConfigError(f"data.condition={condition!r} is not one of: {valid} (canny: each item carries the "
+                              "Canny edges of its image, for method=controlnet)")
+    return condition
+
+
+def edge_condition(image: Image.Image, flipped: bool) -> torch.Tensor:
+    """[3, H, W] float in [0, 1]: the Canny edges of `image` (mirrored first if `flipped`), white on
+    black and replicated to 3 channels, as diffusers' canny ControlNets take their conditions."""
+    array = np.asarray(image)
+    if flipped:  # edges of the mirrored image: Canny's tie-breaking is not mirror-symmetric
+        array = array[:, ::-1]
+    edges = torch.from_numpy(canny_edges(np.ascontiguousarray(array))).float().div(255.0)
+    return edges.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+class WithConditions(Dataset):
+    """Adds ``condition`` (`edge_condition` of the item's image, same resize, crop and flip) to the items
+    of an image or latent dataset; the image is read from `images` also when the items hold latents."""
+
+    def __init__(self, dataset, images: ImageFolderDataset):
+        if len(images) != len(dataset):
+            raise ValueError(f"{len(images)} images for {len(dataset)} items")
+        self.dataset, self.images = dataset, images
+        self.random_flip = images.random_flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def item(self, index: int, flipped: bool) -> dict[str, Any]:
+        return {**self.dataset.item(index, flipped), "condition": edge_condition(self.images.image(index), flipped)}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index, self.random_flip and bool(torch.rand(()) < 0.5))
+
+
 # --- datasets --------------------------------------------------------------------------------
 def crop_top_left(height: int, width: int, resolution: int, center_crop: bool) -> tuple[int, int]:
     """(y, x) of the crop as diffusers' SDXL scripts report it: the centre crop's top-left in the image
@@ -446,14 +493,18 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.scan.images)
 
-    def pixels(self, index: int) -> torch.Tensor:
-        """Image `index` resized and normalised, never flipped."""
+    def image(self, index: int) -> Image.Image:
+        """Image `index` as 8-bit RGB at the training size (resized, cropped if so set), never flipped."""
         path = self.root / self.scan.images[index][0]
         try:
             image = load_rgb8(path)
         except Exception as err:
             raise OSError(f"cannot read {path} (it passed the scan; did it change since?): {err}") from err
-        return to_tensor(resize_to_square(image, self.resolution, self.center_crop))
+        return resize_to_square(image, self.resolution, self.center_crop)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image `index` resized and normalised, never flipped."""
+        return to_tensor(self.image(index))
 
     def geometry(self, index: int) -> dict[str, torch.Tensor]:
         """``original_size`` (h, w of the file) and ``crop_top_left`` (`crop_top_left`), LongTensor [2] each."""
@@ -556,8 +607,10 @@ class ConceptDataModule(L.LightningDataModule):
         seed: int = 0,
         class_images: Mapping[str, Any] | ClassImagesConfig | None = None,
         prior: Any = None,
+        condition: str | None = None,
     ):
         super().__init__()
+        self.condition = check_condition(condition)
         self.seed = int(seed)
         self.class_images = class_images_config(class_images)
         self._prior = prior  # generates the class images; `attach_prior`
@@ -665,6 +718,8 @@ class ConceptDataModule(L.LightningDataModule):
             self.path, self.resolution, self.center_crop, self.random_flip, scan=self._scan
         )
         dataset = self._captioned(self._cached(self.image_dataset, rank, world_size, own=True))
+        if self.condition == "canny":
+            dataset = WithConditions(dataset, self.image_dataset)
         if self.class_images.enabled:
             dataset = WithClassImages(dataset, self._class_dataset(rank, world_size))
         self.train_dataset = dataset

@@ -201,13 +201,14 @@ class PersonalizationModule(L.LightningModule):
         trained = isinstance(encoder, torch.nn.Module) and any(p.requires_grad for p in encoder.parameters())
         if speed.gradient_checkpointing and trained and hasattr(encoder, "gradient_checkpointing_enable"):
             encoder.gradient_checkpointing_enable()
-        unet = getattr(self.method, "unet", None)
-        if unet is None:
-            return
-        if speed.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if speed.channels_last:
-            unet.to(memory_format=torch.channels_last)
+        # The UNet, and a trained ControlNet (diffusers' train_controlnet.py checkpoints that one).
+        for model in (getattr(self.method, "unet", None), getattr(self.method, "controlnet", None)):
+            if model is None:
+                continue
+            if speed.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+            if speed.channels_last:
+                model.to(memory_format=torch.channels_last)
 
     # --- devices ---------------------------------------------------------------------------
     def on_fit_start(self) -> None:

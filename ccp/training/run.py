@@ -258,7 +258,12 @@ def check_data(cfg: DictConfig, global_batch: int) -> L.LightningDataModule:
     the files and reasons), and a warning when one optimizer step would repeat the same items."""
     from ccp.distributed import rank_world
 
-    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object")
+    try:
+        datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="object")
+    except InstantiationException as err:  # a refused data setting: its own message, which names the key
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
     rank, world = rank_world()
     scan = datamodule.scan(rank, world)
     flips = 2 if cfg.data.get("random_flip", True) else 1
@@ -287,6 +292,9 @@ def check_config(cfg: DictConfig, run_dir: str | Path = ".") -> TrainingPlan:
     settings = {k: v for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items() if not k.startswith("_")}
     check_method_keys(method_cls, settings)
     method_cls.check_settings(**settings)
+    unset = [f"data.{key}={example}" for key, example in method_cls.needs_data.items() if cfg.data.get(key) is None]
+    if unset:
+        raise TrainConfigError(f"method={cfg.method.name} trains on what its items carry; set {' '.join(unset)}")
     check_precision(cfg)
     from ccp.tracking import wandb_config
 
