@@ -4,10 +4,11 @@ Layers, lowest first. A module may import only modules of its own package or of
 packages LOWER in this list (the top-level `ccp/__init__.py` may import anything
 below `ccp.cli`):
 
-     0 ccp.io           4 ccp.models       8 ccp.evaluation   12 ccp.cli
-     1 ccp.config       5 ccp.pipelines    9 ccp.toy
-     2 ccp.priors       6 ccp.methods     10 ccp.reproduce
-     3 ccp.guidance     7 ccp.training    11 ccp.launch (optional)
+     0 ccp.hardware     5 ccp.priors       10 ccp.training    15 ccp.dashboard
+     1 ccp.io           6 ccp.guidance     11 ccp.evaluation  16 ccp.launch
+     2 ccp.distributed  7 ccp.models       12 ccp.study       17 ccp.cli
+     3 ccp.config       8 ccp.pipelines    13 ccp.toy
+     4 ccp.tracking     9 ccp.methods      14 ccp.reproduce
 
 Every import counts, including those inside functions and `if TYPE_CHECKING:`.
 `ccp/conf/` holds only YAML and is ignored. Also checked: nothing outside
