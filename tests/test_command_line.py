@@ -87,7 +87,7 @@ def test_mistyped_group_choices_name_the_closest_and_list_the_options(user):
     # an earlier experiment name, mistyped: the suggestion is what it is written now
     line = assert_refused(run_cli("train", "experiment=table1/face_our", prior, f"paths.log_dir={logs}", cwd=cwd),
                           "ccp-train", "did you mean experiment=table1 dataset=face method=ours?")
-    assert "table1, tiny, toy, toy_prior" in line  # the options: recipes, composed with dataset, method, prior
+    assert "table1, tiny, toy, toy_controlnet, toy_prior" in line  # the options: recipes, composed with dataset, method, prior
     assert_refused(run_cli("reproduce", "scale=ful", f"paths.log_dir={logs}", cwd=cwd),
                    "ccp-reproduce", "did you mean scale=full?", "full, tiny, toy")
     assert_refused(run_cli("sample", "guidance=concpt", prior, f"paths.log_dir={logs}", cwd=cwd),

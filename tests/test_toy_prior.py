@@ -138,12 +138,16 @@ def test_ensure_toy_prior_trains_every_stage_then_reuses(tmp_path, monkeypatch):
         toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, stepz=3)
 
 
+# the demo's toy ControlNet at test size (tests/test_toy_controlnet.py checks the ControlNet itself)
+TINY_CONTROLNET = dict(steps=2, batch_size=8, check_maps=2, check_samples=1, check_steps=2)
+
+
 def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     from ccp.toy import demo
 
     overrides = ["trainer.max_steps=2", "trainer.global_batch_size=4", "data.batch_size=4", "checkpoint.every_n_steps=1"]
     grid = demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
-                         prior_settings=TINY_SETTINGS)
+                         prior_settings=TINY_SETTINGS, controlnet_settings=TINY_CONTROLNET)
     import PIL.Image
 
     bare = PIL.Image.open(grid.with_name("grid_grid.png"))
@@ -163,7 +167,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "run_training", no_training)
     monkeypatch.setattr(toy_prior, "train_toy_vae", no_training)
     assert demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
-                         prior_settings=TINY_SETTINGS) == grid
+                         prior_settings=TINY_SETTINGS, controlnet_settings=TINY_CONTROLNET) == grid
     # a retrained prior at the same path: the concept model is not reused
     marker = tmp_path / "toy" / "prior" / toy_prior.DONE
     marker.write_text(marker.read_text().replace('"seed": 0', '"seed": 0, "retrained": true'))
@@ -172,14 +176,14 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     write_json_atomic(marker.parent / COMPLETE_RECORD, {"files": file_sizes(marker.parent)})  # published again
     with pytest.raises(AssertionError, match="must be reused"):
         demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=overrides,
-                      prior_settings=TINY_SETTINGS)
+                      prior_settings=TINY_SETTINGS, controlnet_settings=TINY_CONTROLNET)
     old = tmp_path / "demo" / "ours_bold.old"  # set aside, not deleted
     assert json.loads((old / "export" / "ccp_export.json").read_text()) == info
     assert not (tmp_path / "demo" / "ours_bold").exists()
     # other training settings: the finished concept model is not reused (training starts again)
     with pytest.raises(AssertionError, match="must be reused"):
         demo.run_demo(tmp_path / "demo", tmp_path / "toy" / "prior", steps=2, train_overrides=[*overrides, "optim.lr=1e-3"],
-                      prior_settings=TINY_SETTINGS)
+                      prior_settings=TINY_SETTINGS, controlnet_settings=TINY_CONTROLNET)
 
 
 def test_caption_templates_place_each_caption_in_a_drawn_template():

@@ -26,6 +26,7 @@ from ccp.methods.base import Method, PromptTemplate
 from ccp.methods.dreambooth import frozen_copy
 from ccp.methods.text_to_image import TextToImage
 
+CONDITIONING_WIDTHS = (16, 32, 96, 256)  # ControlNetModel's conditioning_embedding_out_channels default
 DENOISER = "controlnet"  # the GCFG pipeline's name for prior UNet + its ControlNet (ccp-sample's too)
 
 
@@ -43,7 +44,11 @@ class ControlNetTraining(Method):
         super().__init__(prior, template)
         self.caption_dropout = float(caption_dropout)
         self.max_memoised = int(max_memoised_captions)
-        self.controlnet = ControlNetModel.from_unet(prior.unet, conditioning_channels=3).float().requires_grad_(True).train()
+        # One stride-2 convolution per halving from the image to the latents, on diffusers' widths: SD's 8x
+        # VAE gets diffusers' default (16, 32, 96, 256), the toy prior's 4x VAE one step fewer.
+        widths = CONDITIONING_WIDTHS[: int(self.vae_scale).bit_length()]
+        self.controlnet = ControlNetModel.from_unet(prior.unet, conditioning_embedding_out_channels=widths,
+                                                    conditioning_channels=3).float().requires_grad_(True).train()
         self._frozen["unet"] = frozen_copy(prior.unet).eval()
         self._frozen["text_encoder"] = frozen_copy(prior.text_encoder).eval()
         self._tokenizer = prior.tokenizer

@@ -1,4 +1,5 @@
-"""What the run needs before any method: the prior (the random tiny one, or the trained toy one),
+"""What the run needs before any method: the prior (the random tiny one, or the trained toy one and
+its toy ControlNet),
 the data folders (tiny scale's random images and condition images, toy scale's digit concept
 folders) and the toy digit classifier. Each is made once, atomically, and reused."""
 
@@ -30,6 +31,12 @@ def prepare_inputs(cfg: DictConfig, progress: bool = False) -> None:
 
         settings = plain(cfg.prior.get("toy_settings"))
         cfg.prior.path = str(ensure_toy_prior(str(cfg.prior.path), seed=seed, progress=progress, **settings))
+        toy_controlnet = cfg.get("toy_controlnet")
+        if toy_controlnet and toy_controlnet.get("train_toy", False):
+            from ccp.toy.controlnet import ensure_toy_controlnet
+
+            cfg.controlnet = str(ensure_toy_controlnet(cfg.prior.path, toy_controlnet.get("path"), seed=seed, progress=progress,
+                                                       **plain(toy_controlnet.get("settings"))))
     for d in cfg.datasets:
         spec = cfg.data[d].get("digits")
         if not spec:

@@ -3,7 +3,8 @@
     python -m ccp.toy.demo [--out outputs/demo] [--prior outputs/toy/prior] [--style bold]
 
 1. the toy open-world prior (`ensure_toy_prior`: trained from scratch on captioned plain digits,
-   or reused when finished);
+   or reused when finished), then its canny ControlNet beside it (`ensure_toy_controlnet`, with its
+   edge-F1 check; trained or reused the same way);
 2. a null-text concept UNet (``ccp-train experiment=toy method=ours``) on unlabeled digits of a style the
    prior never saw (default ``bold``); rerunning resumes or reuses it;
 3. one labelled grid, ``<out>/grid.png``, every column one seed and one prompt:
@@ -22,6 +23,7 @@ from ccp.config import compose
 from ccp.guidance import GuidanceSpec
 from ccp.io import dir_complete, write_dir_atomic
 from ccp.methods.export import is_export, read_export_info
+from ccp.toy.controlnet import ensure_toy_controlnet, read_info
 from ccp.toy.digits import write_concept_dataset
 from ccp.toy.prior import ensure_toy_prior, set_threads
 from ccp.training.run import run_training
@@ -80,10 +82,16 @@ def demo_grid(prior_dir: Path, export_dir: Path, out_path: Path, prompts=DEMO_PR
 
 
 def run_demo(out: str | Path = "outputs/demo", prior: str | Path = "outputs/toy/prior", style: str = "bold",
-             steps: int = 25, train_overrides: list[str] = (), prior_settings: dict | None = None) -> Path:
+             steps: int = 25, train_overrides: list[str] = (), prior_settings: dict | None = None,
+             controlnet_settings: dict | None = None) -> Path:
     out, prior = Path(out), Path(prior)
     start = time.perf_counter()
     prior_dir = ensure_toy_prior(prior, **(prior_settings or {}))
+    stage = time.perf_counter()
+    controlnet = ensure_toy_controlnet(prior_dir, **(controlnet_settings or {}))
+    quality = read_info(controlnet)["quality"]
+    log.info("toy ControlNet %s (%.0f s): held-out edge F1 prior alone %.3f, with the ControlNet %.3f", controlnet,
+             time.perf_counter() - stage, quality["prior"]["f1"], quality["controlnet"]["f1"])
     data = ensure_concept_data(prior.parent / "data", style)
     export = train_concept(prior_dir, data, out / f"ours_{style}", style, list(train_overrides))
     result = demo_grid(prior_dir, export, out / "grid.png", steps=steps)

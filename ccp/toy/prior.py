@@ -206,6 +206,19 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def parse_settings(parser: argparse.ArgumentParser, items: list[str], settings_class) -> dict:
+    """``--set KEY=VALUE`` items as keywords of the dataclass `settings_class` (ints or floats, by field);
+    an unknown key stops the command with the known ones."""
+    types = {f.name: f.type for f in fields(settings_class)}
+    settings = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in types:
+            parser.error(f"--set {item}: unknown setting {key!r}; known: {sorted(types)}")
+        settings[key] = float(value) if types[key] in (float, "float") else int(value)
+    return settings
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
@@ -214,13 +227,7 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help=f"settings of {ToyPriorSettings.__name__}, e.g. steps=3000")
     args = parser.parse_args(argv)
-    types = {f.name: f.type for f in fields(ToyPriorSettings)}
-    settings = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in types:
-            parser.error(f"--set {item}: unknown setting {key!r}; known: {sorted(types)}")
-        settings[key] = float(value) if types[key] in (float, "float") else int(value)
+    settings = parse_settings(parser, args.set, ToyPriorSettings)
     logging.basicConfig(level=logging.INFO)
     set_threads(args.threads)
     print(ensure_toy_prior(args.out_dir, seed=args.seed, **settings))
