@@ -17,6 +17,7 @@ def test_toy_scale_runs_every_stage(tmp_path):
     cfg = compose_reproduce([
         "scale=toy", f"out_dir={tmp_path}", f"results_dir={tmp_path}/results", f"prior.path={tmp_path}/prior",
         "++prior.toy_settings={copies: 1, vae_steps: 2, vae_batch_size: 8, steps: 2, batch_size: 8, warmup_steps: 0}",
+        "++toy_controlnet.settings={steps: 2, batch_size: 8, check_maps: 2, check_samples: 1, check_steps: 2}",
         "train_settings.trainer.max_steps=2", "+train_settings.trainer.global_batch_size=4",
         "+train_settings.data.batch_size=4", "+train_settings.checkpoint.every_n_steps=2", "long_factor=2",
         "classifier.settings.epochs=1", "fid.num_samples=8", "fid.shard_size=8", "sampling.steps=2",
@@ -28,6 +29,8 @@ def test_toy_scale_runs_every_stage(tmp_path):
     reproduce(cfg, progress=False)
 
     prior = load_prior(str(tmp_path / "prior"))
+    # the toy ControlNet is built beside the prior on the first run, at the settings given
+    assert json.loads((tmp_path / "prior-controlnet" / "ccp_toy_controlnet.json").read_text())["settings"]["steps"] == 2
     assert prior.unet.config.sample_size == 8 and prior.vae.config.scaling_factor != 1.0  # the trained toy VAE
     for d in ("bold", "outlined"):
         info = json.loads((tmp_path / "train" / f"{d}_dreambooth_long" / "export" / "ccp_export.json").read_text())
