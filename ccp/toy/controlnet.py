@@ -30,7 +30,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from ccp.io import dir_complete, write_dir_atomic
 from ccp.methods.controlnet import ControlNetTraining
 from ccp.toy.digits import render_set, write_prior_dataset
 from ccp.toy.prior import DONE as PRIOR_DONE
-from ccp.toy.prior import parse_settings, set_threads
+from ccp.toy.prior import parse_settings, refuse_unknown, set_threads
 from ccp.training.run import run_training
 from ccp.training.runs import config_text
 
@@ -68,10 +68,7 @@ class ToyControlNetSettings:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "ToyControlNetSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"unknown toy ControlNet setting(s) {unknown}; known: {sorted(known)}")
+        refuse_unknown(cls, kwargs, "toy ControlNet")
         return cls(**kwargs)
 
 

@@ -56,6 +56,14 @@ TOY_UNET_CONFIG = {
 TOY_TEXT_ENCODER_CONFIG = {**TINY_TEXT_ENCODER_CONFIG, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}
 
 
+def refuse_unknown(settings_class, kwargs: dict, what: str) -> None:
+    """ValueError naming the keywords that are not fields of the dataclass `settings_class`, and the known ones."""
+    known = {f.name for f in fields(settings_class)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class ToyPriorSettings:
     resolution: int = 32
@@ -77,10 +85,7 @@ class ToyPriorSettings:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "ToyPriorSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"unknown toy prior setting(s) {unknown}; known: {sorted(known)}")
+        refuse_unknown(cls, kwargs, "toy prior")
         if "caption_templates" in kwargs:
             kwargs["caption_templates"] = tuple(kwargs["caption_templates"])
         return cls(**kwargs)
