@@ -79,12 +79,18 @@ def test_tiny_run_writes_one_row_per_method_matching_the_json(tiny_run):
     for row, md in zip(rows2, md2):
         assert 0.0 <= row["text_alignment"] <= 1.0 and 0.0 <= row["spatial_alignment"] <= 1.0
         assert md[1] == f"{row['text_alignment']:.2f}" and md[2] == f"{row['spatial_alignment']:.2f}"
-        assert md[3] == f"{PAPER[row['method']].text_alignment:.2f}"
+        assert md[-2] == f"{PAPER[row['method']].text_alignment:.2f}"
     # the per-cell evaluation files behind the numbers
     text = json.loads((Path(cfg.eval_dir) / "face_ours" / "text_alignment.json").read_text())
     assert text["mean"] == rows2[-1]["text_alignment"] and text["num_images"] == 3 * 2
     spatial = json.loads((Path(cfg.eval_dir) / "face_ours" / "spatial_alignment.json").read_text())
     assert spatial["mean_f1"] == rows2[-1]["spatial_alignment"] and spatial["count"] == 2
+    # ours' reference: the same spatial guidance without the concept term (the prior's ControlNet term alone)
+    reference = json.loads((Path(cfg.eval_dir) / "face_ours" / "spatial_alignment_prior.json").read_text())
+    assert rows2[-1]["spatial_alignment_prior"] == reference["mean_f1"] and reference["count"] == 2
+    assert reference["config"]["concept_weight"] == 0.0 and spatial["config"]["concept_weight"] == 1.0
+    assert all(r["spatial_alignment_prior"] is None for r in rows2[:-1])
+    assert md2[-1][3] == f"{reference['mean_f1']:.2f}" and md2[0][3] == "-"  # its column, after the spatial one
 
 
 def test_tiny_run_figures(tiny_run):
@@ -96,6 +102,14 @@ def test_tiny_run_figures(tiny_run):
     # Fig. 8a: 3 concept weights (rows) x 3 control weights (cols) of 64 px tiles
     grid = PIL.Image.open(results / "fig8a_weight_grid_grid.png")
     assert grid.size == (3 * tile + 2 * GAP, 3 * tile + 2 * GAP)
+    # Fig. 8a with the ControlNet: 2 concept weights (rows) x (the edge map | 2 ControlNet-term weights)
+    spatial = PIL.Image.open(results / "fig8a_weight_grid_controlnet_grid.png")
+    assert spatial.size == (3 * tile + 2 * GAP, 2 * tile + GAP)
+    tiles = np.asarray(spatial.convert("RGB")).astype(int)
+    first, second = tiles[:tile, :tile], tiles[tile + GAP:, :tile]
+    assert np.array_equal(first, second) and set(np.unique(first)) <= {0, 255}  # every row starts with the edge map
+    # concept 0, ControlNet 0 is the prior's unconditional sample; a ControlNet weight changes it
+    assert not np.array_equal(tiles[:tile, tile + GAP:2 * tile + GAP], tiles[:tile, 2 * (tile + GAP):])
     # Fig. 8b: 3 baselines (rows) x (2 seeds own | 2 seeds prior) columns
     rect = PIL.Image.open(results / "fig8b_rectification_grid.png")
     assert rect.size == (4 * tile + 3 * GAP, 3 * tile + 2 * GAP)

@@ -37,7 +37,9 @@ def toy_config(out: Path, *extra: str):
         "figures.rectification.methods=[dreambooth,dreambooth_long]", "figures.rectification.seeds=[0,1]",
         "++prior.toy_settings={steps: 3}", "long_factor=4", "datasets=[bold,outlined]", "weight_search.datasets=[bold]",
         "weight_search.grid.default={control_weight: [1.0, 5.0]}", "weight_search.grid.ours={concept_weight: [1.0, 2.0]}",
-        "toy_controlnet.train_toy=false",  # FakeToyPrior writes no toy prior marker (tests/test_toy_controlnet.py builds one)
+        # FakeToyPrior writes no toy prior marker, so no toy ControlNet and no spatial column here
+        # (tests/test_toy_controlnet.py builds one; tests/test_toy_pipeline.py measures the column)
+        "toy_controlnet.train_toy=false", "spatial_alignment.enabled=false",
         *extra,
     ])
     cfg.methods = ROWS

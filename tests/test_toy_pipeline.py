@@ -9,6 +9,7 @@ import math
 
 from ccp.reproduce import compose_reproduce, reproduce
 from ccp.priors.loading import load_prior
+from ccp.toy.digits import split_indices
 
 ROWS = ["textual_inversion", "dreambooth", "dreambooth_long", "custom_diffusion", "oft", "lora", "ours"]
 
@@ -24,6 +25,9 @@ def test_toy_scale_runs_every_stage(tmp_path):
         "sampling.batch_size=8", "text_alignment.images_per_prompt=1", "drift.num_samples=4",
         "figures.weight_grid.concept_weights=[1.0,2.0]", "figures.weight_grid.control_weights=[1.0,5.0]",
         "figures.rectification.seeds=[0]", "datasets=[bold,outlined]",
+        "spatial_alignment.num_conditions=2", "spatial_alignment.samples_per_condition=1",
+        "figures.weight_grid_controlnet.concept_weights=[0.0,1.0]", "figures.weight_grid_controlnet.control_weights=[0.0,5.0]",
+        "figures.weight_grid_controlnet.condition=1",
     ])
     assert list(cfg.methods) == ROWS  # the default rows: the paper's five methods, DreamBooth (long) and LoRA
     reproduce(cfg, progress=False)
@@ -41,6 +45,17 @@ def test_toy_scale_runs_every_stage(tmp_path):
     assert all(math.isfinite(r[f"fid_{d}"]) for r in rows1 for d in ("bold", "outlined"))
     rows2 = json.loads((results / "table2.json").read_text())["rows"]
     assert all(0.0 <= r["text_alignment"] <= 1.0 for r in rows2)
+    # the spatial column through the toy ControlNet: every row, ours next to the prior's own ControlNet term
+    assert all(0.0 <= r["spatial_alignment"] <= 1.0 for r in rows2)
+    assert [r["method"] for r in rows2 if r["spatial_alignment_prior"] is not None] == ["ours"]
+    conditions = tmp_path / "data" / "conditions"
+    captions = [json.loads(line) for line in (conditions / "captions.jsonl").read_text().splitlines()]
+    held_out = set(split_indices("held_out", 0).tolist())
+    assert len(captions) == 2 and all(c["source"] in held_out for c in captions)  # never trained on
+    for m in ROWS:
+        spatial = json.loads((tmp_path / "eval" / f"bold_{m}" / "spatial_alignment.json").read_text())
+        assert spatial["count"] == 2 and spatial["condition_dir"] == str(conditions)
+    assert (results / "fig8a_weight_grid_controlnet.png").is_file()
     drift = json.loads((results / "table_drift.json").read_text())
     assert {r["method"] for r in drift["rows"]} == set(ROWS)
     assert len(list(results.glob("*.png"))) >= 3

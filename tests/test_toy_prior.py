@@ -138,6 +138,28 @@ def test_ensure_toy_prior_trains_every_stage_then_reuses(tmp_path, monkeypatch):
         toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, stepz=3)
 
 
+def test_the_vae_trains_on_every_styles_train_split_and_no_held_out_digit(tmp_path, monkeypatch):
+    seen = {}
+
+    def capture(images, out_dir, *args, **kwargs):
+        seen["images"] = images
+        raise RuntimeError("stop after the VAE's data")
+
+    monkeypatch.setattr(toy_prior, "train_toy_vae", capture)
+    with pytest.raises(RuntimeError, match="stop after"):
+        toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, **TINY_SETTINGS)
+    parts = [render_set("train", style, 0, 32, 1).tensor() for style in ("plain", "bold", "outlined")]
+    assert torch.equal(seen["images"], torch.cat(parts))  # each style's train split, in STYLES order
+    # the concept folders' held-out digits (FID's real side) are none of the VAE's digits
+    trained = {int(i) for style in ("plain", "bold", "outlined") for i in render_set("train", style, 0, 32, 1).sources}
+    assert trained.isdisjoint(render_set("held_out", "bold", 0, 32, 1).sources.tolist())
+    with pytest.raises(ValueError, match="vae_styles: unknown style"):
+        toy_prior.ensure_toy_prior(tmp_path / "prior", progress=False, vae_styles=["plain", "italic"])
+    parser = toy_prior.argparse.ArgumentParser()
+    assert toy_prior.parse_settings(parser, ["vae_styles=plain,bold", "steps=3"], toy_prior.ToyPriorSettings) == {
+        "vae_styles": ("plain", "bold"), "steps": 3}
+
+
 # the demo's toy ControlNet at test size (tests/test_toy_controlnet.py checks the ControlNet itself)
 TINY_CONTROLNET = dict(steps=2, batch_size=8, check_maps=2, check_samples=1, check_steps=2)
 

@@ -4,7 +4,9 @@
   alignment, circle area proportional to the trainable parameters (`fidelity_control_scatter`);
   records aggregated over seeds (`ccp.evaluation.intervals`) get 95% error bars on both axes.
 * Fig. 8a (§5.4): ours sampled on a grid of concept weight (rows) x control weight (columns),
-  same seed in every cell (`sample_weight_grid`, `weight_grid_figure`).
+  same seed in every cell (`sample_weight_grid`, `weight_grid_figure`); its ControlNet version
+  puts the prior's canny ControlNet term in place of the text control term
+  (`sample_spatial_weight_grid`, `spatial_weight_grid_figure`).
 * Fig. 8b / Fig. 10 (§5.4, Appendix B): a baseline sampled with its own unconditional
   prediction vs the prior's (GCFG rectification: the same terms, only the unconditional source
   changes to ``Source("prior", Condition(prompt=""))``), same seeds (`rectified_guidance`,
@@ -276,6 +278,44 @@ def weight_grid_figure(images: Sequence[Sequence[PIL.Image.Image]], concept_weig
     return grid_figure(images, out_path, [f"{w:g}" for w in concept_weights], [f"{w:g}" for w in control_weights],
                        ylabel="concept guidance weight", xlabel="control guidance weight",
                        title=f"Fig. 8a: decoupled guidance, control prompt {control_prompt!r}", dpi=dpi)
+
+
+def sample_spatial_weight_grid(model: TrainedModel, controlnet: Any, condition_image: PIL.Image.Image,
+                               concept_weights: Sequence[float], control_weights: Sequence[float], seed: int = 0,
+                               steps: int = 100, height: int = 512, width: int = 512, control_prompt: str = "",
+                               ) -> tuple[PIL.Image.Image, list[list[PIL.Image.Image]]]:
+    """Fig. 8a's ControlNet version (the paper's Fig. 1 trade-off): cell (i, j) = ours' spatial
+    guidance (Table 2's: concept term + the prior's ControlNet term on `condition_image`'s Canny
+    edges) with concept weight `concept_weights[i]` and ControlNet-term weight `control_weights[j]`,
+    every cell from seed `seed`. Returns the edge map the ControlNet sees and the grid."""
+    from ccp.evaluation.alignment import SpatialAlignmentConfig, attach_controlnet, fit, spatial_guidance
+    from ccp.evaluation.canny import canny_edges, edge_map_image
+
+    edges = edge_map_image(canny_edges(fit(condition_image.convert("RGB"), width, height)))
+    denoiser = attach_controlnet(model.pipe, model.denoiser, controlnet)
+    takes_prompt = model.pipe.denoisers[model.denoiser].takes_prompt
+    grid = []
+    for concept in concept_weights:
+        row = []
+        for control in control_weights:
+            config = SpatialAlignmentConfig(concept_weight=float(concept), control_weight=float(control),
+                                            control_prompt=control_prompt)
+            row += _sample(model.pipe, spatial_guidance(model, denoiser, edges, takes_prompt, config), [seed], steps,
+                           height, width)
+        grid.append(row)
+    return edges, grid
+
+
+def spatial_weight_grid_figure(edges: PIL.Image.Image, images: Sequence[Sequence[PIL.Image.Image]],
+                               concept_weights: Sequence[float], control_weights: Sequence[float],
+                               out_path: str | Path, dpi: int = 100) -> GridResult:
+    """`sample_spatial_weight_grid`'s images, each row led by the edge map it follows."""
+    if len(images) != len(concept_weights) or any(len(r) != len(control_weights) for r in images):
+        raise ValueError("the grid must have one row per concept weight and one column per control weight")
+    return grid_figure([[edges, *row] for row in images], out_path, [f"{w:g}" for w in concept_weights],
+                       ["edges", *(f"{w:g}" for w in control_weights)], ylabel="concept guidance weight",
+                       xlabel="ControlNet term weight",
+                       title="Fig. 8a with a ControlNet: concept weight x the prior's ControlNet term", dpi=dpi)
 
 
 # --- Fig. 8b / 10 ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ INTERVAL_NOTE = ("Each number is the mean over {n} seeds {seeds} with its 95% in
                  "seeds together.")
 # The numbers of a record that are averaged over seeds (dotted paths); `params` is the same in every seed.
 SCALAR_METRICS: tuple[str, ...] = ("fid", "kid", "kid_std", "text_alignment", "text_alignment_colour",
-                                   "text_alignment_class", "spatial_alignment")
+                                   "text_alignment_class", "spatial_alignment", "spatial_alignment_prior")
 DRIFT_METRICS: tuple[str, ...] = ("fid", "style_share", "prior_style_share")
 
 
@@ -161,6 +161,7 @@ CLAIM_KINDS = {
     "highest_in_every_seed": "`row` has the highest `metric` of the rows (`among`, default all) in every seed",
     "below": "the interval of `a` lies entirely below the interval of `b` (`b_metric`: another metric of b)",
     "above": "the interval of `a` lies entirely above the interval of `b` (`b_metric`: another metric of b)",
+    "overlaps": "the intervals of `a` and `b` overlap: neither lies entirely beyond the other (`b_metric` as above)",
     "at_most_in_every_seed": "`metric` of every row of `rows` is <= `value` in every seed",
     "at_least_in_every_seed": "`metric` of every row of `rows` is >= `value` in every seed",
 }
@@ -197,7 +198,7 @@ def check_claim_specs(claims: Sequence[Mapping[str, Any]], rows: Sequence[str], 
         if c.get("dataset") and c["dataset"] not in datasets:
             problems.append(f"{name}: dataset {c['dataset']!r} is not in datasets {list(datasets)}")
         needed = {"lowest_in_every_seed": ("row",), "highest_in_every_seed": ("row",), "below": ("a", "b"),
-                  "above": ("a", "b"), "at_most_in_every_seed": ("rows", "value"),
+                  "above": ("a", "b"), "overlaps": ("a", "b"), "at_most_in_every_seed": ("rows", "value"),
                   "at_least_in_every_seed": ("rows", "value")}[kind]
         for key in needed:
             if c.get(key) is None:
@@ -255,13 +256,18 @@ def check_claims(claims: Sequence[Mapping[str, Any]], per_seed: Mapping[int, Seq
             evidence = f"{sum(wins)} of {len(seeds)} seeds; best per seed: " + ", ".join(
                 f"{s}: {r}" for s, r in best.items())
             data = {"per_seed": {r: {str(s): v for s, v in t.items()} for r, t in table.items()}, "best": best}
-        elif kind in ("below", "above"):
+        elif kind in ("below", "above", "overlaps"):
             a = t_interval(values(c["a"], metric, dataset).values(), confidence)
             b_metric = c.get("b_metric") or metric
             b = t_interval(values(c["b"], b_metric, dataset).values(), confidence)
             if a.low is None or b.low is None:
                 verdict = "undecided"
                 evidence = "one seed: no interval"
+            elif kind == "overlaps":
+                ok = a.low <= b.high and b.low <= a.high
+                verdict = _verdict(ok)
+                evidence = (f"{c['a']} {metric} {_fmt_interval(a)}, {c['b']} {b_metric} {_fmt_interval(b)}"
+                            + ("" if ok else ": the intervals are disjoint"))
             else:
                 ok = a.high < b.low if kind == "below" else a.low > b.high
                 verdict = _verdict(ok)

@@ -262,10 +262,13 @@ def table2_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = None,
                     extra: Mapping[str, str] | None = None, not_applicable: Mapping[str, str] | None = None,
                     note: str | None = None) -> str:
     """Markdown Table 2: Method | Text-guided Align. | (`extra`: key -> header) | Spatial-guided
-    Align., then the paper's. A metric in `not_applicable` (key -> why) shows "n/a", with the
+    Align. | (`extra` keys ``spatial_alignment_*``), then the paper's. A metric in `not_applicable` (key -> why) shows "n/a", with the
     reason under the table, instead of a number."""
     extra, not_applicable = dict(extra or {}), dict(not_applicable or {})
-    header = ["Method", "Text-guided Align. ↑", *extra.values(), "Spatial-guided Align. ↑"]
+    # extras of the spatial column (``spatial_alignment_*``) follow it, the text column's precede it
+    after = {k: v for k, v in extra.items() if k.startswith("spatial_alignment_")}
+    before = {k: v for k, v in extra.items() if k not in after}
+    header = ["Method", "Text-guided Align. ↑", *before.values(), "Spatial-guided Align. ↑", *after.values()]
     if paper:
         header += ["Text-guided Align. (paper)", "Spatial-guided Align. (paper)"]
 
@@ -274,7 +277,8 @@ def table2_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = None,
 
     body = []
     for r in rows:
-        cells = [r["label"], cell(r, "text_alignment"), *(cell(r, k) for k in extra), cell(r, "spatial_alignment")]
+        cells = [r["label"], cell(r, "text_alignment"), *(cell(r, k) for k in before), cell(r, "spatial_alignment"),
+                 *(cell(r, k) for k in after)]
         if paper:
             cells += [_fmt(r["paper_text_alignment"], 2), _fmt(r["paper_spatial_alignment"], 2)]
         body.append(cells)

@@ -108,13 +108,17 @@ def check_inputs(cfg: DictConfig) -> None:
 
             problems.append(f"text_alignment.clip_weights={cfg.text_alignment.clip_weights}: missing; download "
                             f"{CLIP_VIT_L14_URL} and point text_alignment.clip_weights at it")
-        if cfg.spatial_alignment.enabled:
+        # the toy scale builds both: the toy ControlNet beside its prior, conditions from held-out digits
+        toy_builds = bool(cfg.prior.get("train_toy", False) and (cfg.get("toy_controlnet") or {}).get("train_toy", False))
+        if cfg.spatial_alignment.enabled and not toy_builds:
             if _missing(cfg.spatial_alignment.condition_dir):
                 problems.append(f"spatial_alignment.condition_dir={cfg.spatial_alignment.condition_dir}: not a folder "
                                 "(200 CelebA-HQ images, Appendix D.3)")
             if _missing(cfg.controlnet):
-                problems.append(f"controlnet={cfg.controlnet}: not a diffusers ControlNet folder "
-                                "(huggingface-cli download lllyasviel/sd-controlnet-canny --local-dir sd-controlnet-canny)")
+                hint = ("toy_controlnet.train_toy=true to train the toy one" if cfg.prior.get("train_toy", False) else
+                        "huggingface-cli download lllyasviel/sd-controlnet-canny --local-dir sd-controlnet-canny")
+                problems.append(f"controlnet={cfg.controlnet}: not a diffusers ControlNet folder ({hint}), or set "
+                                "spatial_alignment.enabled=false")
     if cfg.fid.feature_extractor not in ("inception", "toy", "digit"):
         problems.append(f"fid.feature_extractor={cfg.fid.feature_extractor}: choose inception, toy or digit")
     if cfg.text_alignment.predictor not in ("clip", "mean_colour", "toy"):

@@ -18,7 +18,9 @@ def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, st
         fidelity_control_scatter,
         rectification_figure,
         sample_rectification,
+        sample_spatial_weight_grid,
         sample_weight_grid,
+        spatial_weight_grid_figure,
         weight_grid_figure,
     )
 
@@ -47,6 +49,25 @@ def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, st
                                results_dir / "fig8a_weight_grid.png", str(grid.control_prompt))
             write_json_atomic(results_dir / "fig8a_weight_grid.json", settings)
         out["fig8a"] = results_dir / "fig8a_weight_grid.png"
+
+    spatial = fig.get("weight_grid_controlnet")
+    if spatial is not None and spatial.enabled and cfg.get("controlnet") and (spatial.dataset, "ours") in cells:
+        from ccp.io import folder_stamp, list_image_files, load_rgb8
+        from ccp.priors.loading import load_controlnet
+
+        cell = cells[(spatial.dataset, "ours")]
+        condition = list_image_files(str(cfg.spatial_alignment.condition_dir))[int(spatial.condition)]
+        settings = {"export": cell.stamp, "sampling": OmegaConf.to_container(s), "controlnet": folder_stamp(
+            str(cfg.controlnet)), "condition": str(condition), "grid": OmegaConf.to_container(spatial)}
+        if not stamp_ok("fig8a_weight_grid_controlnet", settings):
+            edges, images = sample_spatial_weight_grid(
+                cell.model, load_controlnet(str(cfg.controlnet)), load_rgb8(condition),
+                list(spatial.concept_weights), list(spatial.control_weights), int(spatial.seed), int(s.steps),
+                int(s.height), int(s.width))
+            spatial_weight_grid_figure(edges, images, list(spatial.concept_weights), list(spatial.control_weights),
+                                       results_dir / "fig8a_weight_grid_controlnet.png")
+            write_json_atomic(results_dir / "fig8a_weight_grid_controlnet.json", settings)
+        out["fig8a_controlnet"] = results_dir / "fig8a_weight_grid_controlnet.png"
 
     rect = fig.rectification
     chosen = [m for m in rect.methods if (rect.dataset, m) in cells]

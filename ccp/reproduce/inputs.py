@@ -37,6 +37,13 @@ def prepare_inputs(cfg: DictConfig, progress: bool = False) -> None:
 
             cfg.controlnet = str(ensure_toy_controlnet(cfg.prior.path, toy_controlnet.get("path"), seed=seed, progress=progress,
                                                        **plain(toy_controlnet.get("settings"))))
+        spatial = cfg.spatial_alignment
+        if spatial.enabled and not dir_complete(str(spatial.condition_dir)):
+            from ccp.toy.controlnet import prior_identity, write_conditions
+
+            toy = prior_identity(cfg.prior.path)["settings"]  # held out from the prior's own data split
+            write_dir_atomic(Path(str(spatial.condition_dir)), lambda tmp: write_conditions(
+                tmp, int(toy["data_seed"]), int(toy["resolution"]), int(spatial.num_conditions)))
     for d in cfg.datasets:
         spec = cfg.data[d].get("digits")
         if not spec:

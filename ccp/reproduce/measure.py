@@ -177,13 +177,22 @@ def text_parts(cell: Cell) -> dict[str, float]:
     return json.loads((cell.dir / "text_alignment.json").read_text()).get("parts", {})
 
 
-def measure_spatial(cfg: DictConfig, cell: Cell, controlnet, progress: bool) -> float:
+def measure_spatial(cfg: DictConfig, cell: Cell, controlnet, progress: bool,
+                    weights: dict[str, float] | None = None, name: str = "spatial_alignment") -> float:
+    """Mean edge F1 of the cell's model through the scale's canny ControlNet; `weights` default to
+    the row's own (ours' prior reference: concept weight 0, see `measure_spatial_prior`)."""
     a = cfg.spatial_alignment
-    sampling = sampling_config(cfg, weights_for(cfg, cell.method), seed=int(a.seed))
+    sampling = sampling_config(cfg, weights or weights_for(cfg, cell.method), seed=int(a.seed))
     config = SpatialAlignmentConfig(**sampling.__dict__, num_conditions=int(a.num_conditions),
                                     samples_per_condition=int(a.samples_per_condition))
     return spatial_metric(cell.model, config, str(a.condition_dir), controlnet(),
-                          out=cell.dir / "spatial_alignment.json", progress=progress)[0]
+                          out=cell.dir / f"{name}.json", progress=progress)[0]
+
+
+def prior_spatial_weights(cfg: DictConfig, cell: Cell) -> dict[str, float]:
+    """Ours' spatial guidance without its concept term: the prior and its ControlNet term alone, the
+    reference ours' spatial alignment is compared with (a weight-0 term is not evaluated)."""
+    return {**weights_for(cfg, cell.method), "concept_weight": 0.0}
 
 
 def drift_config(cfg: DictConfig):

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ccp.io import write_json_atomic
+from ccp.io import folder_stamp, write_json_atomic
 from ccp.methods.export import TrainedModel, export_template, load_trained
 from ccp.reproduce.config import method_of, uses_digit_classifier
 from ccp.reproduce.exports import export_stamp
@@ -34,6 +34,8 @@ def _settings(cfg: DictConfig, metric: str, method: str, stamp: str,
     section = "fid" if metric.startswith("fid_search/") else {"text_alignment_parts": "text_alignment"}.get(metric, metric)
     if section in ("fid", "text_alignment", "spatial_alignment", "drift"):
         parts[section] = OmegaConf.to_container(cfg[section], resolve=True)
+    if section == "spatial_alignment" and cfg.get("controlnet"):  # a retrained ControlNet is measured again
+        parts["controlnet"] = folder_stamp(str(cfg.controlnet))
     if metric == "kid" or metric.startswith("fid_sampling/"):  # computed on FID's samples
         parts["fid"] = OmegaConf.to_container(cfg.fid, resolve=True)
         if metric == "kid":

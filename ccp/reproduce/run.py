@@ -44,7 +44,7 @@ from ccp.evaluation.tables import spread_markdown, spread_rows, write_tables
 from ccp.io import write_json_atomic, write_text_atomic
 from ccp.pipelines.run import sampling_precision
 from ccp.priors.loading import load_controlnet, load_prior
-from ccp.reproduce.config import ReproduceConfigError, check_inputs, row_spec, search_enabled
+from ccp.reproduce.config import ReproduceConfigError, check_inputs, method_of, row_spec, search_enabled
 from ccp.reproduce.environment import write_environment
 from ccp.reproduce.exports import ensure_export
 from ccp.reproduce.figures import draw_figures
@@ -56,6 +56,7 @@ from ccp.reproduce.measure import (
     measure_kid,
     measure_spatial,
     measure_text,
+    prior_spatial_weights,
     prior_unconditional_samples,
     sampling_spread,
     search_fid,
@@ -166,6 +167,8 @@ def _claim_metric_problems(cfg: DictConfig, claims: list[dict]) -> list[str]:
             "fid_search": search_enabled(cfg, str(dataset)),
             "drift": bool(cfg.get("drift") is not None and cfg.drift.enabled),
             "spatial_alignment": bool(cfg.spatial_alignment.enabled and dataset == cfg.table2_dataset),
+            "spatial_alignment_prior": bool(cfg.spatial_alignment.enabled and dataset == cfg.table2_dataset
+                                            and any(method_of(cfg, m) == "ours" for m in cfg.methods)),
         }
         for key in ("text_alignment", "text_alignment_colour", "text_alignment_class"):
             measured[key] = bool(cfg.text_alignment.enabled and dataset == cfg.table2_dataset)
@@ -184,8 +187,11 @@ def _write_table(out_dir: Path, name: str, rows: list[dict], markdown: str) -> d
 
 
 def _table2_extra(cfg: DictConfig) -> dict[str, str] | None:
-    return ({"text_alignment_colour": "Colour only ↑", "text_alignment_class": "Class only ↑"}
-            if cfg.text_alignment.predictor == "toy" else None)
+    extra = ({"text_alignment_colour": "Colour only ↑", "text_alignment_class": "Class only ↑"}
+             if cfg.text_alignment.predictor == "toy" else {})
+    if cfg.spatial_alignment.enabled and any(method_of(cfg, m) == "ours" for m in cfg.methods):
+        extra["spatial_alignment_prior"] = "Spatial, prior + ControlNet alone ↑"  # ours' row: its guidance minus the concept term
+    return extra or None
 
 
 def _not_applicable(cfg: DictConfig) -> dict[str, str] | None:
@@ -267,8 +273,13 @@ def _reproduce(cfg: DictConfig, progress: bool) -> dict[str, Any]:
                 record[f"text_alignment_{kind}"] = value
         if cfg.get("drift") is not None and cfg.drift.enabled:
             record["drift"] = cell.metric("drift", lambda: measure_drift(cfg, cell, reference, classifier))
+        spatial = on_table2 and cfg.spatial_alignment.enabled
         record["spatial_alignment"] = (cell.metric("spatial_alignment", lambda: measure_spatial(cfg, cell, controlnet, inner))
-                                       if on_table2 and cfg.spatial_alignment.enabled else None)
+                                       if spatial else None)
+        if spatial and method_of(cfg, m) == "ours":  # the prior's own ControlNet term, ours' reference
+            weights = prior_spatial_weights(cfg, cell)
+            record["spatial_alignment_prior"] = cell.metric("spatial_alignment_prior", lambda: measure_spatial(
+                cfg, cell, controlnet, inner, weights, "spatial_alignment_prior"), weights)
         if cell.stand_in:  # measured with stand-in weight files: the tables say their numbers mean nothing
             record["stand_in_weights"] = list(cell.stand_in)
         records.append(record)

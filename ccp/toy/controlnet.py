@@ -138,6 +138,23 @@ def check_conditions(data_seed: int, resolution: int, count: int) -> list[dict]:
              "source": int(toy.sources[i])} for i in picks.tolist()]
 
 
+def write_conditions(out_dir: str | Path, data_seed: int, resolution: int, count: int) -> list[str]:
+    """The condition folder of the toy Table 2's spatial column: `count` held-out plain digits
+    (`check_conditions`: never trained on by the prior, its VAE or the ControlNet) as PNGs, with
+    ``captions.jsonl`` ({"file", "caption", "source"}). The metric takes their Canny edges."""
+    import PIL.Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, c in enumerate(check_conditions(data_seed, resolution, count)):
+        name = f"{i:03d}.png"
+        PIL.Image.fromarray(c["image"]).save(out_dir / name)
+        rows.append({"file": name, "caption": c["caption"], "source": c["source"]})
+    (out_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [r["file"] for r in rows]
+
+
 def edge_scores(conditions: list[np.ndarray], samples: list[list], tolerance: int = DEFAULT_TOLERANCE) -> dict:
     """Mean edge precision, recall and F1 (`edge_f1`) of every sample's Canny edges against its
     condition's edge map; ``samples[i]`` are the images sampled for ``conditions[i]``."""
