@@ -172,6 +172,17 @@ def test_claims_verdicts_on_constructed_records():
     assert got["share"].values["b_metric"] == "drift.prior_style_share"
     # DreamBooth beats Textual Inversion in every seed even though the intervals overlap
     assert got["highest"].verdict == "holds"
+    # overlaps: DB 0.86 [0.77, 0.95] and TI 0.79 [0.70, 0.88] overlap; ours' and TI's alignments do not
+    overlap = [{"id": "o1", "kind": "overlaps", "metric": "text_alignment", "dataset": "bold", "a": "dreambooth",
+                "b": "textual_inversion", "text": "DB within TI"},
+               {"id": "o2", "kind": "overlaps", "metric": "text_alignment", "dataset": "bold", "a": "ours",
+                "b": "textual_inversion", "text": "ours within TI"},
+               {"id": "o3", "kind": "overlaps", "metric": "drift.style_share", "b_metric": "drift.prior_style_share",
+                "dataset": "bold", "a": "dreambooth", "b": "dreambooth", "text": "DB's share within the prior's"}]
+    o1, o2, o3 = check_claims(overlap, PER_SEED)
+    assert o1.verdict == "holds" and o2.verdict == "does not hold" and "disjoint" in o2.evidence
+    assert o3.verdict == "does not hold" and o3.values["b_metric"] == "drift.prior_style_share"  # as "share" holds
+    assert check_claims(overlap[:1], {0: PER_SEED[0]})[0].verdict == "undecided"
 
     # one seed where ours is not the lowest: the every-seed claim fails and says where
     changed = {s: [dict(r) for r in rs] for s, rs in PER_SEED.items()}

@@ -244,3 +244,15 @@ def measure_drift(cfg: DictConfig, cell: Cell, reference, classifier) -> dict[st
     model = cell.model
     own = sample_unconditional(model.pipe, model.unconditional(), digit_judge(classifier()), drift_config(cfg))
     return drift(own, reference(), style_index(str(cfg.data[cell.dataset].digits.style)))
+
+
+def write_vae_round_trip(cfg: DictConfig, prior, classifier, results_dir: Path) -> dict[str, Path]:
+    """``vae_round_trip.{json,md}``: the prior's VAE round trip against the held-out floor, per style
+    (`ccp.toy.instruments.vae_round_trip`), with the digit classifier's features as FID's."""
+    from ccp.io import write_text_atomic
+    from ccp.toy.instruments import vae_round_trip, vae_round_trip_markdown
+
+    result = vae_round_trip(prior.vae, classifier, int(cfg.vae_round_trip.seed), int(cfg.resolution))
+    write_json_atomic(results_dir / "vae_round_trip.json", {"prior": str(cfg.prior.path), "styles": result})
+    return {"vae_round_trip.json": results_dir / "vae_round_trip.json",
+            "vae_round_trip.md": write_text_atomic(results_dir / "vae_round_trip.md", vae_round_trip_markdown(result))}

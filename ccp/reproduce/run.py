@@ -61,6 +61,7 @@ from ccp.reproduce.measure import (
     sampling_spread,
     search_fid,
     text_parts,
+    write_vae_round_trip,
 )
 from ccp.reproduce.records import Cell
 from ccp.reproduce.seeds import check_seed_settings, run_seeds, seed_config
@@ -109,6 +110,13 @@ def _reproduce_seeds(cfg: DictConfig, seeds: list[int], progress: bool) -> dict[
         summaries[s] = _reproduce(configs[s], progress)
     per_seed = {s: summaries[s]["records"] for s in seeds}
     records = aggregate_records(per_seed)
+    results_dir = Path(str(cfg.results_dir))
+    round_trips = {s: Path(summaries[s]["tables"]["vae_round_trip.md"]) for s in seeds
+                   if "vae_round_trip.md" in summaries[s]["tables"]}
+    if round_trips:  # one VAE for every seed, or (prior_seeds) each seed's own
+        shown = round_trips if cfg.get("prior_seeds") else dict(list(round_trips.items())[:1])
+        write_text_atomic(results_dir / "vae_round_trip.md", "\n".join(
+            (f"Seed {s}'s prior:\n\n" if cfg.get("prior_seeds") else "") + p.read_text() for s, p in shown.items()))
     add_preference(cfg, records)
 
     results_dir = Path(str(cfg.results_dir))
@@ -292,6 +300,9 @@ def _reproduce(cfg: DictConfig, progress: bool) -> dict[str, Any]:
         suffix += (", " if suffix else " — ") + f"run seed {cfg.run_seed}"
     tables = write_tables(records, results_dir, datasets=list(cfg.datasets), table2_dataset=str(cfg.table2_dataset),
                           title_suffix=suffix, table2_extra=_table2_extra(cfg), not_applicable=_not_applicable(cfg))
+    round_trip = cfg.get("vae_round_trip")
+    if round_trip is not None and round_trip.enabled:  # the toy VAE's ceiling per style, beside the tables
+        tables.update(write_vae_round_trip(cfg, prior(), classifier(), results_dir))
     figures = draw_figures(cfg, records, cells, results_dir) if cfg.figures.enabled else {}
     for cell in cells.values():
         cell.release()

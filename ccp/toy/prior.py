@@ -69,7 +69,7 @@ def refuse_unknown(settings_class, kwargs: dict, what: str) -> None:
 class ToyPriorSettings:
     resolution: int = 32
     copies: int = 3             # colourings of each training digit (1,438 digits -> 4,314 images)
-    vae_steps: int = 600
+    vae_steps: int = 1500         # on every style's images (experiments/toy/vae_styles.py): 600 steps left plain held-out L1 at 0.12
     vae_batch_size: int = 16      # ~35% faster than 32; reconstruction L1 0.047 (2 threads) vs 0.037 at 32 (1 thread)
     vae_lr: float = 3e-3
     # The VAE's training images: plain plus every concept style's train split (never a held-out split):
