@@ -56,6 +56,14 @@ def test_toy_scale_runs_every_stage(tmp_path):
         spatial = json.loads((tmp_path / "eval" / f"bold_{m}" / "spatial_alignment.json").read_text())
         assert spatial["count"] == 2 and spatial["condition_dir"] == str(conditions)
     assert (results / "fig8a_weight_grid_controlnet.png").is_file()
+    # the VAE's round trip per style next to its held-out floor, measured on this prior's VAE
+    round_trip = json.loads((results / "vae_round_trip.json").read_text())
+    assert round_trip["prior"] == str(tmp_path / "prior") and set(round_trip["styles"]) == {"plain", "bold", "outlined"}
+    for style, r in round_trip["styles"].items():
+        # a VAE trained 2 steps cannot redraw digits: its round trip lies far above the floor
+        assert r["fid_A_vs_vae_B"] > 2 * r["fid_floor_A_vs_B"] > 0 and r["images_per_half"] > 100
+        assert f"| {style} | {r['fid_floor_A_vs_B']:.1f} | {r['fid_A_vs_vae_B']:.1f} |" in (
+            results / "vae_round_trip.md").read_text()
     drift = json.loads((results / "table_drift.json").read_text())
     assert {r["method"] for r in drift["rows"]} == set(ROWS)
     assert len(list(results.glob("*.png"))) >= 3
