@@ -56,6 +56,12 @@ def test_toy_scale_runs_every_stage(tmp_path):
         spatial = json.loads((tmp_path / "eval" / f"bold_{m}" / "spatial_alignment.json").read_text())
         assert spatial["count"] == 2 and spatial["condition_dir"] == str(conditions)
     assert (results / "fig8a_weight_grid_controlnet.png").is_file()
+    # the toy ControlNet's own check, from its folder into the results
+    check = json.loads((results / "toy_controlnet_check.json").read_text())
+    stored = json.loads((tmp_path / "prior-controlnet" / "ccp_toy_controlnet.json").read_text())
+    assert check["quality"] == stored["quality"] and check["quality"]["controlnet"]["images"] == 2
+    assert f"| prior + ControlNet | {stored['quality']['controlnet']['f1']:.3f} |" in (
+        results / "toy_controlnet_check.md").read_text()
     # the VAE's round trip per style next to its held-out floor, measured on this prior's VAE
     round_trip = json.loads((results / "vae_round_trip.json").read_text())
     assert round_trip["prior"] == str(tmp_path / "prior") and set(round_trip["styles"]) == {"plain", "bold", "outlined"}

@@ -256,3 +256,28 @@ def write_vae_round_trip(cfg: DictConfig, prior, classifier, results_dir: Path) 
     write_json_atomic(results_dir / "vae_round_trip.json", {"prior": str(cfg.prior.path), "styles": result})
     return {"vae_round_trip.json": results_dir / "vae_round_trip.json",
             "vae_round_trip.md": write_text_atomic(results_dir / "vae_round_trip.md", vae_round_trip_markdown(result))}
+
+
+def write_controlnet_check(cfg: DictConfig, results_dir: Path) -> dict[str, Path]:
+    """``toy_controlnet_check.{json,md}``: the toy ControlNet's own quality check (stored with it by
+    `ccp.toy.controlnet`), beside the tables its spatial column fills."""
+    from ccp.io import write_text_atomic
+    from ccp.toy.controlnet import read_info
+
+    info = read_info(str(cfg.controlnet))
+    q = info["quality"]
+    write_json_atomic(results_dir / "toy_controlnet_check.json", {
+        "controlnet": str(cfg.controlnet), "key": info["key"], "settings": info["settings"], "prior": info["prior"],
+        "seconds": info["seconds"], "quality": q})
+    rows = [f"| {name} | {q[side]['f1']:.3f} | {q['f1_tolerance_1'][side]:.3f} | {q[side]['precision']:.3f} | "
+            f"{q[side]['recall']:.3f} |" for name, side in (("prior alone", "prior"), ("prior + ControlNet", "controlnet"))]
+    text = "\n".join([
+        "### The toy ControlNet's own check", "",
+        f"| Sampled by | edge F1 within {q['tolerance']} px ↑ | within 1 px ↑ | precision | recall |",
+        "| --- | --- | --- | --- | --- |", *rows, "",
+        f"{len(q['sources'])} held-out plain digits x {q['samples_per_map']} seeds, {q['sampler']} {q['steps']} steps, "
+        f"CFG {q['cfg_weight']:g} on each digit's caption; with the ControlNet both CFG halves see the digit's "
+        f"edge map. Trained {info['settings']['steps']} steps in {info['seconds']['train_s']:.0f} s "
+        f"(ccp-train experiment=toy_controlnet); the ControlNet: {cfg.controlnet}.", ""])
+    return {"toy_controlnet_check.json": results_dir / "toy_controlnet_check.json",
+            "toy_controlnet_check.md": write_text_atomic(results_dir / "toy_controlnet_check.md", text)}

@@ -61,6 +61,7 @@ from ccp.reproduce.measure import (
     sampling_spread,
     search_fid,
     text_parts,
+    write_controlnet_check,
     write_vae_round_trip,
 )
 from ccp.reproduce.records import Cell
@@ -111,12 +112,12 @@ def _reproduce_seeds(cfg: DictConfig, seeds: list[int], progress: bool) -> dict[
     per_seed = {s: summaries[s]["records"] for s in seeds}
     records = aggregate_records(per_seed)
     results_dir = Path(str(cfg.results_dir))
-    round_trips = {s: Path(summaries[s]["tables"]["vae_round_trip.md"]) for s in seeds
-                   if "vae_round_trip.md" in summaries[s]["tables"]}
-    if round_trips:  # one VAE for every seed, or (prior_seeds) each seed's own
-        shown = round_trips if cfg.get("prior_seeds") else dict(list(round_trips.items())[:1])
-        write_text_atomic(results_dir / "vae_round_trip.md", "\n".join(
-            (f"Seed {s}'s prior:\n\n" if cfg.get("prior_seeds") else "") + p.read_text() for s, p in shown.items()))
+    for name in ("vae_round_trip.md", "toy_controlnet_check.md"):  # reports on the prior: one for every
+        found = {s: Path(summaries[s]["tables"][name]) for s in seeds if name in summaries[s]["tables"]}
+        if found:  # seed, or (prior_seeds) each seed's own prior's
+            shown = found if cfg.get("prior_seeds") else dict(list(found.items())[:1])
+            write_text_atomic(results_dir / name, "\n".join(
+                (f"Seed {s}'s prior:\n\n" if cfg.get("prior_seeds") else "") + p.read_text() for s, p in shown.items()))
     add_preference(cfg, records)
 
     results_dir = Path(str(cfg.results_dir))
@@ -303,6 +304,9 @@ def _reproduce(cfg: DictConfig, progress: bool) -> dict[str, Any]:
     round_trip = cfg.get("vae_round_trip")
     if round_trip is not None and round_trip.enabled:  # the toy VAE's ceiling per style, beside the tables
         tables.update(write_vae_round_trip(cfg, prior(), classifier(), results_dir))
+    toy_controlnet = cfg.get("toy_controlnet")
+    if cfg.get("controlnet") and toy_controlnet is not None and toy_controlnet.get("train_toy", False):
+        tables.update(write_controlnet_check(cfg, results_dir))
     figures = draw_figures(cfg, records, cells, results_dir) if cfg.figures.enabled else {}
     for cell in cells.values():
         cell.release()
