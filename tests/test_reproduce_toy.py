@@ -284,3 +284,7 @@ def test_toy_config_problems_are_listed_before_anything_runs(tmp_path):
         assert needle in message, needle
     assert not (tmp_path / "run").exists()  # nothing was written
     check_inputs(compose_reproduce(["scale=toy", f"out_dir={tmp_path}"]))  # the toy settings are valid as shipped
+    # the spatial column without a toy ControlNet to train or one given: named before anything runs
+    with pytest.raises(ReproduceConfigError, match=r"controlnet=None: not a diffusers ControlNet folder "
+                                                   r"\(toy_controlnet.train_toy=true to train the toy one\)"):
+        check_inputs(compose_reproduce(["scale=toy", f"out_dir={tmp_path}", "toy_controlnet.train_toy=false"]))
