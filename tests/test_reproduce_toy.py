@@ -134,7 +134,7 @@ def test_toy_run_tables_rows_and_variant(toy_run):
         assert row["text_alignment"] <= min(row["text_alignment_colour"], row["text_alignment_class"])
         assert md[1:4] == [f"{row[k]:.2f}" for k in ("text_alignment", "text_alignment_colour", "text_alignment_class")]
         assert md[4] == "n/a" and row["spatial_alignment"] is None
-    assert "no toy ControlNet" in (results / "table2.md").read_text()
+    assert "n/a (spatial_alignment): not measured at this scale" in (results / "table2.md").read_text()
 
     # drift: one row per table row, per dataset the FID and both style shares
     drift = json.loads((results / "table_drift.json").read_text())

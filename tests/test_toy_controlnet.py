@@ -204,6 +204,7 @@ def test_toy_reproduction_builds_it_where_the_prior_is_built(tmp_path, monkeypat
         ensure_toy_prior=lambda path, seed=0, progress=True, **kw: path))
     monkeypatch.setattr(toy_controlnet, "ensure_toy_controlnet", lambda prior, path=None, seed=0, progress=True, **kw:
                         calls.append((prior, path, seed, kw)) or tmp_path / "toy" / "prior-controlnet")
+    monkeypatch.setattr(toy_controlnet, "prior_identity", lambda prior: {"settings": {"data_seed": 0, "resolution": 32}})
     cfg = compose_reproduce(["scale=toy", f"out_dir={tmp_path}/out", f"prior.path={tmp_path}/toy/prior", "datasets=[]",
                              "seed=3", f"toy_controlnet.train_toy={str(train_toy).lower()}",
                              "++toy_controlnet.settings={steps: 7}"])
@@ -212,6 +213,12 @@ def test_toy_reproduction_builds_it_where_the_prior_is_built(tmp_path, monkeypat
     if train_toy:
         assert calls == [(f"{tmp_path}/toy/prior", None, 3, {"steps": 7})]
         assert cfg.controlnet == str(tmp_path / "toy" / "prior-controlnet")
-        assert not cfg.spatial_alignment.enabled  # only made available: the spatial column stays off
+        # the spatial column's conditions: held-out plain digits of the prior's data seed, never trained on
+        conditions = tmp_path / "out" / "data" / "conditions"
+        captions = [json.loads(line) for line in (conditions / "captions.jsonl").read_text().splitlines()]
+        assert len(captions) == len(list(conditions.glob("*.png"))) == cfg.spatial_alignment.num_conditions == 32
+        assert {c["source"] for c in captions} <= set(split_indices("held_out", 0).tolist())
+        first = render_set("held_out", "plain", 0, 32).images[0]
+        assert np.array_equal(np.asarray(PIL.Image.open(conditions / "000.png")), first)
     else:
         assert calls == [] and cfg.controlnet is None

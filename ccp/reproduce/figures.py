@@ -51,7 +51,8 @@ def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, st
         out["fig8a"] = results_dir / "fig8a_weight_grid.png"
 
     spatial = fig.get("weight_grid_controlnet")
-    if spatial is not None and spatial.enabled and cfg.get("controlnet") and (spatial.dataset, "ours") in cells:
+    if (spatial is not None and spatial.enabled and cfg.spatial_alignment.enabled and cfg.get("controlnet")
+            and (spatial.dataset, "ours") in cells):  # its edge map is one of the spatial column's conditions
         from ccp.io import folder_stamp, list_image_files, load_rgb8
         from ccp.priors.loading import load_controlnet
 
