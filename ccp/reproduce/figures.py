@@ -13,7 +13,9 @@ from ccp.reproduce.config import row_spec
 from ccp.reproduce.records import Cell, weights_for
 
 
-def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, str], Cell], results_dir: Path) -> dict[str, Path]:
+def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, str], Cell], results_dir: Path,
+                 controlnet=None) -> dict[str, Path]:
+    """`controlnet`: the run's loader of its ControlNet (loaded once, shared with the spatial column)."""
     from ccp.evaluation.figures import (
         fidelity_control_scatter,
         rectification_figure,
@@ -52,9 +54,8 @@ def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, st
 
     spatial = fig.get("weight_grid_controlnet")
     if (spatial is not None and spatial.enabled and cfg.spatial_alignment.enabled and cfg.get("controlnet")
-            and (spatial.dataset, "ours") in cells):  # its edge map is one of the spatial column's conditions
+            and controlnet is not None and (spatial.dataset, "ours") in cells):  # its edge map is one of the spatial column's conditions
         from ccp.io import folder_stamp, list_image_files, load_rgb8
-        from ccp.priors.loading import load_controlnet
 
         cell = cells[(spatial.dataset, "ours")]
         condition = list_image_files(str(cfg.spatial_alignment.condition_dir))[int(spatial.condition)]
@@ -62,7 +63,7 @@ def draw_figures(cfg: DictConfig, records: list[dict], cells: dict[tuple[str, st
             str(cfg.controlnet)), "condition": str(condition), "grid": OmegaConf.to_container(spatial)}
         if not stamp_ok("fig8a_weight_grid_controlnet", settings):
             edges, images = sample_spatial_weight_grid(
-                cell.model, load_controlnet(str(cfg.controlnet)), load_rgb8(condition),
+                cell.model, controlnet(), load_rgb8(condition),
                 list(spatial.concept_weights), list(spatial.control_weights), int(spatial.seed), int(s.steps),
                 int(s.height), int(s.width))
             spatial_weight_grid_figure(edges, images, list(spatial.concept_weights), list(spatial.control_weights),

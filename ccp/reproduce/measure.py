@@ -180,7 +180,7 @@ def text_parts(cell: Cell) -> dict[str, float]:
 def measure_spatial(cfg: DictConfig, cell: Cell, controlnet, progress: bool,
                     weights: dict[str, float] | None = None, name: str = "spatial_alignment") -> float:
     """Mean edge F1 of the cell's model through the scale's canny ControlNet; `weights` default to
-    the row's own (ours' prior reference: concept weight 0, see `measure_spatial_prior`)."""
+    the row's own (ours' prior reference: concept weight 0, `prior_spatial_weights`)."""
     a = cfg.spatial_alignment
     sampling = sampling_config(cfg, weights or weights_for(cfg, cell.method), seed=int(a.seed))
     config = SpatialAlignmentConfig(**sampling.__dict__, num_conditions=int(a.num_conditions),

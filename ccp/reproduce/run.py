@@ -307,7 +307,7 @@ def _reproduce(cfg: DictConfig, progress: bool) -> dict[str, Any]:
     toy_controlnet = cfg.get("toy_controlnet")
     if cfg.get("controlnet") and toy_controlnet is not None and toy_controlnet.get("train_toy", False):
         tables.update(write_controlnet_check(cfg, results_dir))
-    figures = draw_figures(cfg, records, cells, results_dir) if cfg.figures.enabled else {}
+    figures = draw_figures(cfg, records, cells, results_dir, controlnet) if cfg.figures.enabled else {}
     for cell in cells.values():
         cell.release()
     summary = {
